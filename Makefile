@@ -1,0 +1,95 @@
+# LoRA fine-tuning on MLX, one stage a target: make all runs them in order, skipping what is up to date.
+# Variables you can set:  EXP=name  OVERRIDE=file.yaml  SET="section.key=value ..."  PYTHON=python3.11
+#                         MLX_EXTRA=cuda13 (Linux with an NVIDIA GPU: use requirements-cuda13.lock)
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DELETE_ON_ERROR:
+MAKEFLAGS += --no-builtin-rules
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+EXP ?=
+OVERRIDE ?=
+SET ?=
+MLX_EXTRA ?=
+
+VENV := .venv
+PY := $(VENV)/bin/python
+LOCK := requirements$(if $(MLX_EXTRA),-$(MLX_EXTRA)).lock
+SETUP_STAMP := $(VENV)/.setup-$(basename $(LOCK)).stamp
+STATE := .state
+SLICES := $(STATE)/config
+PKG := $(wildcard scripts/pipeline/*.py) $(wildcard config/schemas/*.json)
+CONFIG_ARGS := $(if $(OVERRIDE),--override $(OVERRIDE)) $(if $(EXP),experiments.name=$(EXP)) $(SET)
+
+# llama-cpp-python compiles llama.cpp at install time. A native x86 build picks up AVX-512/AMX where
+# present and has been seen to crash on the first decode, so Linux x86 builds a portable AVX2 library.
+ifeq ($(shell uname -s)-$(shell uname -m),Linux-x86_64)
+CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+endif
+export CMAKE_ARGS
+
+# Every goal but these reads the config: .state/config.mk is remade first (one JSON slice per config
+# section, each rewritten only when its content changes) and gives EXP_NAME, the experiment's name.
+NO_CONFIG_GOALS := help setup lock clean distclean doctor test
+ifneq ($(filter-out $(NO_CONFIG_GOALS),$(or $(MAKECMDGOALS),$(.DEFAULT_GOAL))),)
+include $(STATE)/config.mk
+endif
+
+$(STATE)/config.mk: $(SETUP_STAMP) FORCE
+	@PYTHONPATH=scripts $(PY) -m pipeline.config slices --out $(SLICES) --mk $@ $(CONFIG_ARGS)
+
+.PHONY: FORCE
+FORCE:
+
+## Show this help (the default goal)
+help:
+	@echo "Usage: make <target> [EXP=name] [OVERRIDE=file.yaml] [SET=\"section.key=value ...\"]"
+	@echo
+	@awk '/^## /{desc=substr($$0,4); next} /^[a-z][a-z-]*:/{if (desc) {split($$1,t,":"); printf "  %-10s %s\n", t[1], desc}} {desc=""}' $(MAKEFILE_LIST)
+
+## Create .venv from the pinned, hashed lock file (once; again only when the lock changes)
+setup: $(SETUP_STAMP)
+
+$(SETUP_STAMP): $(LOCK)
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "setup needs Python >= 3.11, found " + sys.version.split()[0] + ": run make setup PYTHON=python3.11 (or newer)")'
+	@echo "setup: installing $(LOCK) into $(VENV) (the first time takes ~6 minutes: llama.cpp is compiled)"
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	$(PY) -m pip check
+	touch $@
+
+## Regenerate the lock files from requirements.in (needs the network; MLX_EXTRA=cuda13 for CUDA)
+lock: | $(SETUP_STAMP)
+	$(VENV)/bin/uv pip compile requirements.in --universal --python-version 3.11 --generate-hashes --quiet -o requirements.lock
+	mkdir -p $(STATE)
+	sed 's/^mlx\[cpu\]/mlx[$(or $(MLX_EXTRA),cuda13)]/' requirements.in > $(STATE)/requirements-cuda.in
+	$(VENV)/bin/uv pip compile $(STATE)/requirements-cuda.in --universal --python-version 3.11 --generate-hashes --quiet -o requirements-$(or $(MLX_EXTRA),cuda13).lock
+
+## Check the machine: platform, device, versions, which BLAS is loaded and how fast a matmul runs
+doctor: | $(SETUP_STAMP)
+	$(PY) scripts/doctor.py $(CONFIG_ARGS)
+
+## Run the whole pipeline on the configured model and data
+all: model
+
+## Convert the base model (default: SmolLM2-135M-Instruct, shipped offline) into an MLX folder
+model: runs/model.manifest.json
+
+runs/model.manifest.json: scripts/model.py $(PKG) $(SLICES)/model.json | $(SETUP_STAMP)
+	$(PY) scripts/model.py $(CONFIG_ARGS)
+
+## Run the tests (fast ones and the end-to-end ones marked slow)
+test: | $(SETUP_STAMP)
+	$(PY) -m pytest
+
+## Remove everything the pipeline generated (keeps .venv and the converted-model cache)
+clean:
+	rm -rf $(STATE) runs/* data/* eval_out/* dist/*
+	touch runs/.gitkeep data/.gitkeep eval_out/.gitkeep dist/.gitkeep
+
+## Remove generated files, the converted-model cache and .venv
+distclean: clean
+	rm -rf $(VENV) .cache
+
+.PHONY: help setup lock doctor all model test clean distclean
