@@ -169,6 +169,12 @@ def read_gguf(gguf_path: Path) -> tuple[dict, dict]:
             where=paths.display(gguf_path),
             fix="the file is corrupt or not GGUF: re-install it (`make distclean setup` for the builtin model) or fix model.source",
         ) from None
+    if not raw or "general.architecture" not in metadata:
+        raise PipelineError(
+            "cannot read the GGUF file: it has no tensors or no general.architecture",
+            where=paths.display(gguf_path),
+            fix="the file is corrupt or truncated: re-install it (`make distclean setup` for the builtin model) or fix model.source",
+        )
     tensors = {}
     for name, value in raw.items():
         if name.endswith((".scales", ".biases")):

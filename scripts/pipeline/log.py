@@ -14,7 +14,8 @@ _FORMAT = "%(asctime)s [%(name)s] %(message)s"
 def setup_logging(verbose: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     root = logging.getLogger()
-    root.handlers.clear()
+    for old in [h for h in root.handlers if getattr(h, "pipeline_handler", False)]:
+        root.removeHandler(old)
     if interactive():
         from rich.logging import RichHandler
 
@@ -23,6 +24,7 @@ def setup_logging(verbose: bool = False) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+    handler.pipeline_handler = True
     root.addHandler(handler)
     root.setLevel(level)
     for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock", "matplotlib", "PIL"):

@@ -5,18 +5,25 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-ROOT = Path(os.environ.get("PIPELINE_ROOT", Path(__file__).resolve().parents[2])).resolve()
-CONFIG_DIR = ROOT / "config"
-SCHEMA_DIR = CONFIG_DIR / "schemas"
-DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
-USER_OVERRIDE = CONFIG_DIR / "override.yaml"
-DATA_DIR = ROOT / "data"
-RUNS_DIR = ROOT / "runs"
-EVAL_DIR = ROOT / "eval_out"
-DIST_DIR = ROOT / "dist"
-STATE_DIR = ROOT / ".state"
-CONFIG_SLICE_DIR = STATE_DIR / "config"
-MODEL_MANIFEST = RUNS_DIR / "model.manifest.json"
+def use_root(root: str | os.PathLike) -> None:
+    """Point every shared path at a project root (tests run stages in a temporary copy)."""
+    global ROOT, CONFIG_DIR, SCHEMA_DIR, DEFAULT_CONFIG, USER_OVERRIDE, DATA_DIR, RUNS_DIR, EVAL_DIR, DIST_DIR
+    global STATE_DIR, CONFIG_SLICE_DIR, MODEL_MANIFEST
+    ROOT = Path(root).resolve()
+    CONFIG_DIR = ROOT / "config"
+    SCHEMA_DIR = CONFIG_DIR / "schemas"
+    DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+    USER_OVERRIDE = CONFIG_DIR / "override.yaml"
+    DATA_DIR = ROOT / "data"
+    RUNS_DIR = ROOT / "runs"
+    EVAL_DIR = ROOT / "eval_out"
+    DIST_DIR = ROOT / "dist"
+    STATE_DIR = ROOT / ".state"
+    CONFIG_SLICE_DIR = STATE_DIR / "config"
+    MODEL_MANIFEST = RUNS_DIR / "model.manifest.json"
+
+
+use_root(os.environ.get("PIPELINE_ROOT") or Path(__file__).resolve().parents[2])
 
 
 def resolve(path: str | os.PathLike) -> Path:

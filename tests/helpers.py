@@ -1,0 +1,25 @@
+"""Helpers the tests share."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_override(root: Path, text: str) -> Path:
+    path = root / "config" / "override.yaml"
+    path.write_text(text)
+    return path
+
+
+def make(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run make in a project copy, its output captured."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))}
+    env.pop("PIPELINE_ROOT", None)
+    result = subprocess.run(["make", "--no-print-directory", *args], cwd=root, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"make {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result

@@ -1,0 +1,24 @@
+"""End to end: `make all` on the real default model and config, as a user types it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import make
+from pipeline import contracts
+
+
+@pytest.mark.slow
+def test_make_all_on_the_default_model_then_nothing_to_do(project):
+    first = make(project, "all")
+    assert "base model ready" in first.stderr
+    manifest = contracts.read_json(project / "runs" / "model.manifest.json", "run_manifest")
+    assert manifest["environment"]["blas"] in ("openblas", "accelerate")
+    assert manifest["details"]["rope_theta"] == 100000.0
+    assert manifest["details"]["parameters"] > 100_000_000
+    model_dir = project / manifest["outputs"][0]["path"]
+    assert json.loads((model_dir / "config.json").read_text())["model_type"] == "llama"
+    second = make(project, "all")
+    assert "Nothing to be done for 'all'" in second.stdout

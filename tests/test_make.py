@@ -1,0 +1,61 @@
+"""The Makefile: help by default, dry runs, real file targets, and re-running only what changed."""
+
+from __future__ import annotations
+
+from helpers import make, write_override
+
+
+def use_tiny_model(project, tiny_model_dir):
+    write_override(project, f"model:\n  source: {tiny_model_dir}\n")
+
+
+def test_help_is_the_default_goal_and_lists_the_stages(project):
+    out = make(project).stdout
+    for target in ("setup", "doctor", "all", "model", "test", "clean"):
+        assert f"  {target} " in out, out
+
+
+def test_dry_run_of_all(project, tiny_model_dir):
+    use_tiny_model(project, tiny_model_dir)
+    out = make(project, "-n", "all").stdout
+    assert "scripts/model.py" in out
+    assert not (project / "runs" / "model.manifest.json").exists()
+
+
+def test_second_make_all_does_nothing(project, tiny_model_dir):
+    use_tiny_model(project, tiny_model_dir)
+    make(project, "all")
+    manifest = project / "runs" / "model.manifest.json"
+    assert manifest.is_file()
+    stamp = manifest.stat().st_mtime_ns
+    again = make(project, "all")
+    assert "Nothing to be done for 'all'" in again.stdout
+    assert make(project, "-q", "all", check=False).returncode == 0
+    assert manifest.stat().st_mtime_ns == stamp
+
+
+def test_changing_a_key_reruns_only_the_stages_that_read_it(project, tiny_model_dir):
+    use_tiny_model(project, tiny_model_dir)
+    make(project, "all")
+    manifest = project / "runs" / "model.manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+    make(project, "all", "SET=doctor.matmul_size=256")  # another section: model is untouched
+    assert manifest.stat().st_mtime_ns == stamp
+    assert make(project, "-q", "all", "SET=model.dtype=float16", check=False).returncode != 0
+    out = make(project, "all", "SET=model.dtype=float16")
+    assert "scripts/model.py" in out.stdout
+    assert manifest.stat().st_mtime_ns != stamp
+
+
+def test_misspelt_override_key_stops_make_with_a_suggestion(project, tiny_model_dir):
+    write_override(project, "model:\n  sorce: x\n")
+    result = make(project, "all", check=False)
+    assert result.returncode != 0
+    assert "unknown key 'model.sorce'" in result.stderr and "did you mean 'model.source'?" in result.stderr
+    assert not (project / "runs" / "model.manifest.json").exists()
+
+
+def test_missing_override_file_named_on_the_command_line(project):
+    result = make(project, "all", "OVERRIDE=config/nope.yaml", check=False)
+    assert result.returncode != 0
+    assert "override file config/nope.yaml does not exist" in result.stderr
