@@ -71,13 +71,20 @@ doctor: | $(SETUP_STAMP)
 	$(PY) scripts/doctor.py $(CONFIG_ARGS)
 
 ## Run the whole pipeline on the configured model and data
-all: model
+all: model prepare
 
 ## Convert the base model (default: SmolLM2-135M-Instruct, shipped offline) into an MLX folder
 model: runs/model.manifest.json
 
 runs/model.manifest.json: scripts/model.py $(PKG) $(SLICES)/model.json | $(SETUP_STAMP)
 	$(PY) scripts/model.py $(CONFIG_ARGS)
+
+## Turn the configured dataset into train/valid/test JSONL with a data contract, catalog and quality report
+prepare: data/prepare.manifest.json
+
+data/prepare.manifest.json: scripts/prepare.py scripts/prepare_records.py scripts/prepare_quality.py scripts/toolcalls_dataset.py \
+		$(wildcard config/templates/*.jinja) $(PKG) $(SLICES)/data.json $(SLICES)/prepare.json runs/model.manifest.json | $(SETUP_STAMP)
+	$(PY) scripts/prepare.py $(CONFIG_ARGS)
 
 ## Run the tests (fast ones and the end-to-end ones marked slow)
 test: | $(SETUP_STAMP)
@@ -92,4 +99,4 @@ clean:
 distclean: clean
 	rm -rf $(VENV) .cache
 
-.PHONY: help setup lock doctor all model test clean distclean
+.PHONY: help setup lock doctor all model prepare test clean distclean

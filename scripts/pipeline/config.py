@@ -134,6 +134,10 @@ def _check_against_defaults(layer: dict, defaults: dict, source: str, root: dict
         if not isinstance(key, str) or key not in defaults:
             raise ConfigError(f"unknown key '{dotted}'", where=source, fix=_suggestion(dotted, root, defaults))
         default = defaults[key]
+        if isinstance(default, dict) and not default:  # an empty mapping in default.yaml is free-form
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"'{dotted}' must be a mapping, got {value!r}", where=source, fix=f"e.g. {dotted}: {{key: value}}")
+            continue
         if isinstance(default, dict):
             if value is None:
                 continue
@@ -171,7 +175,9 @@ def _type_fits(value, default) -> bool:
     if isinstance(default, str):
         return isinstance(value, (str, int, float)) and not isinstance(value, bool)
     if isinstance(default, list):
-        return isinstance(value, list)
+        return isinstance(value, (list, str))
+    if isinstance(default, dict):
+        return isinstance(value, dict)
     return True
 
 
@@ -186,6 +192,8 @@ def _coerce(layer: dict, defaults: dict) -> dict:
             out[key] = float(value)
         elif isinstance(default, str) and isinstance(value, (int, float)):
             out[key] = str(value)
+        elif isinstance(default, list) and isinstance(value, str):
+            out[key] = [value]  # a list knob also takes a single value
         else:
             out[key] = value
     return out

@@ -1,0 +1,227 @@
+"""prepare, part 1: record formats and prompt templates.
+
+Detects a source's record format, maps custom field names, and normalizes every record into one of
+the formats mlx-lm reads: {"text"}, {"prompt", "completion"} or {"messages"[, "tools"]}. Renders
+chat records with a Jinja chat template in a sandbox, the same way transformers does.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+
+from pipeline import paths
+from pipeline.errors import PipelineError
+
+INPUT_FORMATS = ("text", "completions", "alpaca", "sharegpt", "messages")
+CHAT_INPUTS = ("alpaca", "sharegpt", "messages")
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
+TEMPLATE_DIR = "config/templates"
+
+
+def detect_format(records: list[dict], where: str) -> str:
+    """The input format of a source, from the fields of its first records."""
+    sample = records[:100]
+    for name, test in (
+        ("messages", lambda r: isinstance(r.get("messages"), list)),
+        ("sharegpt", lambda r: isinstance(r.get("conversations"), list)),
+        ("alpaca", lambda r: "instruction" in r and "output" in r),
+        ("completions", lambda r: "prompt" in r and "completion" in r),
+        ("text", lambda r: "text" in r),
+    ):
+        if sample and all(test(r) for r in sample):
+            return name
+    fields = sorted({k for r in sample for k in r})
+    raise PipelineError(
+        f"unknown record format (fields found: {', '.join(fields) or 'none'})",
+        where=where,
+        fix="set data.format (text, completions, alpaca, sharegpt, messages) and map your columns with "
+        "data.field_map, e.g. {prompt: question, completion: answer}",
+    )
+
+
+def apply_field_map(records: list[dict], field_map: dict[str, str]) -> list[dict]:
+    """Rename the user's columns to the standard names: field_map is {standard: column}."""
+    if not field_map:
+        return records
+    renames = {column: standard for standard, column in field_map.items()}
+    return [{renames.get(k, k): v for k, v in r.items()} for r in records]
+
+
+def normalize(records: list[dict], fmt: str, where: str) -> tuple[str, list[dict]]:
+    """(kind, records) where kind is text, completions or messages."""
+    convert = {
+        "text": _from_text,
+        "completions": _from_completions,
+        "alpaca": _from_alpaca,
+        "sharegpt": _from_sharegpt,
+        "messages": _from_messages,
+    }[fmt]
+    out = []
+    for index, record in enumerate(records):
+        try:
+            out.append(convert(record))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PipelineError(
+                f"record {index + 1} is not valid {fmt}: {_describe(exc)}",
+                where=where,
+                fix="fix the record, or set data.format / data.field_map to match your fields",
+            ) from None
+    kind = {"text": "text", "completions": "completions"}.get(fmt, "messages")
+    return kind, out
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, KeyError):
+        return f"missing required field {exc.args[0]!r}"
+    return str(exc)
+
+
+def _string(record: dict, key: str) -> str:
+    value = record[key]
+    if not isinstance(value, str):
+        raise TypeError(f"field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _from_text(record: dict) -> dict:
+    return {"text": _string(record, "text")}
+
+
+def _from_completions(record: dict) -> dict:
+    return {"prompt": _string(record, "prompt"), "completion": _string(record, "completion")}
+
+
+def _from_alpaca(record: dict) -> dict:
+    messages = []
+    if record.get("system"):
+        messages.append({"role": "system", "content": _string(record, "system")})
+    for turn in record.get("history") or []:
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
+            raise ValueError("history must be a list of [instruction, response] pairs")
+        messages += [{"role": "user", "content": str(turn[0])}, {"role": "assistant", "content": str(turn[1])}]
+    instruction = _string(record, "instruction")
+    extra = record.get("input") or ""
+    user = f"{instruction}\n\n{extra}" if extra else instruction
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": _string(record, "output")}]
+    return {"messages": messages}
+
+
+def _from_sharegpt(record: dict) -> dict:
+    messages = []
+    for turn in record["conversations"]:
+        source = turn["from"]
+        if source not in SHAREGPT_ROLES:
+            raise ValueError(f"unknown speaker {source!r} (known: {', '.join(SHAREGPT_ROLES)})")
+        messages.append({"role": SHAREGPT_ROLES[source], "content": _string(turn, "value")})
+    out = {"messages": _check_messages(messages)}
+    if record.get("tools"):
+        out["tools"] = record["tools"]
+    return out
+
+
+def _from_messages(record: dict) -> dict:
+    messages = [{"role": m["role"], "content": m.get("content") or "", **_extra_keys(m)} for m in record["messages"]]
+    out = {"messages": _check_messages(messages)}
+    if record.get("tools"):
+        out["tools"] = record["tools"]
+    return out
+
+
+def _extra_keys(message: dict) -> dict:
+    return {k: message[k] for k in ("tool_calls", "name", "tool_call_id") if k in message}
+
+
+def _check_messages(messages: list[dict]) -> list[dict]:
+    if not messages:
+        raise ValueError("no messages")
+    for m in messages:
+        if m["role"] not in ROLES:
+            raise ValueError(f"unknown role {m['role']!r} (known: {', '.join(ROLES)})")
+        if not isinstance(m["content"], str):
+            raise TypeError("message content must be a string")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("no assistant message to learn from")
+    return messages
+
+
+def output_kind(kinds: Iterable[str]) -> str:
+    """One output format for all sources: mlx-lm reads one format per file."""
+    kinds = set(kinds)
+    if len(kinds) == 1:
+        return kinds.pop()
+    if "text" in kinds:
+        raise PipelineError(
+            f"cannot mix plain-text sources with {', '.join(sorted(kinds - {'text'}))} sources",
+            where="data.source",
+            fix="prepare them as separate experiments, or give all sources the same kind of records",
+        )
+    return "messages"
+
+
+def completions_to_messages(record: dict) -> dict:
+    return {"messages": [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]}
+
+
+# --- templates ---------------------------------------------------------------------------------
+
+
+def builtin_templates() -> list[str]:
+    return sorted(p.stem for p in (paths.ROOT / TEMPLATE_DIR).glob("*.jinja"))
+
+
+def resolve_template(choice: str, model_template: str | None) -> dict:
+    """{"id", "origin", "source"}: the model's own template, a builtin by name, or a Jinja file."""
+    if choice == "auto":
+        if model_template:
+            return {"id": "model", "origin": "model", "source": model_template}
+        choice = "chatml"
+    if choice in builtin_templates():
+        source = (paths.ROOT / TEMPLATE_DIR / f"{choice}.jinja").read_text(encoding="utf-8")
+        return {"id": choice, "origin": "builtin", "source": source}
+    path = paths.resolve(choice)
+    if path.suffix in (".jinja", ".j2") and path.is_file():
+        return {"id": paths.display(path), "origin": "file", "source": path.read_text(encoding="utf-8")}
+    raise PipelineError(
+        f"unknown template '{choice}'",
+        where="prepare.template",
+        fix=f"use auto, one of {', '.join(builtin_templates())}, or the path of a .jinja file",
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def compile_template(source: str):
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    env.filters["tojson"] = lambda value, indent=None: __import__("json").dumps(value, ensure_ascii=False, indent=indent)
+    try:
+        return env.from_string(source)
+    except TemplateError as exc:
+        raise PipelineError(f"the chat template does not compile: {exc}", where="prepare.template", fix="fix the Jinja syntax") from None
+
+
+def render_chat(template: dict, messages: list[dict], special: dict, tools=None, add_generation_prompt: bool = False) -> str:
+    from jinja2 import TemplateError
+
+    try:
+        return compile_template(template["source"]).render(
+            messages=messages, tools=tools, add_generation_prompt=add_generation_prompt, **special
+        )
+    except TemplateError as exc:
+        raise PipelineError(f"the chat template failed on a record: {exc}", where=f"template {template['id']}", fix="check the template or the record's roles") from None
