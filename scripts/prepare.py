@@ -412,15 +412,12 @@ def truncate_text(record: dict, tokenizer, limit: int) -> dict:
 
 
 def decontaminate(cleaned: dict, cfg) -> dict:
-    train_texts = [quality.prompt_side_text(r) for r in cleaned["train"]]
-    result = {}
-    for name in ("valid", "test"):
-        eval_texts = [quality.prompt_side_text(r) for r in cleaned[name]]
-        result[name] = quality.contamination(train_texts, eval_texts, cfg.prepare.contamination_ngram)
+    keys = {name: [quality.normalized_key(quality.prompt_side_text(r)) for r in cleaned[name]] for name in SPLITS}
+    result = {name: quality.contamination(keys["train"], keys[name], cfg.prepare.contamination_ngram) for name in ("valid", "test")}
     removed = 0
     if cfg.prepare.decontaminate:
-        held_out = {quality.digest(quality.normalized_key(quality.prompt_side_text(r))) for n in ("valid", "test") for r in cleaned[n]}
-        keep = [r for r, t in zip(cleaned["train"], train_texts) if quality.digest(quality.normalized_key(t)) not in held_out]
+        held_out = set(keys["valid"]) | set(keys["test"])
+        keep = [r for r, k in zip(cleaned["train"], keys["train"]) if k not in held_out]
         removed = len(cleaned["train"]) - len(keep)
         cleaned["train"] = keep
     result["train_records_removed"] = removed

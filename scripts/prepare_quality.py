@@ -8,7 +8,6 @@ tokenizer's batch encoder, and detect-secrets only sees the records an RE2 prefi
 from __future__ import annotations
 
 import functools
-import hashlib
 import re
 import unicodedata
 
@@ -47,34 +46,34 @@ def is_empty(record: dict) -> bool:
     return not any(m["content"].strip() for m in record["messages"] if m["role"] == "assistant")
 
 
+_PUNCTUATION = str.maketrans("", "", "".join(chr(c) for c in range(128) if not chr(c).isalnum() and not chr(c).isspace()))
+
+
 def normalized_key(text: str) -> str:
     """Case, accents, punctuation and spacing folded away: near-identical records collide."""
-    folded = unicodedata.normalize("NFKD", text.casefold())
+    folded = text.casefold()
+    if folded.isascii():
+        return " ".join(folded.translate(_PUNCTUATION).split())
+    folded = unicodedata.normalize("NFKD", folded)
     folded = "".join(c for c in folded if not unicodedata.combining(c))
-    folded = re.sub(r"[^\w\s]", "", folded)
-    return " ".join(folded.split())
-
-
-def digest(text: str) -> bytes:
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+    return " ".join(re.sub(r"[^\w\s]", "", folded).split())
 
 
 def dedupe(texts: list[str]) -> tuple[list[int], int, int]:
     """(indices kept, exact duplicates, further normalized duplicates), first occurrence kept."""
-    seen_exact: set[bytes] = set()
-    seen_normal: set[bytes] = set()
+    seen_exact: set[str] = set()
+    seen_normal: set[str] = set()
     kept, exact, normal = [], 0, 0
     for i, text in enumerate(texts):
-        key = digest(text)
-        if key in seen_exact:
+        if text in seen_exact:
             exact += 1
             continue
-        seen_exact.add(key)
-        nkey = digest(normalized_key(text))
-        if nkey in seen_normal:
+        seen_exact.add(text)
+        key = normalized_key(text)
+        if key in seen_normal:
             normal += 1
             continue
-        seen_normal.add(nkey)
+        seen_normal.add(key)
         kept.append(i)
     return kept, exact, normal
 
@@ -91,9 +90,10 @@ def token_lengths(tokenizer, texts: list[str]) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     fast = getattr(getattr(tokenizer, "_tokenizer", tokenizer), "_tokenizer", None)
     if fast is not None and hasattr(fast, "encode_batch"):
+        encode = getattr(fast, "encode_batch_fast", fast.encode_batch)  # _fast skips character offsets
         lengths = []
         for start in range(0, len(texts), 4096):
-            lengths += [len(e.ids) for e in fast.encode_batch(texts[start : start + 4096], add_special_tokens=False)]
+            lengths += [len(e.ids) for e in encode(texts[start : start + 4096], add_special_tokens=False)]
         return np.array(lengths, dtype=np.int64)
     return np.array([len(tokenizer.encode(t)) for t in texts], dtype=np.int64)
 
@@ -191,25 +191,24 @@ def redact(record: dict, values: list[str]):
 # --- contamination -----------------------------------------------------------------------------
 
 
-def word_ngrams(text: str, n: int) -> set[bytes]:
-    words = normalized_key(text).split()
+def word_ngrams(normalized: str, n: int) -> set[tuple[str, ...]]:
+    words = normalized.split()
     if len(words) < n:
-        return {digest(" ".join(words))} if words else set()
-    return {digest(" ".join(words[i : i + n])) for i in range(len(words) - n + 1)}
+        return {tuple(words)} if words else set()
+    return set(zip(*(words[i:] for i in range(n))))
 
 
-def contamination(train_texts: list[str], eval_texts: list[str], n: int) -> dict:
-    """How many eval records equal a train record (normalized), and how many share a word n-gram with one."""
-    eval_keys = [digest(normalized_key(t)) for t in eval_texts]
-    train_keys = {digest(normalized_key(t)) for t in train_texts}
-    eval_grams = [word_ngrams(t, n) for t in eval_texts]
+def contamination(train_keys: list[str], eval_keys: list[str], n: int) -> dict:
+    """Given normalized prompts: how many eval records equal a train record, and how many share a word n-gram with one."""
+    train_set = set(train_keys)
+    eval_grams = [word_ngrams(k, n) for k in eval_keys]
     wanted = set().union(*eval_grams) if eval_grams else set()
-    train_grams: set[bytes] = set()
-    for text in train_texts:
-        train_grams |= word_ngrams(text, n) & wanted
+    train_grams: set[tuple[str, ...]] = set()
+    for key in train_keys:
+        train_grams |= word_ngrams(key, n) & wanted
     return {
-        "exact": sum(k in train_keys for k in eval_keys),
+        "exact": sum(k in train_set for k in eval_keys),
         "ngram": sum(bool(g & train_grams) for g in eval_grams),
         "ngram_n": n,
-        "records": len(eval_texts),
+        "records": len(eval_keys),
     }

@@ -20,5 +20,10 @@ def test_make_all_on_the_default_model_then_nothing_to_do(project):
     assert manifest["details"]["parameters"] > 100_000_000
     model_dir = project / manifest["outputs"][0]["path"]
     assert json.loads((model_dir / "config.json").read_text())["model_type"] == "llama"
+    catalog = contracts.read_json(project / "data" / "data_catalog.json", "data_catalog")
+    assert catalog["splits"]["test"]["records"] >= 100
+    report = contracts.read_json(project / "data" / "data_report.json", "data_report")
+    assert report["splits"]["train"]["tokens"]["total"] == catalog["splits"]["train"]["tokens"] > 0
+    assert (project / "data" / "data_report.md").read_text().startswith("# Data report")
     second = make(project, "all")
     assert "Nothing to be done for 'all'" in second.stdout

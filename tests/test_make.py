@@ -11,40 +11,47 @@ def use_tiny_model(project, tiny_model_dir):
 
 def test_help_is_the_default_goal_and_lists_the_stages(project):
     out = make(project).stdout
-    for target in ("setup", "doctor", "all", "model", "test", "clean"):
+    for target in ("setup", "doctor", "all", "model", "prepare", "test", "clean"):
         assert f"  {target} " in out, out
 
 
 def test_dry_run_of_all(project, tiny_model_dir):
     use_tiny_model(project, tiny_model_dir)
     out = make(project, "-n", "all").stdout
-    assert "scripts/model.py" in out
+    assert "scripts/model.py" in out and "scripts/prepare.py" in out
     assert not (project / "runs" / "model.manifest.json").exists()
 
 
 def test_second_make_all_does_nothing(project, tiny_model_dir):
     use_tiny_model(project, tiny_model_dir)
     make(project, "all")
-    manifest = project / "runs" / "model.manifest.json"
-    assert manifest.is_file()
-    stamp = manifest.stat().st_mtime_ns
+    stamps = mtimes(project)
     again = make(project, "all")
     assert "Nothing to be done for 'all'" in again.stdout
     assert make(project, "-q", "all", check=False).returncode == 0
-    assert manifest.stat().st_mtime_ns == stamp
+    assert mtimes(project) == stamps
+
+
+def mtimes(project) -> dict[str, int]:
+    return {stage: (project / path).stat().st_mtime_ns for stage, path in (("model", "runs/model.manifest.json"), ("prepare", "data/prepare.manifest.json"))}
 
 
 def test_changing_a_key_reruns_only_the_stages_that_read_it(project, tiny_model_dir):
     use_tiny_model(project, tiny_model_dir)
     make(project, "all")
-    manifest = project / "runs" / "model.manifest.json"
-    stamp = manifest.stat().st_mtime_ns
-    make(project, "all", "SET=doctor.matmul_size=256")  # another section: model is untouched
-    assert manifest.stat().st_mtime_ns == stamp
+    first = mtimes(project)
+    make(project, "all", "SET=doctor.matmul_size=256")  # a section no stage of `all` reads
+    assert mtimes(project) == first
+    out = make(project, "all", "SET=prepare.contamination_ngram=5")  # prepare's own slice
+    assert "scripts/prepare.py" in out.stdout and "scripts/model.py" not in out.stdout
+    second = mtimes(project)
+    assert second["model"] == first["model"] and second["prepare"] != first["prepare"]
+    assert make(project, "-q", "all", "SET=prepare.contamination_ngram=5", check=False).returncode == 0
     assert make(project, "-q", "all", "SET=model.dtype=float16", check=False).returncode != 0
-    out = make(project, "all", "SET=model.dtype=float16")
-    assert "scripts/model.py" in out.stdout
-    assert manifest.stat().st_mtime_ns != stamp
+    out = make(project, "all", "SET=model.dtype=float16")  # the model changes, so prepare (its tokenizer) re-runs too
+    third = mtimes(project)
+    assert "scripts/model.py" in out.stdout and "scripts/prepare.py" in out.stdout
+    assert third["model"] != second["model"] and third["prepare"] != second["prepare"]
 
 
 def test_misspelt_override_key_stops_make_with_a_suggestion(project, tiny_model_dir):
