@@ -108,7 +108,8 @@ def normalize_source(source: str, info: dict, raw: dict, cfg) -> dict:
         kind, splits[split] = records_mod.normalize(recs, fmt, info["path"]) if recs else (kind, [])
     kind = kind or {"text": "text", "completions": "completions"}.get(fmt, "messages")
     log.info("read %s: %d records, format %s", info["path"], len(every), fmt)
-    return {"source": source, **info, "format": fmt, "kind": kind, "splits": splits, "raw": every, "tool_schemas": None}
+    presence = quality.field_presence(every)
+    return {"source": source, **info, "format": fmt, "kind": kind, "splits": splits, "raw": every, "field_presence": presence, "tool_schemas": None}
 
 
 def builtin_source(name: str, cfg) -> dict:
@@ -363,7 +364,7 @@ def clean_one_split(name, recs, kind, template, special, tokenizer, cfg) -> tupl
     lengths = quality.token_lengths(tokenizer, rendered)
     recs, lengths, stats["too_long"] = handle_too_long(name, recs, lengths, kind, tokenizer, cfg)
     stats["tokens"] = quality.length_stats(lengths)
-    stats["field_presence"] = quality.field_presence(recs)
+    stats["field_presence"] = quality.field_presence([quality.present_fields(r) for r in recs])
     return recs, stats
 
 
@@ -472,7 +473,8 @@ def stage_files(staging, cfg, cleaned, kind, template, sources, report, tool_sch
     contract = data_contract(cfg, kind, template, sources, tool_schemas, model_manifest)
     contracts.write_json(staging / "data_contract.json", contract, "data_contract")
     contracts.write_json(staging / "data_catalog.json", catalog, "data_catalog")
-    full_report = {"format": kind, "template": template["id"], **report}
+    source_fields = [{"path": s["path"], "format": s["format"], "records": len(s["raw"]), "field_presence": s["field_presence"]} for s in sources]
+    full_report = {"format": kind, "template": template["id"], "sources": source_fields, **report}
     contracts.write_json(staging / "data_report.json", full_report, "data_report")
     (staging / "data_report.md").write_text(report_markdown(full_report, catalog), encoding="utf-8")
     return names + ["data_contract.json", "data_catalog.json", "data_report.json", "data_report.md"]
@@ -544,6 +546,11 @@ def report_markdown(report: dict, catalog: dict) -> str:
         *[f"| {s} | {contamination[s]['records']} | {contamination[s]['exact']} | {contamination[s]['ngram']} |" for s in ("valid", "test")],
         "",
         f"Train records removed because they equal a held-out record: {contamination['train_records_removed']}.",
+    ]
+    lines += ["", "## Sources", "", "| source | format | records | fields present (share of records) |", "|---|---|---|---|"]
+    lines += [
+        f"| {s['path']} | {s['format']} | {s['records']} | " + ", ".join(f"{k} {v:.0%}" for k, v in s["field_presence"].items()) + " |"
+        for s in report["sources"]
     ]
     if report["skipped_lines"]:
         lines += ["", f"## Skipped malformed lines ({len(report['skipped_lines'])})", ""]

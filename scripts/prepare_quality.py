@@ -111,6 +111,16 @@ def length_stats(lengths: np.ndarray) -> dict:
     }
 
 
+def present_fields(record: dict) -> dict:
+    """The fields of a normalized record, with chat roles (and tools) counted as fields."""
+    if "messages" not in record:
+        return record
+    fields = {f"role:{m['role']}": True for m in record["messages"]}
+    if record.get("tools"):
+        fields["tools"] = True
+    return fields
+
+
 def field_presence(raw_records: list[dict]) -> dict[str, float]:
     """Share of records in which each field is present and not empty."""
     if not raw_records:

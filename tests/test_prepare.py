@@ -88,6 +88,22 @@ def test_alpaca_input_and_history_become_turns(base, files):
     assert with_history["messages"][-2]["content"].endswith("Context: visiting in month 8.")
 
 
+def test_messages_keep_tools_and_field_presence_is_reported(base, files):
+    assert run_prepare(f"data.source={files['messages.jsonl']}") == 0
+    out = outputs()
+    records = [r for s in prepare.SPLITS for r in out["splits"][s]]
+    assert sum("tools" in r for r in records) == 5
+    presence = out["data_report"]["sources"][0]["field_presence"]
+    assert presence == {"messages": 1.0, "tools": 0.125}
+    assert out["data_report"]["splits"]["train"]["field_presence"]["role:assistant"] == 1.0
+
+
+def test_alpaca_field_presence_counts_optional_fields(base, files):
+    assert run_prepare(f"data.source={files['alpaca.json']}") == 0
+    presence = outputs()["data_report"]["sources"][0]["field_presence"]
+    assert presence["instruction"] == 1.0 and presence["input"] == 0.5 and presence["system"] == 0.35
+
+
 def test_given_splits_are_kept(base, files):
     assert run_prepare(f"data.source={files['given_splits']}") == 0
     counts = {s: len(outputs()["splits"][s]) for s in prepare.SPLITS}
@@ -208,8 +224,12 @@ def test_bad_records_fail_with_one_line(base, tmp_path, caplog, content, message
 
 
 def test_hub_dataset_offline_is_a_clear_error(base, monkeypatch, caplog):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets
+    import huggingface_hub.constants
+
+    # Offline mode is read when the libraries are imported, which earlier tests already did.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert run_prepare("data.source=someone/some-dataset") == 2
     line = error_line(caplog)
     assert "cannot load hub dataset someone/some-dataset" in line and "save_to_disk" in line
