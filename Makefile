@@ -71,7 +71,7 @@ doctor: | $(SETUP_STAMP)
 	$(PY) scripts/doctor.py $(CONFIG_ARGS)
 
 ## Run the whole pipeline on the configured model and data
-all: model prepare
+all: model prepare train
 
 ## Convert the base model (default: SmolLM2-135M-Instruct, shipped offline) into an MLX folder
 model: runs/model.manifest.json
@@ -86,6 +86,13 @@ data/prepare.manifest.json: scripts/prepare.py scripts/prepare_records.py script
 		$(wildcard config/templates/*.jinja) $(PKG) $(SLICES)/data.json $(SLICES)/prepare.json runs/model.manifest.json | $(SETUP_STAMP)
 	$(PY) scripts/prepare.py $(CONFIG_ARGS)
 
+## Fine-tune the base model on the prepared data (LoRA by default): runs/<experiment>/adapter, metrics, loss curve
+train: runs/$(EXP_NAME)/train.manifest.json
+
+runs/$(EXP_NAME)/train.manifest.json: scripts/train.py scripts/train_data.py scripts/train_state.py $(PKG) \
+		$(SLICES)/train.json data/prepare.manifest.json runs/model.manifest.json | $(SETUP_STAMP)
+	$(PY) scripts/train.py $(CONFIG_ARGS)
+
 ## Run the tests (fast ones and the end-to-end ones marked slow)
 test: | $(SETUP_STAMP)
 	$(PY) -m pytest
@@ -99,4 +106,4 @@ clean:
 distclean: clean
 	rm -rf $(VENV) .cache
 
-.PHONY: help setup lock doctor all model prepare test clean distclean
+.PHONY: help setup lock doctor all model prepare train test clean distclean

@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
-from collections.abc import Iterable, Iterator
 
 _FORMAT = "%(asctime)s [%(name)s] %(message)s"
 
@@ -36,20 +34,35 @@ def interactive() -> bool:
     return sys.stderr.isatty() and not os.environ.get("CI")
 
 
-def progress(items: Iterable, total: int | None, description: str, logger: logging.Logger, every_seconds: float = 10.0) -> Iterator:
-    """Iterate with a progress bar on a terminal, or a plain log line every few seconds elsewhere."""
-    if interactive():
-        from rich.progress import track
+class StepProgress:
+    """Training progress: a live bar (step, loss, ETA) on a terminal; elsewhere the report lines alone."""
 
-        yield from track(items, total=total, description=description, transient=True)
-        return
-    start = last = time.monotonic()
-    done = 0
-    for item in items:
-        yield item
-        done += 1
-        now = time.monotonic()
-        if now - last >= every_seconds:
-            last = now
-            of_total = f"/{total}" if total else ""
-            logger.info("%s %d%s (%.0f s)", description, done, of_total, now - start)
+    def __init__(self, total: int, start: int, logger: logging.Logger):
+        self.total, self.start, self.logger = total, start, logger
+        self._progress = None
+
+    def __enter__(self):
+        if interactive():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), transient=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("train", total=self.total, completed=self.start, loss="-")
+        return self
+
+    def advance(self, step: int, loss: float) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, loss=f"{loss:.3f}")
+
+    def report(self, line: str) -> None:
+        if self._progress is not None:
+            self._progress.console.log(line)
+        else:
+            self.logger.info(line)
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()

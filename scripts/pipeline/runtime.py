@@ -137,6 +137,26 @@ def resolve_dtype(name: str) -> str:
     return default_dtype() if name == "auto" else name
 
 
+def available_memory_bytes() -> int | None:
+    """Memory a run can use: MemAvailable on Linux, the GPU's working set on Metal, else physical memory."""
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    try:
+        import mlx.core as mx
+
+        if mx.metal.is_available():
+            return int(mx.metal.device_info()["max_recommended_working_set_size"])
+    except (AttributeError, KeyError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 

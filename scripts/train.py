@@ -1,0 +1,417 @@
+"""train stage: LoRA / DoRA / full fine-tuning on mlx-lm, resumable, observable and bit-reproducible.
+
+Reads config section `train`, runs/model.manifest.json (run_manifest), data/data_contract.json
+(data_contract), data/data_catalog.json (data_catalog) and the train/valid splits. Writes under
+runs/<experiment>/: adapter/ (adapters.safetensors, adapter_config.json), checkpoints/ (weights,
+optimizer state, RNG state and data position: a resumed run ends with the same bytes), metrics.jsonl
+(schema metrics, one line per report), loss.png, a row of runs/experiments.csv (experiment_row) and,
+last, train.manifest.json (run_manifest).
+
+Built on mlx-lm's pieces (model loading, linear_to_lora_layers, build_schedule, its optimizers) with
+its own loop, because mlx-lm's `train` cannot restore optimizer state or data order, stop early,
+or train every assistant turn of a chat.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+import pipeline  # noqa: F401  (loads the fast BLAS before MLX)
+import train_data
+import train_state
+from pipeline import cli, config, contracts, hashing, log as plog, paths, runtime
+from pipeline.errors import PipelineError
+from pipeline.manifest import StageRun, file_entry, output_path
+
+log = logging.getLogger("train")
+
+
+def build_parser():
+    return cli.stage_parser("train", __doc__)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return cli.run_stage("train", args, run, sections=("experiments", "train"))
+
+
+def run(cfg) -> dict:
+    import mlx.core as mx
+
+    tcfg = cfg.train
+    experiment = cfg.experiments.name
+    run_dir = paths.RUNS_DIR / experiment
+    stage = StageRun("train", {"train": config.section(cfg, "train")}, experiment=experiment)
+    model_manifest = contracts.read_json(paths.MODEL_MANIFEST, "run_manifest")
+    contract = contracts.read_json(paths.DATA_DIR / "data_contract.json", "data_contract")
+    catalog = contracts.read_json(paths.DATA_DIR / "data_catalog.json", "data_catalog")
+    model_dir = output_path(model_manifest, "model")
+    iters = total_iterations(tcfg, catalog)
+    check_dataset_size(catalog, tcfg)
+
+    model, tokenizer = load_base(model_dir, tcfg)
+    memory_guard(model, tcfg, contract, catalog)
+    mx.random.seed(tcfg.seed)  # before the adapters exist: their initial weights come from this seed
+    adapter_config = attach_adapters(model, tcfg)
+    train_set = train_data.load_split(paths.DATA_DIR / "train.jsonl", contract, tokenizer, tcfg.mask_prompt)
+    valid_set = train_data.load_split(paths.DATA_DIR / "valid.jsonl", contract, tokenizer, tcfg.mask_prompt)
+    optimizer = build_optimizer(tcfg, iters)
+
+    fingerprint = train_state.fingerprint(model_manifest, catalog, adapter_config, config.section(cfg, "train"))
+    checkpoints = train_state.Checkpoints(run_dir / "checkpoints", fingerprint)
+    if tcfg.resume not in ("auto", "require", "never"):
+        raise PipelineError(f"unknown train.resume '{tcfg.resume}'", where="train.resume", fix="use auto, require or never")
+    state = checkpoints.restore(model, optimizer, mode=tcfg.resume)
+    metrics = train_state.MetricsLog(run_dir / "metrics.jsonl", keep_until=state.step)
+
+    loop = TrainingLoop(model, optimizer, tcfg, train_set, valid_set, iters, checkpoints, metrics, state, contract["max_seq_length"])
+    loop.run()
+
+    adapter_dir = write_adapter(run_dir, model, adapter_config, checkpoints, state, tcfg)
+    plot_losses(metrics.path, run_dir / "loss.png", experiment)
+    summary = loop.summary()
+    write_experiment_row(experiment, tcfg, summary, adapter_dir)
+    inputs = [file_entry("model", paths.MODEL_MANIFEST), file_entry("data_contract", paths.DATA_DIR / "data_contract.json"), file_entry("train_split", paths.DATA_DIR / "train.jsonl"), file_entry("valid_split", paths.DATA_DIR / "valid.jsonl")]
+    outputs = [file_entry("adapter", adapter_dir), file_entry("metrics", metrics.path), file_entry("loss_plot", run_dir / "loss.png")]
+    details = {**summary, "iterations_planned": iters, "adapter_config": adapter_config, "blas": runtime.blas_summary()["name"], "fingerprint": fingerprint}
+    stage.finish(run_dir / "train.manifest.json", inputs, outputs, details)
+    log.info("trained %s: %d steps, val loss %.3f -> %.3f, %.0f tok/s", experiment, summary["steps"], summary["first_val_loss"], summary["best_val_loss"], summary["tokens_per_second"])
+    return summary
+
+
+# --- setup -------------------------------------------------------------------------------------
+
+
+def total_iterations(tcfg, catalog: dict) -> int:
+    if tcfg.epochs is not None:
+        records = catalog["splits"]["train"]["records"]
+        return max(1, math.ceil(float(tcfg.epochs) * records / tcfg.batch_size))
+    if tcfg.iters < 1:
+        raise PipelineError("train.iters must be at least 1", where="train.iters", fix="set train.iters or train.epochs")
+    return int(tcfg.iters)
+
+
+def check_dataset_size(catalog: dict, tcfg) -> None:
+    for split in ("train", "valid"):
+        records = catalog["splits"][split]["records"]
+        if records < tcfg.batch_size:
+            raise PipelineError(
+                f"the {split} split has {records} records, fewer than one batch of {tcfg.batch_size}",
+                where=f"data/{split}.jsonl",
+                fix=f"lower train.batch_size to {max(1, records)} or add data",
+            )
+
+
+def load_base(model_dir: Path, tcfg):
+    import mlx.core as mx
+    from mlx_lm import load
+
+    model, tokenizer = load(str(model_dir))
+    dtype = runtime.resolve_dtype(tcfg.dtype)
+    model.set_dtype(getattr(mx, dtype))
+    model.freeze()
+    return model, tokenizer
+
+
+def attach_adapters(model, tcfg) -> dict:
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    layers = len(model.layers)
+    num_layers = layers if tcfg.num_layers in (-1, None) else min(int(tcfg.num_layers), layers)
+    lora_parameters = {"rank": tcfg.lora.rank, "scale": tcfg.lora.scale, "dropout": tcfg.lora.dropout}
+    keys = tcfg.lora["keys"]  # not .keys: DictConfig has a keys() method
+    if keys:
+        lora_parameters["keys"] = list(keys)
+    if tcfg.fine_tune_type == "full":
+        for layer in model.layers[-num_layers:]:
+            layer.unfreeze()
+    elif tcfg.fine_tune_type in ("lora", "dora"):
+        linear_to_lora_layers(model, num_layers, lora_parameters, use_dora=tcfg.fine_tune_type == "dora")
+    else:
+        raise PipelineError(f"unknown fine_tune_type '{tcfg.fine_tune_type}'", where="train.fine_tune_type", fix="use lora, dora or full")
+    return {"fine_tune_type": tcfg.fine_tune_type, "num_layers": num_layers, "lora_parameters": lora_parameters}
+
+
+def build_optimizer(tcfg, iters: int):
+    import mlx.optimizers as optim
+    from mlx_lm.tuner.utils import build_schedule
+
+    warmup = min(int(tcfg.warmup_steps), max(iters - 1, 0))
+    if tcfg.lr_schedule == "constant":
+        schedule = build_schedule({"name": "cosine_decay", "arguments": [tcfg.learning_rate, 10**12], "warmup": warmup}) if warmup else tcfg.learning_rate
+    elif tcfg.lr_schedule in ("cosine", "linear"):
+        name, arguments = ("cosine_decay", [tcfg.learning_rate, max(iters - warmup, 1)]) if tcfg.lr_schedule == "cosine" else ("linear_schedule", [tcfg.learning_rate, 0.0, max(iters - warmup, 1)])
+        schedule = build_schedule({"name": name, "arguments": arguments, "warmup": warmup})
+    else:
+        raise PipelineError(f"unknown lr_schedule '{tcfg.lr_schedule}'", where="train.lr_schedule", fix="use constant, cosine or linear")
+    optimizers = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD, "adafactor": optim.Adafactor, "muon": optim.Muon}
+    if tcfg.optimizer not in optimizers:
+        raise PipelineError(f"unknown optimizer '{tcfg.optimizer}'", where="train.optimizer", fix="use " + ", ".join(optimizers))
+    kwargs = {"learning_rate": schedule}
+    if tcfg.optimizer == "adamw":
+        kwargs["weight_decay"] = tcfg.weight_decay
+    return optimizers[tcfg.optimizer](**kwargs)
+
+
+def memory_guard(model, tcfg, contract: dict, catalog: dict) -> None:
+    """Refuse a run that cannot fit, before spending minutes on it."""
+    from mlx.utils import tree_flatten
+
+    params = tree_flatten(model.parameters())
+    weight_bytes = sum(v.nbytes for _, v in params)
+    n_layers = len(model.layers) if tcfg.num_layers in (-1, None) else min(int(tcfg.num_layers), len(model.layers))
+    hidden = getattr(model.args, "hidden_size", 1024)
+    heads = getattr(model.args, "num_attention_heads", 16)
+    report = contracts.read_json(paths.DATA_DIR / "data_report.json", "data_report")
+    seq = min(contract["max_seq_length"], max(report["splits"][s]["tokens"]["max"] for s in ("train", "valid")) or 1)
+    itemsize = 4 if runtime.resolve_dtype(tcfg.dtype) == "float32" else 2
+    trainable = weight_bytes * (n_layers / max(len(model.layers), 1)) if tcfg.fine_tune_type == "full" else weight_bytes * 0.02
+    optimizer_bytes = trainable * 3  # gradient + two moments
+    per_layer = tcfg.batch_size * seq * (hidden * 24 + heads * seq * 2) * itemsize
+    activations = per_layer * (1 if tcfg.grad_checkpoint else len(model.layers))
+    needed = weight_bytes + optimizer_bytes + activations
+    available = runtime.available_memory_bytes()
+    log.info("memory estimate %.2f GB (weights %.2f, optimizer %.2f, activations %.2f) of %.1f GB available", needed / 1e9, weight_bytes / 1e9, optimizer_bytes / 1e9, activations / 1e9, (available or 0) / 1e9)
+    if available and needed > 0.9 * available:
+        hints = [f"train.batch_size={max(1, tcfg.batch_size // 2)}"]
+        if not tcfg.grad_checkpoint:
+            hints.append("train.grad_checkpoint=true")
+        hints.append(f"train.num_layers={max(1, n_layers // 2)}")
+        if tcfg.fine_tune_type == "full":
+            hints.append("train.fine_tune_type=lora")
+        raise PipelineError(
+            f"this run needs about {needed / 1e9:.1f} GB but {available / 1e9:.1f} GB is available",
+            where="train",
+            fix="try " + " or ".join(hints) + f" (or a smaller data.max_seq_length than {contract['max_seq_length']})",
+        )
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+
+class TrainingLoop:
+    def __init__(self, model, optimizer, tcfg, train_set, valid_set, iters, checkpoints, metrics, state, max_seq_length):
+        self.model, self.optimizer, self.tcfg, self.max_seq_length = model, optimizer, tcfg, max_seq_length
+        self.train_set, self.valid_set, self.iters = train_set, valid_set, iters
+        self.checkpoints, self.metrics, self.state = checkpoints, metrics, state
+        self.batches = train_data.BatchOrder(train_set, tcfg.batch_size, tcfg.seed)
+        self.started = time.monotonic()
+        self.tokens_seen = 0
+        self.train_seconds = 0.0
+        self.last_train_loss = float("nan")
+
+    def run(self) -> None:
+        import mlx.core as mx
+
+        step_fn = self.compiled_step()
+        accum = int(self.tcfg.grad_accumulation_steps)
+        losses, tokens, window_seconds, window_steps = 0.0, 0, 0.0, 0
+        grad = None
+        bar = plog.StepProgress(self.iters, self.state.step, log)
+        with bar:
+            for step in range(self.state.step + 1, self.iters + 1):
+                if self.should_eval(step):
+                    if self.evaluate(step - 1):
+                        break
+                tic = time.perf_counter()
+                inputs, targets, mask = self.batches.batch(step - 1, self.max_seq_length)
+                loss, ntoks, grad = step_fn(inputs, targets, mask, grad, step % accum == 0)
+                mx.eval(self.model.state, self.optimizer.state, loss, ntoks, grad)
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise PipelineError(
+                        f"the training loss became {loss_value} at step {step}",
+                        where=f"runs/{self.checkpoints.folder.parent.name}",
+                        fix=f"lower train.learning_rate (now {self.tcfg.learning_rate}); the last good checkpoint (step {self.state.step}) is kept",
+                    )
+                seconds = time.perf_counter() - tic
+                losses += loss_value
+                tokens += int(ntoks.item())
+                window_seconds += seconds
+                window_steps += 1
+                self.train_seconds += seconds
+                self.tokens_seen += int(ntoks.item())
+                self.state.step = step
+                bar.advance(step, loss_value)
+                if step % self.tcfg.steps_per_report == 0 or step == self.iters:
+                    self.report(step, losses / window_steps, tokens / window_seconds, bar)
+                    losses, tokens, window_seconds, window_steps = 0.0, 0, 0.0, 0
+                if step % accum == 0 and (step % self.tcfg.save_every == 0) and step < self.iters:
+                    self.checkpoints.save(self.model, self.optimizer, self.state)
+            else:
+                if self.valid_set and not self.state.stopped_early:
+                    self.evaluate(self.state.step)
+
+    def compiled_step(self):
+        from functools import partial
+
+        import mlx.core as mx
+        import mlx.nn as nn
+        from mlx.utils import tree_map
+
+        model, optimizer = self.model, self.optimizer
+        accum = int(self.tcfg.grad_accumulation_steps)
+        if self.tcfg.grad_checkpoint:
+            from mlx_lm.tuner.trainer import grad_checkpoint
+
+            grad_checkpoint(model.layers[0])
+        value_and_grad = nn.value_and_grad(model, train_data.masked_loss)
+        state = [model.state, optimizer.state, mx.random.state]
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def step(inputs, targets, mask, prev_grad, do_update):
+            (loss, ntoks), grad = value_and_grad(model, inputs, targets, mask)
+            if prev_grad is not None:
+                grad = tree_map(lambda a, b: a + b, grad, prev_grad)
+            if do_update:
+                if accum > 1:
+                    grad = tree_map(lambda g: g / accum, grad)
+                optimizer.update(model, grad)
+                grad = None
+            return loss, ntoks, grad
+
+        model.train()
+        return step
+
+    def should_eval(self, step: int) -> bool:
+        return bool(self.valid_set) and (step == 1 or (step - 1) % self.tcfg.steps_per_eval == 0) and step - 1 != self.state.last_eval_step
+
+    def evaluate(self, step: int) -> bool:
+        """Validation loss at `step`; True when early stopping says stop."""
+        tic = time.perf_counter()
+        val_loss = train_data.validation_loss(self.model, self.valid_set, self.tcfg.batch_size, self.tcfg.val_batches, self.max_seq_length)
+        self.model.train()
+        self.state.last_eval_step = step
+        self.metrics.write({"type": "val", "step": step, "val_loss": val_loss, "seconds": round(time.perf_counter() - tic, 3)})
+        log.info("step %d  val_loss %.4f", step, val_loss)
+        self.state.val_losses.append(val_loss)
+        patience, min_delta = int(self.tcfg.early_stopping.patience), float(self.tcfg.early_stopping.min_delta)
+        if self.state.best_val_loss is None or val_loss < self.state.best_val_loss - min_delta:
+            self.state.best_val_loss, self.state.best_step, self.state.evals_without_gain = val_loss, step, 0
+            if step > 0:
+                self.checkpoints.save_best(self.model, step)
+            return False
+        self.state.evals_without_gain += 1
+        if patience > 0 and self.state.evals_without_gain >= patience:
+            log.info("early stopping at step %d: no improvement of %.4f for %d evaluations (best %.4f at step %d)", step, min_delta, patience, self.state.best_val_loss, self.state.best_step)
+            self.state.stopped_early = True
+            return True
+        return False
+
+    def report(self, step: int, train_loss: float, tokens_per_second: float, bar) -> None:
+        import mlx.core as mx
+
+        lr = float(self.optimizer.learning_rate.item()) if hasattr(self.optimizer.learning_rate, "item") else float(self.optimizer.learning_rate)
+        peak = mx.get_peak_memory() / 1e9
+        self.last_train_loss = train_loss
+        line = {"type": "train", "step": step, "loss": train_loss, "lr": lr, "tokens_per_second": round(tokens_per_second, 1), "peak_memory_gb": round(peak, 3), "trained_tokens": self.tokens_seen}
+        self.metrics.write(line)
+        bar.report(f"step {step}/{self.iters}  loss {train_loss:.3f}  lr {lr:.2e}  tok/s {tokens_per_second:.0f}  peak {peak:.2f} GB")
+
+    def summary(self) -> dict:
+        import mlx.core as mx
+
+        val = self.state.val_losses
+        return {
+            "steps": self.state.step,
+            "stopped_early": self.state.stopped_early,
+            "first_val_loss": val[0] if val else None,
+            "final_val_loss": val[-1] if val else None,
+            "best_val_loss": self.state.best_val_loss,
+            "best_step": self.state.best_step,
+            "final_train_loss": self.last_train_loss if math.isfinite(self.last_train_loss) else None,
+            "tokens_per_second": round(self.tokens_seen / self.train_seconds, 1) if self.train_seconds else 0.0,
+            "trained_tokens": self.tokens_seen,
+            "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3),
+            "train_seconds": round(self.train_seconds, 2),
+        }
+
+
+# --- outputs -----------------------------------------------------------------------------------
+
+
+def write_adapter(run_dir: Path, model, adapter_config: dict, checkpoints, state, tcfg) -> Path:
+    """adapter/: the best checkpoint's weights when early stopping is on, else the last step's."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    use_best = int(tcfg.early_stopping.patience) > 0 and checkpoints.best_weights().is_file()
+    adapter_dir = run_dir / "adapter"
+    with contracts.atomic_dir(adapter_dir) as tmp:
+        if use_best:
+            (tmp / "adapters.safetensors").write_bytes(checkpoints.best_weights().read_bytes())
+        else:
+            mx.save_safetensors(str(tmp / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+        config_out = {**adapter_config, "from_step": state.best_step if use_best else state.step, "seed": tcfg.seed}
+        (tmp / "adapter_config.json").write_bytes(orjson.dumps(config_out, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+    return adapter_dir
+
+
+def plot_losses(metrics_path: Path, out: Path, experiment: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [orjson.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if r["type"] == "train"]
+    val = [(r["step"], r["val_loss"]) for r in rows if r["type"] == "val"]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue")
+    if val:
+        ax.plot(*zip(*val), label="validation loss", color="tab:orange", marker="o")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (masked cross-entropy)")
+    ax.set_title(f"{experiment}: loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with contracts.atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+EXPERIMENT_COLUMNS = (
+    "schema_version", "experiment", "fine_tune_type", "rank", "learning_rate", "batch_size", "steps", "stopped_early",
+    "first_val_loss", "best_val_loss", "best_step", "final_train_loss", "tokens_per_second",
+    "peak_memory_gb", "train_seconds", "adapter_sha256",
+)
+
+
+def write_experiment_row(experiment: str, tcfg, summary: dict, adapter_dir: Path) -> None:
+    import csv
+    import io
+
+    row = {
+        "schema_version": contracts.schema_version("experiment_row"),
+        "experiment": experiment,
+        "fine_tune_type": tcfg.fine_tune_type,
+        "rank": tcfg.lora.rank if tcfg.fine_tune_type != "full" else None,
+        "learning_rate": float(tcfg.learning_rate),
+        "batch_size": int(tcfg.batch_size),
+        **{k: summary[k] for k in ("steps", "stopped_early", "first_val_loss", "best_val_loss", "best_step", "final_train_loss", "tokens_per_second", "peak_memory_gb", "train_seconds")},
+        "adapter_sha256": hashing.sha256_file(adapter_dir / "adapters.safetensors"),
+    }
+    contracts.validate(row, "experiment_row", where="runs/experiments.csv")
+    path = paths.RUNS_DIR / "experiments.csv"
+    rows = []
+    if path.is_file():
+        rows = [r for r in csv.DictReader(io.StringIO(path.read_text())) if r.get("experiment") != experiment]
+    rows.append({k: ("" if v is None else v) for k, v in row.items()})
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=EXPERIMENT_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(sorted(rows, key=lambda r: r["experiment"]))
+    contracts.write_bytes_atomic(path, buffer.getvalue().encode())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

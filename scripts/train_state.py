@@ -1,0 +1,130 @@
+"""train, part 2: what makes a run resumable. Checkpoints hold the trainable weights, the optimizer
+state (moments, step, schedule position), MLX's RNG state and the loop's counters; metrics.jsonl is
+cut back to the checkpoint on resume, so a resumed run's files equal an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from pathlib import Path
+
+import orjson
+
+from pipeline import contracts, hashing, paths
+from pipeline.errors import PipelineError
+
+log = logging.getLogger("train")
+KEEP_CHECKPOINTS = 2
+
+
+@dataclasses.dataclass
+class LoopState:
+    step: int = 0
+    last_eval_step: int = -1
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    evals_without_gain: int = 0
+    val_losses: list = dataclasses.field(default_factory=list)
+    stopped_early: bool = False
+
+
+def fingerprint(model_manifest: dict, catalog: dict, adapter_config: dict, train_config: dict) -> dict:
+    """What a checkpoint must match to be resumed: the model, the data, the adapter shape, the settings."""
+    settings = {k: v for k, v in train_config.items() if k not in ("resume", "steps_per_report")}
+    return {
+        "model": model_manifest["outputs"][0]["sha256"],
+        "data": hashing.sha256_json({s: catalog["splits"][s]["sha256"] for s in ("train", "valid")}),
+        "adapter": hashing.sha256_json(adapter_config),
+        "settings": hashing.sha256_json(settings),
+    }
+
+
+class Checkpoints:
+    def __init__(self, folder: Path, fingerprint: dict):
+        self.folder, self.fingerprint = folder, fingerprint
+        self.latest = folder / "latest.json"
+
+    def best_weights(self) -> Path:
+        return self.folder / "best" / "adapters.safetensors"
+
+    def restore(self, model, optimizer, mode: str) -> LoopState:
+        """The loop state to start from: a matching checkpoint's, or a fresh one."""
+        saved = orjson.loads(self.latest.read_bytes()) if self.latest.is_file() else None
+        if mode == "never" or saved is None:
+            if mode == "require":
+                raise PipelineError("train.resume=require but there is no checkpoint", where=paths.display(self.folder), fix="set train.resume=auto")
+            return self._fresh()
+        mismatch = [k for k in ("model", "adapter") if saved["fingerprint"][k] != self.fingerprint[k]]
+        if mismatch and mode == "require":
+            raise PipelineError(
+                f"the checkpoint at step {saved['step']} was made with a different {' and '.join('base model' if k == 'model' else 'LoRA shape' for k in mismatch)}",
+                where=paths.display(self.folder),
+                fix="set train.resume=auto to start over (the old checkpoints are replaced), or restore the settings it was made with",
+            )
+        if saved["fingerprint"] != self.fingerprint:
+            changed = [k for k in self.fingerprint if saved["fingerprint"][k] != self.fingerprint[k]]
+            if mode == "require":
+                raise PipelineError(f"the checkpoint does not match this run ({', '.join(changed)} changed)", where=paths.display(self.folder), fix="set train.resume=auto to start over")
+            log.info("checkpoints in %s are from other settings (%s changed): starting over", paths.display(self.folder), ", ".join(changed))
+            return self._fresh()
+        return self._load(saved, model, optimizer)
+
+    def _fresh(self) -> LoopState:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return LoopState()
+
+    def _load(self, saved: dict, model, optimizer) -> LoopState:
+        import mlx.core as mx
+        from mlx.utils import tree_unflatten
+
+        folder = self.folder / saved["path"]
+        model.load_weights(list(mx.load(str(folder / "adapters.safetensors")).items()), strict=False)
+        arrays = mx.load(str(folder / "optimizer.safetensors"))
+        mx.random.state[0] = arrays.pop("__rng__")
+        optimizer.state = tree_unflatten(list(arrays.items()))
+        mx.eval(model.parameters(), optimizer.state)
+        state = LoopState(**orjson.loads((folder / "state.json").read_bytes()))
+        log.info("resuming from step %d (%s)", state.step, paths.display(folder))
+        return state
+
+    def save(self, model, optimizer, state: LoopState) -> None:
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+
+        name = f"step-{state.step:07d}"
+        with contracts.atomic_dir(self.folder / name) as tmp:
+            mx.save_safetensors(str(tmp / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+            arrays = dict(tree_flatten(optimizer.state))
+            arrays["__rng__"] = mx.random.state[0]
+            mx.save_safetensors(str(tmp / "optimizer.safetensors"), arrays)
+            (tmp / "state.json").write_bytes(orjson.dumps(dataclasses.asdict(state)))
+        contracts.write_bytes_atomic(self.latest, orjson.dumps({"step": state.step, "path": name, "fingerprint": self.fingerprint}, option=orjson.OPT_INDENT_2))
+        for old in sorted(self.folder.glob("step-*"))[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def save_best(self, model, step: int) -> None:
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+
+        with contracts.atomic_dir(self.folder / "best") as tmp:
+            mx.save_safetensors(str(tmp / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+            (tmp / "best.json").write_bytes(orjson.dumps({"step": step}))
+
+
+class MetricsLog:
+    """metrics.jsonl: one validated line per report; cut back to `keep_until` when a run resumes."""
+
+    def __init__(self, path: Path, keep_until: int):
+        self.path = path
+        lines = path.read_text().splitlines() if path.is_file() and keep_until > 0 else []
+        kept = [line for line in lines if line.strip() and orjson.loads(line)["step"] <= keep_until]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        contracts.write_bytes_atomic(path, "".join(line + "\n" for line in kept).encode())
+
+    def write(self, record: dict) -> None:
+        record = {"schema_version": contracts.schema_version("metrics"), **record}
+        contracts.validate(record, "metrics", where=paths.display(self.path))
+        with open(self.path, "ab") as f:
+            f.write(orjson.dumps(record) + b"\n")
