@@ -82,7 +82,8 @@ class Checkpoints:
         folder = self.folder / saved["path"]
         model.load_weights(list(mx.load(str(folder / "adapters.safetensors")).items()), strict=False)
         arrays = mx.load(str(folder / "optimizer.safetensors"))
-        mx.random.state[0] = arrays.pop("__rng__")
+        hi, lo = (int(v) for v in arrays.pop("__rng__").tolist())
+        mx.random.seed((hi << 32) | lo)  # a seed of hi<<32|lo recreates the key [hi, lo]
         optimizer.state = tree_unflatten(list(arrays.items()))
         mx.eval(model.parameters(), optimizer.state)
         state = LoopState(**orjson.loads((folder / "state.json").read_bytes()))

@@ -1,4 +1,4 @@
-"""End to end: `make all` on the real default model and config, as a user types it."""
+"""End to end: `make all` on the real default model and config, as a user types it (~4 minutes)."""
 
 from __future__ import annotations
 
@@ -25,5 +25,10 @@ def test_make_all_on_the_default_model_then_nothing_to_do(project):
     report = contracts.read_json(project / "data" / "data_report.json", "data_report")
     assert report["splits"]["train"]["tokens"]["total"] == catalog["splits"]["train"]["tokens"] > 0
     assert (project / "data" / "data_report.md").read_text().startswith("# Data report")
+    train_manifest = contracts.read_json(project / "runs" / "main" / "train.manifest.json", "run_manifest")
+    details = train_manifest["details"]
+    assert train_manifest["wall_seconds"] < 300, train_manifest["wall_seconds"]
+    assert details["best_val_loss"] < 0.5 * details["first_val_loss"], details
+    assert (project / "runs" / "main" / "loss.png").is_file()
     second = make(project, "all")
     assert "Nothing to be done for 'all'" in second.stdout

@@ -1,0 +1,182 @@
+"""train stage on the tiny model: masks, determinism, kill -9 and resume, early stopping, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import model as model_stage
+import prepare
+import train
+import train_data
+from helpers import REPO, make, write_override
+from pipeline import contracts, hashing, paths
+
+FAST = ["train.iters=12", "train.steps_per_eval=4", "train.steps_per_report=2", "train.save_every=3", "train.val_batches=2", "train.num_layers=2", "train.learning_rate=1e-3"]
+
+
+@pytest.fixture
+def prepared(project, tiny_model_dir):
+    """The tiny model and the builtin dataset, prepared."""
+    assert model_stage.main([f"model.source={tiny_model_dir}"]) == 0
+    assert prepare.main([]) == 0
+    return project
+
+
+def adapter_bytes(experiment="main") -> bytes:
+    return (paths.RUNS_DIR / experiment / "adapter" / "adapters.safetensors").read_bytes()
+
+
+def test_every_assistant_turn_is_trained_and_nothing_else(tiny_model_dir):
+    from mlx_lm.utils import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "first answer"},
+        {"role": "user", "content": "second question"},
+        {"role": "assistant", "content": "second answer"},
+        {"role": "user", "content": "third question"},
+        {"role": "assistant", "content": "third answer"},
+    ]
+    ids, mask = train_data.encode_chat(tokenizer, messages, None, mask_prompt=True)
+    trained = tokenizer.decode([int(i) for i, m in zip(ids, mask) if m])
+    assert trained == "first answer<|im_end|>\nsecond answer<|im_end|>\nthird answer<|im_end|>\n"
+    masked = tokenizer.decode([int(i) for i, m in zip(ids, mask) if not m])
+    assert "question" in masked and "answer" not in masked
+    _, unmasked = train_data.encode_chat(tokenizer, messages, None, mask_prompt=False)
+    assert unmasked.all()
+
+
+def test_batch_order_is_a_function_of_the_step():
+    items = [(np.arange(n + 2, dtype=np.int32), np.ones(n + 2, np.float32)) for n in range(20)]
+    order = train_data.BatchOrder(items, batch_size=4, seed=3)
+    first = [order.indices(s) for s in range(12)]
+    again = train_data.BatchOrder(items, batch_size=4, seed=3)
+    assert [again.indices(s) for s in reversed(range(12))] == list(reversed(first))
+    assert sorted(i for s in range(5) for i in first[s]) == list(range(20))  # one epoch covers every record
+    assert [train_data.BatchOrder(items, 4, seed=4).indices(s) for s in range(12)] != first
+
+
+def test_outputs_exist_and_validate(prepared):
+    assert train.main(FAST) == 0
+    run_dir = paths.RUNS_DIR / "main"
+    manifest = contracts.read_json(run_dir / "train.manifest.json", "run_manifest")
+    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        contracts.validate(line, "metrics", where="metrics.jsonl")
+    assert [l["step"] for l in lines if l["type"] == "val"] == [0, 4, 8, 12]
+    assert [l["step"] for l in lines if l["type"] == "train"] == [2, 4, 6, 8, 10, 12]
+    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["fine_tune_type"] == "lora"
+    details = manifest["details"]
+    assert details["best_val_loss"] < details["first_val_loss"]
+    assert manifest["environment"]["blas"] in ("openblas", "accelerate")
+    rows = list(csv.DictReader(open(paths.RUNS_DIR / "experiments.csv")))
+    assert rows[0]["experiment"] == "main" and rows[0]["adapter_sha256"] == hashing.sha256_file(run_dir / "adapter" / "adapters.safetensors")
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(prepared):
+    assert train.main([*FAST, "train.resume=never"]) == 0
+    first = adapter_bytes()
+    assert train.main([*FAST, "train.resume=never"]) == 0
+    assert adapter_bytes() == first
+    assert train.main([*FAST, "train.resume=never", "train.seed=1"]) == 0
+    assert adapter_bytes() != first
+
+
+def test_kill_9_then_resume_gives_the_same_adapter(prepared):
+    args = [*FAST, "train.iters=30", "train.save_every=5", "experiments.name=resumed"]
+    assert train.main([a.replace("experiments.name=resumed", "experiments.name=straight") for a in args]) == 0
+    straight = adapter_bytes("straight")
+
+    env = {**os.environ, "PIPELINE_ROOT": str(paths.ROOT), "CI": "1"}
+    process = subprocess.Popen([sys.executable, str(REPO / "scripts" / "train.py"), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    latest = paths.RUNS_DIR / "resumed" / "checkpoints" / "latest.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (latest.is_file() and json.loads(latest.read_text())["step"] >= 10):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = json.loads(latest.read_text())["step"]
+    assert 10 <= killed_at < 30, "the run was not interrupted mid-way"
+    assert not (paths.RUNS_DIR / "resumed" / "adapter").exists()
+
+    assert train.main(args) == 0
+    assert adapter_bytes("resumed") == straight
+    straight_val = [l for l in (paths.RUNS_DIR / "straight" / "metrics.jsonl").read_text().splitlines() if '"val"' in l]
+    resumed_val = [l for l in (paths.RUNS_DIR / "resumed" / "metrics.jsonl").read_text().splitlines() if '"val"' in l]
+    assert [json.loads(l)["val_loss"] for l in resumed_val] == [json.loads(l)["val_loss"] for l in straight_val]
+
+
+def test_early_stopping_keeps_the_best_checkpoint(prepared, caplog):
+    assert train.main([*FAST, "train.iters=40", "train.learning_rate=5e-2", "train.early_stopping.patience=1", "train.early_stopping.min_delta=0.5"]) == 0
+    manifest = contracts.read_json(paths.RUNS_DIR / "main" / "train.manifest.json", "run_manifest")
+    assert manifest["details"]["stopped_early"] and manifest["details"]["steps"] < 40
+    assert "early stopping" in caplog.text
+    config = json.loads((paths.RUNS_DIR / "main" / "adapter" / "adapter_config.json").read_text())
+    assert config["from_step"] == manifest["details"]["best_step"]
+    assert adapter_bytes() == (paths.RUNS_DIR / "main" / "checkpoints" / "best" / "adapters.safetensors").read_bytes()
+
+
+def error_line(caplog) -> str:
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
+def test_diverging_loss_stops_with_a_clear_message(prepared, caplog):
+    assert train.main([*FAST, "train.learning_rate=1e30", "train.optimizer=sgd", "train.lr_schedule=constant", "train.warmup_steps=0"]) == 2
+    line = error_line(caplog)
+    assert "the training loss became" in line and "lower train.learning_rate" in line
+    assert not (paths.RUNS_DIR / "main" / "train.manifest.json").exists()
+
+
+def test_batch_larger_than_a_split_is_an_error(prepared, caplog):
+    assert train.main([*FAST, "train.batch_size=64"]) == 2
+    assert "the valid split has 60 records, fewer than one batch of 64" in error_line(caplog)
+
+
+def test_resume_require_with_another_lora_shape_is_an_error(prepared, caplog):
+    assert train.main([*FAST, "train.iters=6"]) == 0
+    (paths.RUNS_DIR / "main" / "checkpoints" / "latest.json").exists() or pytest.skip("no checkpoint kept")
+    assert train.main([*FAST, "train.iters=6", "train.lora.rank=4", "train.resume=require"]) == 2
+    assert "different LoRA shape" in error_line(caplog)
+
+
+def test_memory_guard_refuses_with_a_suggestion(prepared, monkeypatch, caplog):
+    from pipeline import runtime
+
+    monkeypatch.setattr(runtime, "available_memory_bytes", lambda: 10_000_000)
+    assert train.main(FAST) == 2
+    line = error_line(caplog)
+    assert "GB is available" in line and "train.batch_size=2" in line and "train.grad_checkpoint=true" in line
+
+
+def test_epochs_become_iterations_from_the_catalog(prepared):
+    catalog = contracts.read_json(paths.DATA_DIR / "data_catalog.json", "data_catalog")
+    from omegaconf import OmegaConf
+
+    tcfg = OmegaConf.create({"epochs": 0.5, "iters": 1, "batch_size": 4})
+    assert train.total_iterations(tcfg, catalog) == -(-catalog["splits"]["train"]["records"] // 8)
+
+
+def test_changing_a_train_key_leaves_prepare_untouched(project, tiny_model_dir):
+    write_override(project, f"model:\n  source: {tiny_model_dir}\ntrain:\n  iters: 4\n  steps_per_eval: 2\n  val_batches: 1\n  num_layers: 2\n")
+    make(project, "all")
+    prepared_at = (project / "data" / "prepare.manifest.json").stat().st_mtime_ns
+    trained_at = (project / "runs" / "main" / "train.manifest.json").stat().st_mtime_ns
+    out = make(project, "all", "SET=train.learning_rate=1e-3")
+    assert "scripts/train.py" in out.stdout and "scripts/prepare.py" not in out.stdout
+    assert (project / "data" / "prepare.manifest.json").stat().st_mtime_ns == prepared_at
+    assert (project / "runs" / "main" / "train.manifest.json").stat().st_mtime_ns != trained_at
+    assert "Nothing to be done" in make(project, "all", "SET=train.learning_rate=1e-3").stdout
