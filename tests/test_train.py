@@ -180,3 +180,24 @@ def test_changing_a_train_key_leaves_prepare_untouched(project, tiny_model_dir):
     assert (project / "data" / "prepare.manifest.json").stat().st_mtime_ns == prepared_at
     assert (project / "runs" / "main" / "train.manifest.json").stat().st_mtime_ns != trained_at
     assert "Nothing to be done" in make(project, "all", "SET=train.learning_rate=1e-3").stdout
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ["train.fine_tune_type=dora"],
+        ["train.fine_tune_type=full", "train.learning_rate=1e-4"],
+        ["train.grad_accumulation_steps=2", "train.save_every=4"],
+        ["train.grad_checkpoint=true"],
+        ["train.optimizer=adam", "train.lr_schedule=linear"],
+        ["train.optimizer=adafactor", "train.lr_schedule=constant"],
+        ["train.optimizer=muon"],
+        ["train.lora.keys=[self_attn.q_proj,self_attn.v_proj]", "train.lora.dropout=0.1"],
+    ],
+    ids=["dora", "full", "grad-accumulation", "grad-checkpoint", "adam-linear", "adafactor", "muon", "lora-keys-dropout"],
+)
+def test_training_variants_run_and_learn(prepared, variant):
+    assert train.main([*FAST, "train.iters=8", *variant]) == 0
+    details = contracts.read_json(paths.RUNS_DIR / "main" / "train.manifest.json", "run_manifest")["details"]
+    assert details["steps"] == 8
+    assert details["final_val_loss"] < details["first_val_loss"], details
