@@ -30,14 +30,15 @@ endif
 export CMAKE_ARGS
 
 # Every goal but these reads the config: .state/config.mk is remade first (one JSON slice per config
-# section, each rewritten only when its content changes) and gives EXP_NAME, the experiment's name.
+# section, each rewritten only when its content changes: shared sections in .state/config/, an
+# experiment's own in runs/<experiment>/.config/) and gives EXP_NAME, the experiment's name.
 NO_CONFIG_GOALS := help setup lock clean distclean doctor test
 ifneq ($(filter-out $(NO_CONFIG_GOALS),$(or $(MAKECMDGOALS),$(.DEFAULT_GOAL))),)
 include $(STATE)/config.mk
 endif
 
 $(STATE)/config.mk: $(SETUP_STAMP) FORCE
-	@PYTHONPATH=scripts $(PY) -m pipeline.config slices --out $(SLICES) --mk $@ $(CONFIG_ARGS)
+	@PYTHONPATH=scripts $(PY) -m pipeline.config slices --out $(SLICES) --experiments-root runs --mk $@ $(CONFIG_ARGS)
 
 .PHONY: FORCE
 FORCE:
@@ -90,7 +91,7 @@ data/prepare.manifest.json: scripts/prepare.py scripts/prepare_records.py script
 train: runs/$(EXP_NAME)/train.manifest.json
 
 runs/$(EXP_NAME)/train.manifest.json: scripts/train.py scripts/train_data.py scripts/train_state.py $(PKG) \
-		$(SLICES)/train.json data/prepare.manifest.json runs/model.manifest.json | $(SETUP_STAMP)
+		runs/$(EXP_NAME)/.config/train.json data/prepare.manifest.json runs/model.manifest.json | $(SETUP_STAMP)
 	$(PY) scripts/train.py $(CONFIG_ARGS)
 
 ## Run the tests (fast ones and the end-to-end ones marked slow)

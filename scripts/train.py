@@ -239,7 +239,7 @@ class TrainingLoop:
                 self.train_seconds += seconds
                 self.tokens_seen += int(ntoks.item())
                 self.state.step = step
-                bar.advance(step, loss_value)
+                bar.advance(step, loss_value, int(ntoks.item()) / seconds)
                 if step % self.tcfg.steps_per_report == 0 or step == self.iters:
                     self.report(step, losses / window_steps, tokens / window_seconds, bar)
                     losses, tokens, window_seconds, window_steps = 0.0, 0, 0.0, 0

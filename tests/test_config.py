@@ -103,6 +103,23 @@ def test_slices_are_rewritten_only_when_their_content_changes(project, tmp_path)
     assert after["doctor.json"] != before["doctor.json"]
 
 
+def test_experiment_sections_are_kept_per_experiment(project, tmp_path):
+    out, runs = tmp_path / "slices", tmp_path / "runs"
+    write_slices(load_config(["experiments.name=a", "train.learning_rate=1e-3"]), out, runs)
+    write_slices(load_config(["experiments.name=b"]), out, runs)
+    assert (runs / "a" / ".config" / "train.json").read_text() != (runs / "b" / ".config" / "train.json").read_text()
+    assert not (out / "train.json").exists() and (out / "data.json").exists()
+    before = (runs / "a" / ".config" / "train.json").stat().st_mtime_ns
+    write_slices(load_config(["experiments.name=a", "train.learning_rate=1e-3"]), out, runs)
+    assert (runs / "a" / ".config" / "train.json").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("name", ["../escape", "a b", "", "-x"])
+def test_experiment_name_must_be_a_plain_folder_name(project, name):
+    with pytest.raises(ConfigError, match="not a plain folder name"):
+        load_config([f"experiments.name={name}"])
+
+
 def test_every_default_knob_has_a_comment():
     from helpers import REPO
 

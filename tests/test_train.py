@@ -201,3 +201,14 @@ def test_training_variants_run_and_learn(prepared, variant):
     details = contracts.read_json(paths.RUNS_DIR / "main" / "train.manifest.json", "run_manifest")["details"]
     assert details["steps"] == 8
     assert details["final_val_loss"] < details["first_val_loss"], details
+
+
+def test_each_experiment_keeps_its_own_settings(project, tiny_model_dir):
+    write_override(project, f"model:\n  source: {tiny_model_dir}\ntrain:\n  iters: 4\n  steps_per_eval: 2\n  val_batches: 1\n  num_layers: 2\n")
+    make(project, "train", "EXP=a", "SET=train.learning_rate=1e-3")
+    make(project, "train", "EXP=b")
+    assert make(project, "-q", "train", "EXP=a", "SET=train.learning_rate=1e-3", check=False).returncode == 0
+    assert make(project, "-q", "train", "EXP=b", check=False).returncode == 0
+    assert make(project, "-q", "train", "EXP=a", check=False).returncode != 0  # a's settings differ from the defaults
+    rows = {r["experiment"]: r for r in csv.DictReader(open(project / "runs" / "experiments.csv"))}
+    assert set(rows) == {"a", "b"} and rows["a"]["learning_rate"] == "0.001"

@@ -5,13 +5,14 @@ value must have the type of the default it replaces (a null default takes any va
 used by the Makefile to write one JSON file per config section, rewritten only when its resolved
 content changes, so that Make re-runs exactly the stages whose settings changed:
 
-    python -m pipeline.config slices --out .state/config [--override FILE] [KEY=VALUE ...]
+    python -m pipeline.config slices --out .state/config --experiments-root runs [--override FILE] [KEY=VALUE ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -25,7 +26,8 @@ from pipeline import paths
 from pipeline.contracts import write_text_if_changed
 from pipeline.errors import ConfigError, PipelineError
 
-_SCALARS = (bool, int, float, str)
+EXPERIMENT_SECTIONS = ("train",)  # settings that differ between experiments; the rest is shared
+_EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def load_config(
@@ -44,6 +46,13 @@ def load_config(
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"cannot resolve an interpolation: {exc}", where="config") from None
+    name = merged.experiments.name
+    if not isinstance(name, str) or not _EXPERIMENT_NAME.fullmatch(name):
+        raise ConfigError(
+            f"experiment name '{name or ''}' is not a plain folder name",
+            where="experiments.name",
+            fix="use letters, digits, '.', '_' and '-' (it becomes runs/<name>/)",
+        )
     OmegaConf.set_struct(merged, True)
     OmegaConf.set_readonly(merged, True)
     return merged
@@ -203,12 +212,16 @@ def _type_name(value) -> str:
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
 
 
-def write_slices(cfg: DictConfig, out_dir: Path) -> list[str]:
-    """One JSON file per top-level section; a file is rewritten only when its content changes."""
+def write_slices(cfg: DictConfig, out_dir: Path, experiments_root: Path | None = None) -> list[str]:
+    """One JSON file per top-level section, rewritten only when its content changes. Sections that
+    belong to one experiment go to <experiments_root>/<name>/.config/, so each experiment keeps its own."""
     changed = []
     for name in cfg:
+        folder = out_dir
+        if experiments_root is not None and name in EXPERIMENT_SECTIONS:
+            folder = experiments_root / cfg.experiments.name / ".config"
         text = orjson.dumps(section(cfg, name), option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2).decode() + "\n"
-        if write_text_if_changed(out_dir / f"{name}.json", text):
+        if write_text_if_changed(folder / f"{name}.json", text):
             changed.append(name)
     return changed
 
@@ -219,6 +232,7 @@ def _cli(argv: Sequence[str] | None = None) -> int:
     slices = sub.add_parser("slices", help="write one JSON file per config section (and a Make include)")
     slices.add_argument("--out", type=Path, default=paths.CONFIG_SLICE_DIR)
     slices.add_argument("--mk", type=Path, help="also write this Make include, giving EXP_NAME")
+    slices.add_argument("--experiments-root", type=Path, help="write experiment sections to <root>/<name>/.config/")
     slices.add_argument("--override", metavar="FILE")
     slices.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     show = sub.add_parser("show", help="print the resolved config as YAML")
@@ -233,7 +247,7 @@ def _cli(argv: Sequence[str] | None = None) -> int:
     if args.command == "show":
         print(dump_yaml(OmegaConf.to_container(cfg, resolve=True)))
     else:
-        write_slices(cfg, args.out)
+        write_slices(cfg, args.out, args.experiments_root)
         if args.mk:
             write_text_if_changed(args.mk, f"EXP_NAME := {cfg.experiments.name}\n")
     return 0

@@ -46,16 +46,16 @@ class StepProgress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
             self._progress = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TextColumn("tok/s {task.fields[tps]}"),
                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), transient=False,
             )
             self._progress.start()
-            self._task = self._progress.add_task("train", total=self.total, completed=self.start, loss="-")
+            self._task = self._progress.add_task("train", total=self.total, completed=self.start, loss="-", tps="-")
         return self
 
-    def advance(self, step: int, loss: float) -> None:
+    def advance(self, step: int, loss: float, tokens_per_second: float) -> None:
         if self._progress is not None:
-            self._progress.update(self._task, completed=step, loss=f"{loss:.3f}")
+            self._progress.update(self._task, completed=step, loss=f"{loss:.3f}", tps=f"{tokens_per_second:.0f}")
 
     def report(self, line: str) -> None:
         if self._progress is not None:
