@@ -72,7 +72,7 @@ doctor: | $(SETUP_STAMP)
 	$(PY) scripts/doctor.py $(CONFIG_ARGS)
 
 ## Run the whole pipeline on the configured model and data
-all: model prepare train
+all: model prepare train fuse
 
 ## Convert the base model (default: SmolLM2-135M-Instruct, shipped offline) into an MLX folder
 model: runs/model.manifest.json
@@ -94,6 +94,13 @@ runs/$(EXP_NAME)/train.manifest.json: scripts/train.py scripts/train_data.py scr
 		runs/$(EXP_NAME)/.config/train.json data/prepare.manifest.json runs/model.manifest.json | $(SETUP_STAMP)
 	$(PY) scripts/train.py $(CONFIG_ARGS)
 
+## Merge the experiment's adapter into full-precision base weights: runs/<experiment>/fused, artifacts.json
+fuse: runs/$(EXP_NAME)/fuse.manifest.json
+
+runs/$(EXP_NAME)/fuse.manifest.json: scripts/fuse.py $(PKG) runs/$(EXP_NAME)/.config/fuse.json \
+		runs/$(EXP_NAME)/train.manifest.json | $(SETUP_STAMP)
+	$(PY) scripts/fuse.py $(CONFIG_ARGS)
+
 ## Run the tests (fast ones and the end-to-end ones marked slow)
 test: | $(SETUP_STAMP)
 	$(PY) -m pytest
@@ -107,4 +114,4 @@ clean:
 distclean: clean
 	rm -rf $(VENV) .cache
 
-.PHONY: help setup lock doctor all model prepare train test clean distclean
+.PHONY: help setup lock doctor all model prepare train fuse test clean distclean

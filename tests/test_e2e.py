@@ -30,5 +30,9 @@ def test_make_all_on_the_default_model_then_nothing_to_do(project):
     assert train_manifest["wall_seconds"] < 300, train_manifest["wall_seconds"]
     assert details["best_val_loss"] < 0.5 * details["first_val_loss"], details
     assert (project / "runs" / "main" / "loss.png").is_file()
+    fuse_manifest = contracts.read_json(project / "runs" / "main" / "fuse.manifest.json", "run_manifest")
+    assert fuse_manifest["details"]["max_logit_difference"] < 1e-3
+    artifacts = contracts.read_json(project / "runs" / "main" / "artifacts.json", "artifacts")["artifacts"]
+    assert [a["kind"] for a in artifacts] == ["base", "adapter", "fused"]
     second = make(project, "all")
     assert "Nothing to be done for 'all'" in second.stdout
