@@ -50,12 +50,14 @@ def run(cfg) -> dict:
     model_manifest = contracts.read_json(paths.MODEL_MANIFEST, "run_manifest")
     tokenizer = load_tokenizer(output_path(model_manifest, "model"))
     template = records_mod.resolve_template(cfg.prepare.template, getattr(tokenizer, "chat_template", None))
-    sources = [read_source(s, cfg, tokenizer) for s in source_list(cfg.data.source)]
+    skipped: list[dict] = []  # malformed lines dropped under prepare.on_error=skip, for the report
+    sources = [read_source(s, cfg, tokenizer, skipped) for s in source_list(cfg.data.source)]
     kind = records_mod.output_kind(s["kind"] for s in sources)
     render_as_text = kind != "text" and template["origin"] != "model" and not getattr(tokenizer, "chat_template", None)
     splits = assign_splits(sources, cfg)
     special = special_tokens(tokenizer)
     cleaned, report = clean_splits(splits, kind, template, special, tokenizer, cfg)
+    report["skipped_lines"] = skipped
     if render_as_text:
         cleaned = {name: [render_text(r, kind, template, special) for r in recs] for name, recs in cleaned.items()}
         kind = "text"
@@ -75,16 +77,16 @@ def source_list(source) -> list[str]:
     return [str(s) for s in items]
 
 
-def read_source(source: str, cfg, tokenizer) -> dict:
+def read_source(source: str, cfg, tokenizer, skipped: list) -> dict:
     """{"source", "path", "sha256", "bytes", "format", "kind", "splits": {split|None: records}, "raw": [...]}."""
     if source.startswith("builtin:"):
         return builtin_source(source.removeprefix("builtin:"), cfg)
     path = paths.resolve(source)
     if path.is_file():
-        raw = {split_of(path): read_file(path, cfg, tokenizer)}
+        raw = {split_of(path): read_file(path, cfg, tokenizer, skipped)}
         info = {"path": paths.display(path), "sha256": hashing.sha256_file(path), "bytes": path.stat().st_size}
     elif path.is_dir():
-        raw = read_folder(path, cfg, tokenizer)
+        raw = read_folder(path, cfg, tokenizer, skipped)
         info = {"path": paths.display(path), "sha256": hashing.sha256_tree(path), "bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file())}
     elif re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source) and not source.startswith("."):
         raw = read_hub_dataset(source)
@@ -130,7 +132,7 @@ def split_of(path: Path) -> str | None:
     return SPLIT_ALIASES.get(stem)
 
 
-def read_folder(folder: Path, cfg, tokenizer) -> dict:
+def read_folder(folder: Path, cfg, tokenizer, skipped: list) -> dict:
     if (folder / "dataset_dict.json").is_file() or (folder / "dataset_info.json").is_file():
         return read_saved_hf_dataset(folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in TABLE_SUFFIXES + DOCUMENT_SUFFIXES)
@@ -138,17 +140,17 @@ def read_folder(folder: Path, cfg, tokenizer) -> dict:
         raise PipelineError("no data files in the folder", where=paths.display(folder), fix="supported: " + " ".join(TABLE_SUFFIXES + DOCUMENT_SUFFIXES))
     grouped: dict = {}
     for path in files:
-        grouped.setdefault(split_of(path), []).extend(read_file(path, cfg, tokenizer))
+        grouped.setdefault(split_of(path), []).extend(read_file(path, cfg, tokenizer, skipped))
     return grouped
 
 
-def read_file(path: Path, cfg, tokenizer) -> list[dict]:
+def read_file(path: Path, cfg, tokenizer, skipped: list) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return read_parquet(path)
     text = read_utf8(path)
     if suffix == ".jsonl":
-        return read_jsonl(text, path, cfg.prepare.on_error)
+        return read_jsonl(text, path, cfg.prepare.on_error, skipped)
     if suffix == ".json":
         return read_json_array(text, path)
     if suffix in (".csv", ".tsv"):
@@ -172,7 +174,7 @@ def read_utf8(path: Path) -> str:
     return text.removeprefix("\ufeff").replace("\r\n", "\n")
 
 
-def read_jsonl(text: str, path: Path, on_error: str) -> list[dict]:
+def read_jsonl(text: str, path: Path, on_error: str, skipped: list) -> list[dict]:
     out = []
     for line_no, line in enumerate(text.split("\n"), 1):
         if not line.strip():
@@ -183,7 +185,7 @@ def read_jsonl(text: str, path: Path, on_error: str) -> list[dict]:
                 raise ValueError(f"expected a JSON object, got {type(record).__name__}")
         except (orjson.JSONDecodeError, ValueError) as exc:
             if on_error == "skip":
-                SKIPPED.append({"where": f"{paths.display(path)}:{line_no}", "error": str(exc).splitlines()[0]})
+                skipped.append({"where": f"{paths.display(path)}:{line_no}", "error": str(exc).splitlines()[0]})
                 continue
             raise PipelineError(
                 f"malformed JSON line ({str(exc).splitlines()[0]}): {line[:120]!r}",
@@ -193,8 +195,6 @@ def read_jsonl(text: str, path: Path, on_error: str) -> list[dict]:
         out.append(record)
     return out
 
-
-SKIPPED: list[dict] = []
 
 
 def read_json_array(text: str, path: Path) -> list[dict]:
@@ -334,8 +334,7 @@ def render_text(record: dict, kind: str, template: dict, special: dict) -> dict:
 
 
 def clean_splits(splits, kind, template, special, tokenizer, cfg) -> tuple[dict, dict]:
-    report = {"splits": {}, "skipped_lines": list(SKIPPED)}
-    SKIPPED.clear()
+    report = {"splits": {}}
     cleaned = {}
     for name in SPLITS:
         recs = [records_mod.completions_to_messages(r) if kind == "messages" and "prompt" in r else r for r in splits[name]]
