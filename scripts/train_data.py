@@ -62,6 +62,25 @@ def encode_chat(tokenizer, messages: list[dict], tools, mask_prompt: bool) -> tu
     return np.array(ids, np.int32), mask
 
 
+def prompt_and_reference(record: dict, fmt: str, tokenizer) -> tuple[list[int], str]:
+    """What a model is asked (token ids, generation prompt included) and the answer the data expects.
+
+    Chats are cut before their last assistant turn; text records at half their tokens.
+    """
+    if fmt == "text":
+        ids = tokenizer.encode(record["text"])
+        cut = max(1, len(ids) // 2)
+        return ids[:cut], tokenizer.decode(ids[cut:])
+    if fmt == "completions":
+        messages = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
+    else:
+        messages = record["messages"]
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
+    reference = messages[last]["content"] if last < len(messages) else ""
+    ids = tokenizer.apply_chat_template(messages[:last], tools=record.get("tools"), add_generation_prompt=True, tokenize=True, return_dict=False)
+    return list(ids), reference
+
+
 def masked_loss(model, inputs, targets, mask):
     import mlx.core as mx
     import mlx.nn as nn

@@ -23,3 +23,17 @@ def make(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
     if check and result.returncode != 0:
         raise AssertionError(f"make {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+FAST_TRAIN = ["train.iters=6", "train.steps_per_eval=3", "train.val_batches=1", "train.num_layers=2", "train.learning_rate=5e-3"]
+
+
+def trained(model_dir: Path, *extra: str) -> None:
+    """model → prepare → a short train run of `model_dir` in the current test project."""
+    import model as model_stage
+    import prepare
+    import train
+
+    assert model_stage.main([f"model.source={model_dir}"]) == 0
+    assert prepare.main([]) == 0
+    assert train.main([*FAST_TRAIN, *extra]) == 0

@@ -14,16 +14,8 @@ import model as model_stage
 import prepare
 import train
 from fixtures.tiny_model import build_tiny_model
+from helpers import trained
 from pipeline import contracts, hashing, paths
-
-FAST_TRAIN = ["train.iters=6", "train.steps_per_eval=3", "train.val_batches=1", "train.num_layers=2", "train.learning_rate=5e-3"]
-
-
-def trained(tiny_model_dir, *extra):
-    assert model_stage.main([f"model.source={tiny_model_dir}"]) == 0
-    assert prepare.main([]) == 0
-    assert train.main([*FAST_TRAIN, *extra]) == 0
-
 
 def base_plus_adapter_logits(base_dir, tokens):
     from mlx_lm import load
