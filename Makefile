@@ -72,7 +72,7 @@ doctor: | $(SETUP_STAMP)
 	$(PY) scripts/doctor.py $(CONFIG_ARGS)
 
 ## Run the whole pipeline on the configured model and data
-all: model prepare train fuse
+all: model prepare train fuse quantize eval
 
 ## Convert the base model (default: SmolLM2-135M-Instruct, shipped offline) into an MLX folder
 model: runs/model.manifest.json
@@ -101,6 +101,21 @@ runs/$(EXP_NAME)/fuse.manifest.json: scripts/fuse.py $(PKG) runs/$(EXP_NAME)/.co
 		runs/$(EXP_NAME)/train.manifest.json | $(SETUP_STAMP)
 	$(PY) scripts/fuse.py $(CONFIG_ARGS)
 
+## Make the deployable files: MLX quantized models, GGUFs (checked in llama.cpp), Ollama Modelfile, Docker image
+quantize: runs/$(EXP_NAME)/quantize.manifest.json
+
+runs/$(EXP_NAME)/quantize.manifest.json: scripts/quantize.py scripts/gguf_export.py scripts/ollama_export.py scripts/gotemplate.py \
+		scripts/docker_export.py scripts/llama_runner.py scripts/train_data.py scripts/model.py $(PKG) runs/$(EXP_NAME)/.config/quantize.json \
+		runs/$(EXP_NAME)/fuse.manifest.json data/prepare.manifest.json | $(SETUP_STAMP)
+	$(PY) scripts/quantize.py $(CONFIG_ARGS)
+
+## Score every artifact on the test split: eval_out/<experiment>/report.md, metrics.json, generation_policy.json
+eval: eval_out/$(EXP_NAME)/eval.manifest.json
+
+eval_out/$(EXP_NAME)/eval.manifest.json: scripts/eval.py scripts/eval_metrics.py scripts/eval_report.py scripts/llama_runner.py \
+		scripts/train_data.py $(PKG) runs/$(EXP_NAME)/.config/eval.json runs/$(EXP_NAME)/quantize.manifest.json data/prepare.manifest.json | $(SETUP_STAMP)
+	$(PY) scripts/eval.py $(CONFIG_ARGS)
+
 ## Run the tests (fast ones and the end-to-end ones marked slow)
 test: | $(SETUP_STAMP)
 	$(PY) -m pytest
@@ -114,4 +129,4 @@ clean:
 distclean: clean
 	rm -rf $(VENV) .cache
 
-.PHONY: help setup lock doctor all model prepare train fuse test clean distclean
+.PHONY: help setup lock doctor all model prepare train fuse quantize eval test clean distclean

@@ -8,6 +8,7 @@ keeps float32 weights as float32 and it knows only llama/mistral/mixtral.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ _LAYER_PARTS = {
     "mlp.down_proj": "ffn_down",
 }
 _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
+logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp prints a line per tensor it quantizes
 # Candidate pre-tokenizers, tried in this order; the first that tokenizes the probe like the model wins.
 PRE_TYPES = ("smollm", "llama-bpe", "gpt-2")
 _PRE_PROBE = (
@@ -245,15 +247,46 @@ def check_quantization_types(names, where: str) -> None:
 
 
 def quantize_gguf(source: Path, target: Path, type_name: str, threads: int) -> None:
-    """Quantize a float GGUF with llama.cpp's own quantizer (K-quants need its importance-free recipes)."""
+    """Quantize a float GGUF with llama.cpp's own quantizer; its per-tensor chatter is kept out of the
+    log unless it fails (then its last lines are the error)."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_quantization_types()[type_name]
     params.nthread = threads
-    status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
+    with native_output() as output:
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
+    logging.getLogger("quantize").debug("llama.cpp:\n%s", output.text)
     if status != 0 or not target.is_file():
-        raise PipelineError(f"llama.cpp failed to quantize to {type_name} (status {status})", where=paths.display(source), fix="see the llama.cpp messages above")
+        last = " / ".join(output.text.strip().splitlines()[-3:])
+        raise PipelineError(f"llama.cpp failed to quantize to {type_name} (status {status}{': ' + last if last else ''})", where=paths.display(source), fix="check the float GGUF (`make quantize -B`) and the type name")
+
+
+class native_output:
+    """Captures what C code writes to stdout/stderr (file descriptors 1 and 2) while active."""
+
+    def __enter__(self):
+        import os
+        import sys
+        import tempfile
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._file = tempfile.TemporaryFile()
+        self._saved = [os.dup(1), os.dup(2)]
+        for fd in (1, 2):
+            os.dup2(self._file.fileno(), fd)
+        return self
+
+    def __exit__(self, *exc):
+        import os
+
+        for fd, saved in zip((1, 2), self._saved):
+            os.dup2(saved, fd)
+            os.close(saved)
+        self._file.seek(0)
+        self.text = self._file.read().decode("utf-8", "replace")
+        self._file.close()
 
 
 def read_header(path: Path) -> dict:

@@ -26,7 +26,7 @@ from pipeline import paths
 from pipeline.contracts import write_text_if_changed
 from pipeline.errors import ConfigError, PipelineError
 
-EXPERIMENT_SECTIONS = ("train", "fuse")  # settings that differ between experiments; the rest is shared
+EXPERIMENT_SECTIONS = ("train", "fuse", "quantize", "eval")  # settings that differ between experiments; the rest is shared
 _EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
