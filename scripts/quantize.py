@@ -88,7 +88,8 @@ def run(cfg) -> Path:
             ggufs = write_ggufs(fused_dir, tmp, experiment, qcfg, contract, float_tag, timings)
             details["export_check"] = export_check(fused_dir, ggufs[float_tag], contract, qcfg)
             details["perplexity"] = perplexity_table(ggufs, float_tag, fused_dir, contract, qcfg)
-            served_file = ggufs[float_tag if served == "float" else served]
+            answering = served or (qcfg.gguf_types[0] if qcfg.gguf_types else "float")
+            served_file = ggufs[float_tag if answering == "float" else answering]
             details["served_answer"] = served_answer(served_file, fused_dir, contract)
             if qcfg.ollama.enabled:
                 with timed(timings, "ollama"):

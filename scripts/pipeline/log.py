@@ -66,3 +66,33 @@ class StepProgress:
     def __exit__(self, *exc) -> None:
         if self._progress is not None:
             self._progress.stop()
+
+
+class ItemProgress:
+    """Progress over a few long items (artifacts to score): a bar on a terminal, a line per item elsewhere."""
+
+    def __init__(self, total: int, label: str, logger: logging.Logger):
+        self.total, self.label, self.logger, self.done = total, label, logger, 0
+        self._progress = None
+
+    def __enter__(self):
+        if interactive():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            self._progress.start()
+            self._task = self._progress.add_task(self.label, total=self.total)
+        return self
+
+    def advance(self, line: str) -> None:
+        self.done += 1
+        text = f"[{self.done}/{self.total}] {line}"
+        if self._progress is not None:
+            self._progress.console.log(text)
+            self._progress.update(self._task, completed=self.done)
+        else:
+            self.logger.info(text)
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()

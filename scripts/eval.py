@@ -1,0 +1,402 @@
+"""eval stage: score every artifact of an experiment on the held-out test split, and pick the one to ship.
+
+Reads config section `eval`, runs/<experiment>/artifacts.json (artifacts), data/data_contract.json
+(data_contract), the test split, runs/<experiment>/metrics.jsonl and runs/experiments.csv. For the
+base model, base + adapter, the fused model, each MLX quantized model and each GGUF (in llama.cpp):
+test loss and perplexity on the same tokens, greedy answers to every test prompt (batched, capped at
+eval.max_tokens new tokens) and task metrics on them. Writes eval_out/<experiment>/ —
+final_generations.jsonl, metrics.json (eval_metrics), generation_policy.json (generation_policy),
+report.md with charts — then eval_out/summary.md across experiments and, last,
+eval_out/<experiment>/eval.manifest.json (run_manifest).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import pipeline  # noqa: F401  (loads the fast BLAS before MLX)
+from pipeline import cli, config, contracts, paths, runtime
+from pipeline.errors import PipelineError
+from pipeline.log import ItemProgress
+from pipeline.manifest import StageRun, file_entry
+
+log = logging.getLogger("eval")
+
+SCORED_KINDS = ("base", "adapter", "fused", "mlx-quantized", "gguf")
+
+
+def build_parser():
+    return cli.stage_parser("eval", __doc__)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return cli.run_stage("eval", args, run, sections=("experiments", "eval"))
+
+
+def run(cfg) -> Path:
+    import eval_metrics
+    import eval_report
+
+    ecfg = cfg.eval
+    experiment = cfg.experiments.name
+    run_dir, out_dir = paths.RUNS_DIR / experiment, paths.EVAL_DIR / experiment
+    stage = StageRun("eval", {"eval": config.section(cfg, "eval")}, experiment=experiment)
+    artifacts = read_artifacts(run_dir)
+    contract = contracts.read_json(paths.DATA_DIR / "data_contract.json", "data_contract")
+    plugins = eval_metrics.load_plugins(ecfg.plugins)
+    task_metric = resolve_task_metric(ecfg.task_metric, contract, plugins)
+    records = read_test_records(contract, ecfg.records)
+    selected = [a for a in artifacts if a["kind"] in ecfg.artifacts and a["kind"] in SCORED_KINDS]
+
+    tokenizer = load_tokenizer(artifacts)
+    if not records:
+        results, prompts, answers = [], [], {}
+        skipped = f"the test split ({contract['splits']['test']}) has no records"
+        log.warning("eval skipped: %s", skipped)
+    else:
+        skipped = None
+        prompts, references = prompts_and_references(records, contract, tokenizer)
+        loss_items = loss_items_for(records, contract, tokenizer)
+        tool_schemas = read_tool_schemas(contract)
+        results, answers = [], {}
+        with ItemProgress(len(selected), "eval", log) as progress:
+            for artifact in selected:
+                result = score_artifact(artifact, artifacts, prompts, loss_items, tokenizer, ecfg)
+                if result["status"] == "ok":
+                    answers[artifact["id"]] = result.pop("answers")
+                    result["metrics"] = eval_metrics.score(answers[artifact["id"]], references, records, tool_schemas, plugins)
+                results.append(result)
+                progress.advance(summary_line(result, task_metric))
+        add_deltas(results, task_metric)
+
+    metrics = metrics_document(experiment, contract, records, results, task_metric, skipped)
+    policy = generation_policy(experiment, results, contract, tokenizer, ecfg, task_metric, skipped)
+    with contracts.atomic_dir(out_dir) as tmp:
+        if records:
+            write_generations(tmp / "final_generations.jsonl", prompts, references, answers, tokenizer)
+        contracts.write_json(tmp / "metrics.json", metrics, "eval_metrics")
+        contracts.write_json(tmp / "generation_policy.json", policy, "generation_policy")
+        eval_report.write_report(tmp, experiment, metrics, policy, run_dir, contract)
+    eval_report.write_summary(paths.EVAL_DIR, paths.RUNS_DIR / "experiments.csv")
+    inputs = [file_entry("artifacts", run_dir / "artifacts.json"), file_entry("data_contract", paths.DATA_DIR / "data_contract.json")]
+    outputs = [file_entry(p.stem, p) for p in sorted(out_dir.iterdir()) if p.is_file()]
+    stage.finish(out_dir / "eval.manifest.json", inputs, outputs, {"task_metric": task_metric, "ship": policy["ship"], "skipped": skipped})
+    log.info("report: %s", paths.display(out_dir / "report.md"))
+    return out_dir
+
+
+def read_artifacts(run_dir: Path) -> list[dict]:
+    path = run_dir / "artifacts.json"
+    if not path.is_file():
+        raise PipelineError(f"experiment '{run_dir.name}' has no artifacts to score", where=paths.display(path), fix=f"run `make fuse EXP={run_dir.name}` (and `make quantize`) first")
+    return contracts.read_json(path, "artifacts")["artifacts"]
+
+
+def resolve_task_metric(name: str, contract: dict, plugins: dict) -> str:
+    import eval_metrics
+
+    available = [m for m in eval_metrics.BUILTIN if m != "schema_valid" or contract.get("tool_schemas")] + list(plugins)
+    if name == "auto":
+        return "schema_valid" if contract.get("tool_schemas") else "normalized_match"
+    if name not in available:
+        raise PipelineError(f"eval.task_metric '{name}' is not measured for this data", where="config eval.task_metric", fix=f"use auto or one of: {', '.join(available)}")
+    return name
+
+
+def read_test_records(contract: dict, count: int) -> list[dict]:
+    import orjson
+
+    path = paths.resolve(contract["splits"]["test"])
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.is_file() else []
+    return [orjson.loads(line) for line in (lines if count < 0 else lines[:count])]
+
+
+def read_tool_schemas(contract: dict) -> dict | None:
+    import orjson
+
+    if not contract.get("tool_schemas"):
+        return None
+    return orjson.loads(paths.resolve(contract["tool_schemas"]).read_bytes())
+
+
+def load_tokenizer(artifacts: list[dict]):
+    """The fine-tuned model's tokenizer (fuse saved the contract's chat template with it)."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    by_kind = {a["kind"]: a for a in artifacts}
+    return load_tokenizer(paths.resolve((by_kind.get("fused") or by_kind["base"])["path"]))
+
+
+def prompts_and_references(records, contract, tokenizer) -> tuple[list[list[int]], list[str]]:
+    from train_data import prompt_and_reference
+
+    pairs = [prompt_and_reference(r, contract["format"], tokenizer) for r in records]
+    return [p for p, _ in pairs], [r for _, r in pairs]
+
+
+def loss_items_for(records, contract, tokenizer):
+    from train_data import encode
+
+    items = [encode(r, contract["format"], tokenizer, mask_prompt=True) for r in records]
+    return [(ids[: contract["max_seq_length"]], mask[: contract["max_seq_length"]]) for ids, mask in items if mask[1:].sum() > 0]
+
+
+def score_artifact(artifact, artifacts, prompts, loss_items, tokenizer, ecfg) -> dict:
+    """Loss and answers of one artifact; a failure to load or run it is recorded, not raised."""
+    result = {key: artifact[key] for key in ("id", "kind", "format", "path", "bytes")}
+    start = time.monotonic()
+    try:
+        if artifact["kind"] == "gguf":
+            result.update(score_gguf(paths.resolve(artifact["path"]), prompts, loss_items, tokenizer, ecfg))
+        else:
+            result.update(score_mlx(artifact, artifacts, prompts, loss_items, tokenizer, ecfg))
+        result["status"] = "ok"
+    except Exception as exc:  # one broken artifact must not hide the others' scores
+        log.error("%s failed: %s: %s", artifact["id"], type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        result.update({"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:500]})
+    result["seconds"] = round(time.monotonic() - start, 2)
+    gc.collect()
+    return result
+
+
+def load_mlx(artifact: dict, artifacts: list[dict]):
+    """The MLX model behind an artifact. On CPU a quantized model runs with its weights dequantized:
+    the same values MLX's quantized kernels compute with, but through BLAS (those kernels are ~20×
+    slower on CPU)."""
+    from mlx_lm import load
+    from mlx_lm.utils import dequantize_model
+
+    by_id = {a["id"]: a for a in artifacts}
+    if artifact["kind"] == "adapter":
+        model, _ = load(str(paths.resolve(by_id[artifact["parent"]]["path"])), adapter_path=str(paths.resolve(artifact["path"])))
+    else:
+        model, _ = load(str(paths.resolve(artifact["path"])))
+    if artifact["kind"] == "mlx-quantized" and runtime.device_name() == "cpu":
+        model = dequantize_model(model)
+    model.eval()
+    return model
+
+
+def score_mlx(artifact, artifacts, prompts, loss_items, tokenizer, ecfg) -> dict:
+    import mlx.core as mx
+
+    model = load_mlx(artifact, artifacts)
+    loss = mlx_loss(model, loss_items, ecfg.loss_batch_size)
+    start = time.monotonic()
+    generated = mlx_generate(model, tokenizer, prompts, ecfg)
+    seconds = time.monotonic() - start
+    del model
+    mx.clear_cache()
+    return {"engine": "mlx", **loss_fields(loss), **answers_and_speed(generated, tokenizer, seconds, ecfg.max_tokens)}
+
+
+def mlx_loss(model, items, batch_size: int) -> float:
+    """Token-weighted mean loss over every item (the trained tokens only).
+
+    The prefix all items share (the system prompt) is run once and its KV cache reused by every
+    batch, and the output layer is applied only where a token is scored: on CPU, where MLX's exp
+    is slow, that is most of the cost.
+    """
+    import mlx.core as mx
+    import numpy as np
+
+    from llama_runner import shared_prefix_length
+
+    prefix = shared_prefix_length(items)
+    prefix_cache = _prefix_cache(model, items[0][0][:prefix]) if prefix else None
+    order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
+    total, count = 0.0, 0
+    for start in range(0, len(order), batch_size):
+        batch = [items[i] for i in order[start : start + batch_size]]
+        width = max(len(ids) for ids, _ in batch) - prefix - 1
+        inputs = np.zeros((len(batch), width), np.int32)
+        targets, rows, cols = [], [], []
+        for row, (ids, mask) in enumerate(batch):
+            suffix = ids[prefix:-1]
+            inputs[row, : len(suffix)] = suffix
+            scored = np.nonzero(mask[prefix + 1 :])[0]
+            rows += [row] * len(scored)
+            cols += scored.tolist()
+            targets += ids[prefix + 1 :][scored].tolist()
+        cache = _tiled_cache(prefix_cache, len(batch)) if prefix_cache else None
+        hidden = model.model(mx.array(inputs), cache=cache)
+        logits = _output_layer(model, hidden[mx.array(rows), mx.array(cols)]).astype(mx.float32)
+        nll = (mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, mx.array(targets)[:, None], axis=-1)[:, 0]).sum()
+        total += nll.item()
+        count += len(targets)
+    return total / count if count else float("nan")
+
+
+def _prefix_cache(model, prefix_ids):
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    model.model(mx.array([list(map(int, prefix_ids))]), cache=cache)
+    mx.eval([c.keys_and_values() for c in cache])
+    return cache
+
+
+def _tiled_cache(cache, batch: int):
+    """The batch-1 prefix cache repeated for `batch` rows (each layer's keys and values)."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+
+    tiled = []
+    for layer in cache:
+        keys, values = layer.keys_and_values()
+        copy_ = KVCache()
+        copy_.state = (mx.repeat(keys, batch, axis=0), mx.repeat(values, batch, axis=0), layer.offset)
+        tiled.append(copy_)
+    return tiled
+
+
+def _output_layer(model, hidden):
+    if getattr(model, "args", None) is not None and getattr(model.args, "tie_word_embeddings", False):
+        return model.model.embed_tokens.as_linear(hidden)
+    return model.lm_head(hidden)
+
+
+def mlx_generate(model, tokenizer, prompts, ecfg) -> list[list[int]]:
+    """Batched answers; the prompts' common prefix (the system prompt) is computed once and shared."""
+    import mlx.core as mx
+    from mlx_lm.generate import batch_generate
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.sample_utils import make_sampler
+
+    shared = len(os.path.commonprefix(prompts)) - 1 if len(prompts) > 1 else 0
+    caches = None
+    if shared >= 8:
+        cache = make_prompt_cache(model)
+        model(mx.array([prompts[0][:shared]]), cache=cache)
+        mx.eval([c.keys_and_values() for c in cache])
+        caches = [copy.deepcopy(cache) for _ in prompts]
+    else:
+        shared = 0
+    mx.random.seed(ecfg.seed)
+    sampler = make_sampler(temp=ecfg.temperature, top_p=ecfg.top_p)
+    response = batch_generate(
+        model, tokenizer, [p[shared:] for p in prompts], prompt_caches=caches, max_tokens=ecfg.max_tokens,
+        sampler=sampler, completion_batch_size=ecfg.batch_size, prefill_batch_size=ecfg.batch_size, return_token_ids=True,
+    )
+    return [list(map(int, ids)) for ids in response.token_ids]
+
+
+def score_gguf(path: Path, prompts, loss_items, tokenizer, ecfg) -> dict:
+    import llama_runner
+
+    loss = llama_runner.perplexity(path, loss_items)["loss"] if loss_items else float("nan")
+    llm = llama_runner.open_llama(path, n_ctx=max(map(len, prompts)) + ecfg.max_tokens + 8)
+    stop_ids = set(tokenizer.eos_token_ids)
+    start = time.monotonic()
+    if ecfg.temperature == 0:
+        generated = [llama_runner.greedy(llm, p, ecfg.max_tokens, stop_ids) for p in prompts]
+    else:
+        generated = [llama_runner.sample(llm, p, ecfg.max_tokens, stop_ids, ecfg.temperature, ecfg.top_p, ecfg.seed) for p in prompts]
+    seconds = time.monotonic() - start
+    del llm
+    return {"engine": "llama.cpp", **loss_fields(loss), **answers_and_speed(generated, tokenizer, seconds, ecfg.max_tokens)}
+
+
+def loss_fields(loss: float) -> dict:
+    return {"loss": round(loss, 6), "perplexity": round(math.exp(loss), 6) if math.isfinite(loss) else None}
+
+
+def answers_and_speed(generated: list[list[int]], tokenizer, seconds: float, max_tokens: int) -> dict:
+    stop_ids = set(tokenizer.eos_token_ids)
+    answers = [tokenizer.decode([t for t in ids if t not in stop_ids]).strip() for ids in generated]
+    tokens = sum(len(ids) for ids in generated)
+    capped = sum(1 for ids in generated if len(ids) >= max_tokens and ids[-1] not in stop_ids)
+    return {"answers": answers, "generation": {"seconds": round(seconds, 2), "tokens": tokens, "tokens_per_second": round(tokens / seconds, 2) if seconds else None, "hit_token_cap": capped}}
+
+
+def summary_line(result: dict, task_metric: str) -> str:
+    if result["status"] != "ok":
+        return f"{result['id']}: FAILED ({result['error'][:120]})"
+    metric = result["metrics"].get(task_metric, {}).get("value")
+    return f"{result['id']}: loss {result['loss']:.4f}  {task_metric} {metric}  ({result['seconds']:.0f} s, {result['generation']['tokens_per_second']} tok/s)"
+
+
+def add_deltas(results: list[dict], task_metric: str) -> None:
+    """Each artifact's change against the base model, metric by metric (points; loss in nats)."""
+    base = next((r for r in results if r["kind"] == "base" and r["status"] == "ok"), None)
+    for result in results:
+        if result["status"] != "ok" or base is None:
+            result["delta_vs_base"] = None
+            continue
+        deltas = {name: _difference(m["value"], base["metrics"].get(name, {}).get("value")) for name, m in result["metrics"].items()}
+        deltas["loss"] = _difference(result["loss"], base["loss"])
+        result["delta_vs_base"] = deltas
+
+
+def _difference(value, reference):
+    return None if value is None or reference is None else round(value - reference, 4)
+
+
+def metrics_document(experiment, contract, records, results, task_metric: str, skipped) -> dict:
+    return {
+        "experiment": experiment,
+        "status": "skipped" if skipped else "ok",
+        "reason": skipped,
+        "test_split": contract["splits"]["test"],
+        "test_records": len(records),
+        "task_metric": task_metric,
+        "artifacts": results,
+    }
+
+
+def generation_policy(experiment, results, contract, tokenizer, ecfg, task_metric: str, skipped) -> dict:
+    """Which artifact to ship under eval.ship (the smallest within N points of the reference) and how to prompt it."""
+    rule = {"metric": task_metric, "reference": ecfg.ship.reference, "within_points": ecfg.ship.within_points, "prefer": "smallest"}
+    scored = [r for r in results if r["status"] == "ok" and r["metrics"].get(task_metric, {}).get("value") is not None]
+    shippable = [r for r in scored if r["kind"] in ecfg.ship.kinds]
+    reference = next((r for r in scored if r["kind"] == ecfg.ship.reference), None)
+    ship, candidates, reason = None, [], skipped
+    if reference is None and not skipped:
+        reason = f"no scored {ecfg.ship.reference} artifact to compare with"
+    elif reference is not None:
+        floor = reference["metrics"][task_metric]["value"] - ecfg.ship.within_points
+        candidates = [r for r in shippable if r["metrics"][task_metric]["value"] >= floor]
+        if candidates:
+            best = min(candidates, key=lambda r: (r["bytes"], -r["metrics"][task_metric]["value"]))
+            ship = {"id": best["id"], "kind": best["kind"], "format": best["format"], "path": best["path"], "bytes": best["bytes"], "task_metric": best["metrics"][task_metric]["value"]}
+            reason = f"smallest artifact with {task_metric} >= {floor:.2f} ({ecfg.ship.reference} {reference['metrics'][task_metric]['value']:.2f} - {ecfg.ship.within_points})"
+        else:
+            reason = f"no shippable artifact within {ecfg.ship.within_points} points of the {ecfg.ship.reference} model"
+    return {
+        "experiment": experiment,
+        "ship": ship,
+        "reason": reason,
+        "rule": rule,
+        "candidates": [r["id"] for r in candidates],
+        "generation": {
+            "template_id": contract["template"]["id"],
+            "template_sha256": contract["template"]["sha256"],
+            "stop_tokens": [tokenizer.convert_ids_to_tokens(t) for t in sorted(tokenizer.eos_token_ids)],
+            "temperature": ecfg.temperature,
+            "top_p": ecfg.top_p,
+            "max_tokens": ecfg.max_tokens,
+            "seed": ecfg.seed,
+        },
+    }
+
+
+def write_generations(path: Path, prompts, references, answers: dict[str, list[str]], tokenizer) -> None:
+    import orjson
+
+    with contracts.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for index, (prompt, reference) in enumerate(zip(prompts, references)):
+            row = {"index": index, "prompt": tokenizer.decode(prompt), "reference": reference, "outputs": {aid: texts[index] for aid, texts in answers.items()}}
+            f.write(orjson.dumps(row) + b"\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""eval, part 2: report.md with its charts (PNG) for one experiment, and eval_out/summary.md across experiments.
+
+The first screen of report.md answers "did fine-tuning help, by how much, and what ships"; the
+table, charts, training facts and side-by-side examples follow.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import orjson
+
+from pipeline import contracts, paths
+
+METRIC_COLUMNS = ("exact_match", "normalized_match", "chrf", "json_valid", "schema_valid")
+LABELS = {"exact_match": "exact", "normalized_match": "normalized", "chrf": "chrF", "json_valid": "JSON valid", "schema_valid": "schema valid"}
+
+
+def write_report(out_dir: Path, experiment: str, metrics: dict, policy: dict, run_dir: Path, contract: dict) -> None:
+    lines = [f"# Eval: {experiment}", ""]
+    if metrics["status"] == "skipped":
+        lines += [f"**Skipped:** {metrics['reason']}.", "", "Add records to the test split (data.splits.test, or a test file) and run `make eval` again."]
+    else:
+        ok = [a for a in metrics["artifacts"] if a["status"] == "ok"]
+        charts = write_charts(out_dir, metrics, run_dir)
+        lines += verdict(metrics, policy) + [""]
+        lines += metric_table(metrics) + [""]
+        lines += [f"![{title}]({name})" for name, title in charts if name != "loss_curve.png"] + [""]
+        lines += training_facts(run_dir, contract) + [""]
+        if "loss_curve.png" in dict(charts):
+            lines += ["![training and validation loss](loss_curve.png)", ""]
+        lines += examples(out_dir / "final_generations.jsonl", ok, policy, metrics) + [""]
+        lines += failures(metrics) + settings(policy)
+    contracts.write_bytes_atomic(out_dir / "report.md", ("\n".join(lines).rstrip() + "\n").encode("utf-8"))
+
+
+def _value(artifact: dict, metric: str):
+    return (artifact.get("metrics") or {}).get(metric, {}).get("value")
+
+
+def verdict(metrics: dict, policy: dict) -> list[str]:
+    task = metrics["task_metric"]
+    by_kind = {a["kind"]: a for a in metrics["artifacts"] if a["status"] == "ok"}
+    base, tuned = by_kind.get("base"), by_kind.get("fused") or by_kind.get("adapter")
+    lines = []
+    if base and tuned and _value(base, task) is not None and _value(tuned, task) is not None:
+        before, after = _value(base, task), _value(tuned, task)
+        gain = after - before
+        answer = "Yes" if gain >= policy["rule"]["within_points"] else ("No" if gain <= 0 else "Barely")
+        lines.append(
+            f"**Did fine-tuning help? {answer}.** {task} on {metrics['test_records']} test prompts: base {before:.1f} → "
+            f"fine-tuned ({tuned['kind']}) {after:.1f} ({gain:+.1f} points); test loss {base['loss']:.3f} → {tuned['loss']:.3f}."
+        )
+    else:
+        lines.append("**Did fine-tuning help?** Not measured: the base or the fine-tuned model could not be scored (see Failures).")
+    ship = policy["ship"]
+    if ship:
+        lines += ["", f"**Ship:** `{ship['path']}` ({ship['format']}, {human_bytes(ship['bytes'])}, {task} {ship['task_metric']:.1f}): {policy['reason']}."]
+    else:
+        lines += ["", f"**Ship:** nothing qualifies: {policy['reason']}."]
+    return lines
+
+
+def metric_table(metrics: dict) -> list[str]:
+    task = metrics["task_metric"]
+    extra = sorted({m for a in metrics["artifacts"] for m in (a.get("metrics") or {})} - set(METRIC_COLUMNS))
+    columns = [m for m in METRIC_COLUMNS if any(m in (a.get("metrics") or {}) for a in metrics["artifacts"])] + extra
+    header = ["artifact", "size", "test loss", "perplexity", *[LABELS.get(c, c) for c in columns], f"Δ {LABELS.get(task, task)} vs base", "tok/s"]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for a in metrics["artifacts"]:
+        if a["status"] != "ok":
+            rows.append(f"| {a['id']} | {human_bytes(a['bytes'])} | failed | " + " | ".join([""] * (len(header) - 3)) + " |")
+            continue
+        values = [_fmt(_value(a, c)) if a["metrics"].get(c, {}).get("status") == "ok" else "failed" for c in columns]
+        delta = (a.get("delta_vs_base") or {}).get(task)
+        rows.append(
+            f"| {a['id']} | {human_bytes(a['bytes'])} | {_fmt(a['loss'], 4)} | {_fmt(a['perplexity'], 3)} | "
+            + " | ".join(values) + f" | {'' if delta is None else f'{delta:+.1f}'} | {_fmt(a['generation']['tokens_per_second'])} |"
+        )
+    return [f"Metrics in points (0–100, higher is better) on {metrics['test_records']} test records; loss and perplexity on the answer tokens.", "", *rows]
+
+
+def _fmt(value, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def human_bytes(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"
+
+
+def training_facts(run_dir: Path, contract: dict) -> list[str]:
+    lines = ["## What was trained", ""]
+    train_path, model_path = run_dir / "train.manifest.json", paths.MODEL_MANIFEST
+    if model_path.is_file():
+        model = contracts.read_json(model_path, "run_manifest")
+        lines.append(f"- Base model: `{model['config']['model']['source']}` ({model['details'].get('parameters', 0) / 1e6:.0f}M parameters, {model['details'].get('dtype')})")
+    sources = ", ".join(f"`{s['source']}` ({s['records']} records)" for s in contract["sources"])
+    lines.append(f"- Data: {sources}; format {contract['format']}, chat template `{contract['template']['id']}`")
+    if train_path.is_file():
+        train = contracts.read_json(train_path, "run_manifest")
+        t, d = train["config"]["train"], train["details"]
+        lines.append(
+            f"- Training: {t['fine_tune_type']} (rank {t['lora']['rank']}, {t['num_layers']} layers), {d.get('steps')} steps of batch {t['batch_size']}, "
+            f"lr {t['learning_rate']:g} {t['lr_schedule']}, {d.get('trained_tokens')} trained tokens in {train['wall_seconds']:.0f} s"
+        )
+        if d.get("first_val_loss") is not None:
+            lines.append(f"- Validation loss {d['first_val_loss']:.3f} → {d['best_val_loss']:.3f} (best at step {d.get('best_step')}){', stopped early' if d.get('stopped_early') else ''}")
+    return lines
+
+
+def examples(generations_path: Path, ok: list[dict], policy: dict, metrics: dict, count: int | None = None) -> list[str]:
+    by_kind = {a["kind"]: a["id"] for a in ok}
+    base_id = by_kind.get("base")
+    tuned_id = (policy["ship"] or {}).get("id") or by_kind.get("fused")
+    if not (generations_path.is_file() and base_id and tuned_id):
+        return []
+    rows = [orjson.loads(line) for line in generations_path.read_text(encoding="utf-8").splitlines()]
+    count = count if count is not None else metrics.get("examples", 4)
+    lines = [f"## Examples: base vs `{tuned_id}`", ""]
+    for row in rows[:count]:
+        lines += [
+            f"**Prompt {row['index']}** (end): `{_one_line(row['prompt'][-160:])}`",
+            "",
+            "| | answer |",
+            "|---|---|",
+            f"| reference | `{_one_line(row['reference'])}` |",
+            f"| base | `{_one_line(row['outputs'].get(base_id, ''))}` |",
+            f"| fine-tuned | `{_one_line(row['outputs'].get(tuned_id, ''))}` |",
+            "",
+        ]
+    return lines
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.replace("|", "\\|").replace("`", "'").split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def failures(metrics: dict) -> list[str]:
+    lines = []
+    for a in metrics["artifacts"]:
+        if a["status"] != "ok":
+            lines.append(f"- `{a['id']}` could not be scored: {a['error']}")
+        for name, m in (a.get("metrics") or {}).items():
+            if m["status"] != "ok":
+                lines.append(f"- metric `{name}` failed on `{a['id']}`: {m.get('error')}")
+    return ["## Failures", "", *lines, ""] if lines else []
+
+
+def settings(policy: dict) -> list[str]:
+    g = policy["generation"]
+    return [
+        "## Generation settings",
+        "",
+        f"template `{g['template_id']}` (sha256 {g['template_sha256'][:12]}…), stop tokens {', '.join(f'`{t}`' for t in g['stop_tokens'])}, "
+        f"temperature {g['temperature']}, top_p {g['top_p']}, at most {g['max_tokens']} new tokens, seed {g['seed']}.",
+    ]
+
+
+def write_charts(out_dir: Path, metrics: dict, run_dir: Path) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    charts = [("task_metric.png", f"{metrics['task_metric']} per artifact"), ("size_vs_quality.png", "size vs quality")]
+    ok = [a for a in metrics["artifacts"] if a["status"] == "ok" and _value(a, metrics["task_metric"]) is not None]
+    _bar_chart(out_dir / "task_metric.png", ok, metrics["task_metric"])
+    _size_chart(out_dir / "size_vs_quality.png", ok, metrics["task_metric"])
+    if _loss_chart(out_dir / "loss_curve.png", run_dir / "metrics.jsonl"):
+        charts.append(("loss_curve.png", "loss curve"))
+    return charts
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with contracts.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def _bar_chart(path: Path, ok: list[dict], task: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(ok) + 1.4))
+    names = [a["id"].split("/", 1)[-1] for a in ok]
+    values = [_value(a, task) for a in ok]
+    colors = ["#999999" if a["kind"] == "base" else "#2a7ab9" if a["kind"] in ("adapter", "fused") else "#e08a1e" for a in ok]
+    ax.barh(names[::-1], values[::-1], color=colors[::-1])
+    for y, v in enumerate(values[::-1]):
+        ax.text(v + 1, y, f"{v:.1f}", va="center", fontsize=8)
+    ax.set_xlim(0, 105)
+    ax.set_xlabel(f"{task} (points)")
+    ax.set_title(f"{task} per artifact")
+    _save(fig, path)
+
+
+def _size_chart(path: Path, ok: list[dict], task: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for a in ok:
+        ax.scatter(a["bytes"] / 1e6, _value(a, task), s=40)
+        ax.annotate(a["id"].split("/", 1)[-1], (a["bytes"] / 1e6, _value(a, task)), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("size (MB, log scale)")
+    ax.set_ylabel(f"{task} (points)")
+    ax.set_ylim(-5, 105)
+    ax.set_title("size vs quality")
+    _save(fig, path)
+
+
+def _loss_chart(path: Path, metrics_path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    if not metrics_path.is_file():
+        return False
+    rows = [orjson.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if r["type"] == "train"]
+    val = [(r["step"], r["val_loss"]) for r in rows if r["type"] == "val"]
+    if not (train or val):
+        return False
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    if train:
+        ax.plot(*zip(*train), label="train", marker=".")
+    if val:
+        ax.plot(*zip(*val), label="validation", marker="o")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.set_title("training and validation loss")
+    _save(fig, path)
+    return True
+
+
+def write_summary(eval_dir: Path, experiments_csv: Path) -> None:
+    """eval_out/summary.md: one row per experiment in runs/experiments.csv, with its eval results when present."""
+    rows = list(csv.DictReader(experiments_csv.open(encoding="utf-8"))) if experiments_csv.is_file() else []
+    header = "| experiment | type | rank | lr | steps | best val loss | task metric | base | fine-tuned | Δ | ships |"
+    lines = ["# Experiments", "", f"From `{paths.display(experiments_csv)}` and each experiment's `eval_out/<experiment>/metrics.json`.", "", header, "|" + "---|" * (header.count("|") - 1)]
+    for row in rows:
+        lines.append(_summary_row(row, eval_dir / row["experiment"]))
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    contracts.write_bytes_atomic(eval_dir / "summary.md", ("\n".join(lines) + "\n").encode("utf-8"))
+
+
+def _summary_row(row: dict, out_dir: Path) -> str:
+    task = base = tuned = delta = ship = "–"
+    metrics_path, policy_path = out_dir / "metrics.json", out_dir / "generation_policy.json"
+    if metrics_path.is_file() and policy_path.is_file():
+        metrics = contracts.read_json(metrics_path, "eval_metrics")
+        policy = contracts.read_json(policy_path, "generation_policy")
+        task = metrics["task_metric"]
+        by_kind = {a["kind"]: a for a in metrics["artifacts"] if a["status"] == "ok"}
+        b, t = by_kind.get("base"), by_kind.get("fused") or by_kind.get("adapter")
+        if b and t and _value(b, task) is not None and _value(t, task) is not None:
+            base, tuned, delta = f"{_value(b, task):.1f}", f"{_value(t, task):.1f}", f"{_value(t, task) - _value(b, task):+.1f}"
+        ship = f"`{policy['ship']['id']}`" if policy["ship"] else "nothing"
+    best = row.get("best_val_loss") or ""
+    best = f"{float(best):.3f}" if best else "–"
+    return f"| {row['experiment']} | {row['fine_tune_type']} | {row.get('rank') or '–'} | {row['learning_rate']} | {row['steps']} | {best} | {task} | {base} | {tuned} | {delta} | {ship} |"

@@ -1,0 +1,164 @@
+"""eval stage on the tiny model: every artifact scored, report with charts, contracts valid, the fast
+loss equal to the plain one, and bad input (empty test split, failing plugin, broken artifact)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import orjson
+import pytest
+
+import eval as eval_stage
+import eval_metrics
+import fuse
+import quantize
+from helpers import trained
+from pipeline import config, contracts, paths
+
+QUANTIZE = ["quantize.mlx=[affine-4]", "quantize.gguf_types=[Q8_0]", "quantize.check_prompts=1", "quantize.check_max_tokens=8",
+            "quantize.perplexity_records=2", "quantize.ollama.enabled=false", "quantize.docker.enabled=false"]
+EVAL = ["eval.records=6", "eval.max_tokens=12"]
+
+
+@pytest.fixture
+def quantized_project(project, tiny_model_dir):
+    trained(tiny_model_dir)
+    assert fuse.main([]) == 0
+    assert quantize.main(QUANTIZE) == 0
+    return project
+
+
+def out_dir() -> Path:
+    return paths.EVAL_DIR / "main"
+
+
+def test_eval_scores_every_artifact_and_writes_the_report(quantized_project):
+    assert eval_stage.main(EVAL) == 0
+    metrics = contracts.read_json(out_dir() / "metrics.json", "eval_metrics")
+    policy = contracts.read_json(out_dir() / "generation_policy.json", "generation_policy")
+    kinds = [a["kind"] for a in metrics["artifacts"]]
+    assert kinds == ["base", "adapter", "fused", "mlx-quantized", "gguf", "gguf"]
+    assert all(a["status"] == "ok" for a in metrics["artifacts"]), metrics["artifacts"]
+    by_kind = {a["kind"]: a for a in metrics["artifacts"]}
+    # base + adapter and fused are the same function; the float GGUF runs it in llama.cpp
+    assert abs(by_kind["adapter"]["loss"] - by_kind["fused"]["loss"]) < 1e-3
+    assert abs(by_kind["gguf"]["loss"] - by_kind["fused"]["loss"]) < 0.05
+    assert by_kind["base"]["delta_vs_base"]["normalized_match"] == 0
+    assert set(by_kind["fused"]["metrics"]) == {"exact_match", "normalized_match", "chrf", "json_valid", "schema_valid"}
+
+    rows = [orjson.loads(line) for line in (out_dir() / "final_generations.jsonl").read_text().splitlines()]
+    assert len(rows) == metrics["test_records"] == 6
+    assert set(rows[0]["outputs"]) == {a["id"] for a in metrics["artifacts"]} and rows[0]["reference"]
+    for chart in ("task_metric.png", "size_vs_quality.png", "loss_curve.png"):
+        assert (out_dir() / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out_dir() / "report.md").read_text()
+    assert report.index("Did fine-tuning help?") < report.index("| artifact |") and "![" in report
+    assert policy["generation"]["stop_tokens"] == ["<|im_end|>"] and policy["generation"]["max_tokens"] == 12
+    assert "| main |" in (paths.EVAL_DIR / "summary.md").read_text()
+    manifest = contracts.read_json(out_dir() / "eval.manifest.json", "run_manifest")
+    assert {o["role"] for o in manifest["outputs"]} >= {"metrics", "generation_policy", "report", "final_generations"}
+
+
+def test_fast_loss_equals_the_plain_masked_loss(quantized_project):
+    from mlx_lm import load
+
+    from llama_runner import shared_prefix_length
+    from train_data import validation_loss
+
+    model, tokenizer = load(str(paths.RUNS_DIR / "main" / "fused"))
+    contract = contracts.read_json(paths.DATA_DIR / "data_contract.json", "data_contract")
+    items = eval_stage.loss_items_for(eval_stage.read_test_records(contract, 6), contract, tokenizer)
+    assert shared_prefix_length(items) > 5  # the shared-prefix path is really taken
+    expected = validation_loss(model, items, 1, -1, 4096)
+    assert eval_stage.mlx_loss(model, items, 4) == pytest.approx(expected, rel=1e-4)
+
+
+def test_quantized_model_dequantized_for_cpu_gives_the_same_logits(quantized_project):
+    from mlx_lm import load
+    from mlx_lm.utils import dequantize_model
+
+    folder = paths.RUNS_DIR / "main" / "quantized" / "mlx-affine-4bit-g64"
+    quantized, _ = load(str(folder))
+    tokens = mx.array([list(range(3, 40))])
+    expected = np.array(quantized(tokens))
+    np.testing.assert_allclose(np.array(dequantize_model(quantized)(tokens)), expected, atol=1e-3)
+
+
+def test_empty_test_split_is_recorded_as_skipped(quantized_project):
+    (paths.DATA_DIR / "test.jsonl").write_text("")
+    assert eval_stage.main(EVAL) == 0
+    metrics = contracts.read_json(out_dir() / "metrics.json", "eval_metrics")
+    assert metrics["status"] == "skipped" and "no records" in metrics["reason"] and metrics["artifacts"] == []
+    assert contracts.read_json(out_dir() / "generation_policy.json", "generation_policy")["ship"] is None
+    assert "Skipped" in (out_dir() / "report.md").read_text()
+
+
+def test_broken_artifact_and_failing_plugin_do_not_stop_the_rest(quantized_project):
+    (paths.RUNS_DIR / "main" / "quantized" / "mlx-affine-4bit-g64" / "model.safetensors").write_bytes(b"not safetensors")
+    plugin = paths.ROOT / "my_metrics.py"
+    plugin.write_text("def boom(prediction, reference, record):\n    raise RuntimeError('plugin bug')\n\n"
+                      "def nonempty(prediction, reference, record):\n    return bool(prediction)\n")
+    assert eval_stage.main([*EVAL, "eval.plugins=[my_metrics:boom, my_metrics:nonempty, missing_module:f]"]) == 0
+    metrics = contracts.read_json(out_dir() / "metrics.json", "eval_metrics")
+    by_kind = {a["kind"]: a for a in metrics["artifacts"]}
+    assert by_kind["mlx-quantized"]["status"] == "failed" and by_kind["mlx-quantized"]["error"]
+    fused = by_kind["fused"]["metrics"]
+    assert fused["my_metrics:boom"] == {"value": None, "status": "failed", "error": "RuntimeError: plugin bug"}
+    assert fused["missing_module:f"]["status"] == "failed"
+    assert fused["my_metrics:nonempty"]["status"] == "ok" and fused["normalized_match"]["status"] == "ok"
+    report = (out_dir() / "report.md").read_text()
+    assert "could not be scored" in report and "my_metrics:boom" in report
+
+
+def test_unknown_task_metric_is_one_clear_error(quantized_project, caplog):
+    assert eval_stage.main([*EVAL, "eval.task_metric=bleu"]) == 2
+    assert "eval.task_metric 'bleu'" in caplog.text and "normalized_match" in caplog.text and not out_dir().exists()
+
+
+def test_missing_artifacts_is_one_clear_error(project, caplog):
+    assert eval_stage.main([]) == 2
+    assert "no artifacts to score" in caplog.text
+
+
+def _result(artifact_id, kind, size, value):
+    return {"id": artifact_id, "kind": kind, "format": kind, "path": artifact_id, "bytes": size, "status": "ok", "metrics": {"normalized_match": {"value": value, "status": "ok"}}}
+
+
+@pytest.mark.parametrize("q4_value, expected", [(79.0, "q4"), (77.5, "q8"), (60.0, "fused"), (79.0, None)])
+def test_ship_rule_picks_the_smallest_within_the_margin(q4_value, expected):
+    cfg = config.load_config([])
+    results = [_result("base", "base", 500, 0.0), _result("fused", "fused", 500, 80.0), _result("q8", "gguf", 150, 78.5), _result("q4", "gguf", 90, q4_value)]
+    if expected == "fused":
+        results[2]["metrics"]["normalized_match"]["value"] = 10.0
+    if expected is None:
+        results[1]["status"] = "failed"  # nothing to compare with
+    contract = {"template": {"id": "model", "sha256": "0" * 64}}
+
+    class Tok:
+        eos_token_ids = [2]
+
+        def convert_ids_to_tokens(self, i):
+            return "<|im_end|>"
+
+    policy = eval_stage.generation_policy("main", results, contract, Tok(), cfg.eval, "normalized_match", None)
+    contracts.validate({"schema_version": 1, **policy}, "generation_policy", where="test")
+    if expected is None:
+        assert policy["ship"] is None and "no scored fused artifact" in policy["reason"]
+    else:
+        assert policy["ship"]["id"] == expected
+
+
+def test_metrics_compare_json_by_value_and_check_schemas():
+    assert eval_metrics.normalized_equal('{"b": 1, "a": [1, 2]}', '{"a":[1,2],"b":1}')
+    assert not eval_metrics.normalized_equal('{"a": 1}', '{"a": 2}')
+    assert eval_metrics.normalized_equal("Hello,  World!", "hello world")
+    validators = eval_metrics.schema_validators({"get_weather": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"], "additionalProperties": False}})
+    assert eval_metrics.call_is_valid('{"name": "get_weather", "arguments": {"city": "Oslo"}}', validators)
+    assert not eval_metrics.call_is_valid('{"name": "get_weather", "arguments": {"town": "Oslo"}}', validators)
+    assert not eval_metrics.call_is_valid('{"name": "nope", "arguments": {}}', validators)
+    scores = eval_metrics.score(["abc", "{}"], ["abc", "[]"], [{}, {}], None, {})
+    assert scores["exact_match"]["value"] == 50.0 and scores["json_valid"]["value"] == 50.0  # "abc" is not JSON
+    assert 0 < scores["chrf"]["value"] <= 100
