@@ -38,6 +38,7 @@ _LAYER_PARTS = {
 }
 _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
 logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp prints a line per tensor it quantizes
+logging.getLogger("gguf").setLevel(logging.WARNING)
 # Candidate pre-tokenizers, tried in this order; the first that tokenizes the probe like the model wins.
 PRE_TYPES = ("smollm", "llama-bpe", "gpt-2")
 _PRE_PROBE = (

@@ -554,7 +554,7 @@ def _split(rng: random.Random, n: int, test: bool, seen: set[str]) -> list[dict]
     return records
 
 
-def generate(seed: int = 0, n_train: int = 600, n_valid: int = 60, n_test: int = 120) -> dict[str, list[dict]]:
+def generate(seed: int = 0, n_train: int = 600, n_valid: int = 60, n_test: int = 40) -> dict[str, list[dict]]:
     """Train/valid/test records; test is drawn first so it depends only on seed and n_test."""
     rng = random.Random(seed)
     seen: set[str] = set()

@@ -1,8 +1,11 @@
-"""End to end: `make all` on the real default model and config, as a user types it (~4 minutes)."""
+"""End to end: `make all` on the real default model and config, as a user types it (~10 minutes)."""
 
 from __future__ import annotations
 
 import json
+
+import docker_export
+from pipeline.hashing import sha256_file, sha256_tree
 
 import pytest
 
@@ -21,7 +24,7 @@ def test_make_all_on_the_default_model_then_nothing_to_do(project):
     model_dir = project / manifest["outputs"][0]["path"]
     assert json.loads((model_dir / "config.json").read_text())["model_type"] == "llama"
     catalog = contracts.read_json(project / "data" / "data_catalog.json", "data_catalog")
-    assert catalog["splits"]["test"]["records"] >= 100
+    assert catalog["splits"]["test"]["records"] == 40
     report = contracts.read_json(project / "data" / "data_report.json", "data_report")
     assert report["splits"]["train"]["tokens"]["total"] == catalog["splits"]["train"]["tokens"] > 0
     assert (project / "data" / "data_report.md").read_text().startswith("# Data report")
@@ -33,6 +36,30 @@ def test_make_all_on_the_default_model_then_nothing_to_do(project):
     fuse_manifest = contracts.read_json(project / "runs" / "main" / "fuse.manifest.json", "run_manifest")
     assert fuse_manifest["details"]["max_logit_difference"] < 1e-3
     artifacts = contracts.read_json(project / "runs" / "main" / "artifacts.json", "artifacts")["artifacts"]
-    assert [a["kind"] for a in artifacts] == ["base", "adapter", "fused"]
+    assert [a["kind"] for a in artifacts] == ["base", "adapter", "fused", "mlx-quantized", "gguf", "gguf", "ollama", "docker"]
+    for artifact in artifacts:
+        path = project / artifact["path"]
+        assert artifact["sha256"] == (sha256_tree(path) if path.is_dir() else sha256_file(path)), artifact["id"]
+
+    quantize = contracts.read_json(project / "runs" / "main" / "quantize.manifest.json", "run_manifest")["details"]
+    assert quantize["export_check"]["matching"] == quantize["export_check"]["prompts"] > 0, quantize["export_check"]
+    assert quantize["served_answer"]["file"] == "main-Q4_K_M.gguf" and '"name"' in quantize["served_answer"]["answer"]
+    assert quantize["perplexity"]["by_type"]["Q4_K_M"]["ratio_vs_float"] < 1.2
+    assert fuse_manifest["wall_seconds"] + quantize["seconds"]["gguf-f16"] + quantize["seconds"]["gguf-Q4_K_M"] < 60
+    out = project / "runs" / "main" / "quantized"
+    assert "FROM ./main-Q4_K_M.gguf" in (out / "Modelfile").read_text()
+    assert docker_export.validate_oci_layout(out / "main-Q4_K_M.docker.tar") == []
+
+    eval_manifest = contracts.read_json(project / "eval_out" / "main" / "eval.manifest.json", "run_manifest")
+    assert eval_manifest["wall_seconds"] < 300, eval_manifest["wall_seconds"]
+    metrics = contracts.read_json(project / "eval_out" / "main" / "metrics.json", "eval_metrics")
+    by_kind = {a["kind"]: a for a in metrics["artifacts"]}
+    assert all(a["status"] == "ok" for a in metrics["artifacts"]), metrics["artifacts"]
+    task = metrics["task_metric"]
+    assert by_kind["fused"]["metrics"][task]["value"] - by_kind["base"]["metrics"][task]["value"] >= 30, (task, by_kind)
+    policy = contracts.read_json(project / "eval_out" / "main" / "generation_policy.json", "generation_policy")
+    assert policy["ship"] is not None
+    report = (project / "eval_out" / "main" / "report.md").read_text()
+    assert "Did fine-tuning help? Yes." in report and (project / "eval_out" / "main" / "task_metric.png").is_file()
     second = make(project, "all")
     assert "Nothing to be done for 'all'" in second.stdout
