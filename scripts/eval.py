@@ -294,15 +294,17 @@ def score_gguf(path: Path, prompts, loss_items, tokenizer, ecfg) -> dict:
     import llama_runner
 
     loss = llama_runner.perplexity(path, loss_items)["loss"] if loss_items else float("nan")
-    llm = llama_runner.open_llama(path, n_ctx=max(map(len, prompts)) + ecfg.max_tokens + 8)
     stop_ids = set(tokenizer.eos_token_ids)
     start = time.monotonic()
     if ecfg.temperature == 0:
-        generated = [llama_runner.greedy(llm, p, ecfg.max_tokens, stop_ids) for p in prompts]
+        generated = []
+        for first in range(0, len(prompts), ecfg.batch_size):
+            generated += llama_runner.greedy_batch(path, prompts[first : first + ecfg.batch_size], ecfg.max_tokens, stop_ids)
     else:
+        llm = llama_runner.open_llama(path, n_ctx=max(map(len, prompts)) + ecfg.max_tokens + 8)
         generated = [llama_runner.sample(llm, p, ecfg.max_tokens, stop_ids, ecfg.temperature, ecfg.top_p, ecfg.seed) for p in prompts]
+        del llm
     seconds = time.monotonic() - start
-    del llm
     return {"engine": "llama.cpp", **loss_fields(loss), **answers_and_speed(generated, tokenizer, seconds, ecfg.max_tokens)}
 
 
