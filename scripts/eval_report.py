@@ -204,9 +204,9 @@ def _size_chart(path: Path, ok: list[dict], task: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    for a in ok:
-        ax.scatter(a["bytes"] / 1e6, _value(a, task), s=40)
-        ax.annotate(a["id"].split("/", 1)[-1], (a["bytes"] / 1e6, _value(a, task)), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    for a in sorted(ok, key=lambda a: a["bytes"]):
+        ax.scatter(a["bytes"] / 1e6, _value(a, task), s=40, label=a["id"].split("/", 1)[-1])
+    ax.legend(fontsize=7, loc="best")  # a legend, not labels by the points: artifacts of one size crowd together
     ax.set_xscale("log")
     ax.set_xlabel("size (MB, log scale)")
     ax.set_ylabel(f"{task} (points)")
