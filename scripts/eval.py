@@ -103,9 +103,9 @@ def read_artifacts(run_dir: Path) -> list[dict]:
 def resolve_task_metric(name: str, contract: dict, plugins: dict) -> str:
     import eval_metrics
 
-    available = [m for m in eval_metrics.BUILTIN if m != "schema_valid" or contract.get("tool_schemas")] + list(plugins)
+    available = [m for m in eval_metrics.BUILTIN if m not in eval_metrics.TOOL_METRICS or contract.get("tool_schemas")] + list(plugins)
     if name == "auto":
-        return "schema_valid" if contract.get("tool_schemas") else "normalized_match"
+        return "call_f1" if contract.get("tool_schemas") else "normalized_match"
     if name not in available:
         raise PipelineError(f"eval.task_metric '{name}' is not measured for this data", where="config eval.task_metric", fix=f"use auto or one of: {', '.join(available)}")
     return name

@@ -2,8 +2,11 @@
 
 Built in: exact_match, normalized_match (JSON compared as parsed values, text compared lowercased
 with spacing and punctuation folded), chrf (sacrebleu's corpus chrF), json_valid and, when the data
-declares tool schemas, schema_valid (a {"name", "arguments"} call whose arguments satisfy the
-named tool's JSON Schema). Plugins named `module:function` in eval.plugins are called per example
+declares tool schemas, three tool-call metrics: schema_valid (a {"name", "arguments"} call whose
+arguments satisfy the named tool's JSON Schema), tool_match (the reference's tool is called) and
+call_f1 (the right tool with the right arguments: F1 over argument name/value pairs, strings compared
+as normalized text, 0 for a wrong tool; partial credit for a call that misses or adds an argument).
+Plugins named `module:function` in eval.plugins are called per example
 as function(prediction, reference, record) -> bool | float in [0, 1]; one that raises is reported
 as failed and the rest go on.
 """
@@ -20,7 +23,8 @@ from collections.abc import Callable
 from pipeline import paths
 from pipeline.errors import PipelineError
 
-BUILTIN = ("exact_match", "normalized_match", "chrf", "json_valid", "schema_valid")
+BUILTIN = ("exact_match", "normalized_match", "chrf", "json_valid", "schema_valid", "tool_match", "call_f1")
+TOOL_METRICS = ("schema_valid", "tool_match", "call_f1")  # measured when the data declares tool schemas
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
@@ -55,6 +59,40 @@ def call_is_valid(prediction: str, validators: dict) -> bool:
         return False
     validator = validators.get(call["name"]) if isinstance(call["name"], str) else None
     return validator is not None and isinstance(call["arguments"], dict) and validator.is_valid(call["arguments"])
+
+
+def as_call(text: str) -> dict | None:
+    """A {"name": str, "arguments": dict} tool call, or None."""
+    call = parse_json(text)
+    if isinstance(call, dict) and isinstance(call.get("name"), str) and isinstance(call.get("arguments", {}), dict):
+        return {"name": call["name"], "arguments": call.get("arguments", {})}
+    return None
+
+
+def tool_match(prediction: str, reference: str) -> bool:
+    expected, got = as_call(reference), as_call(prediction)
+    return expected is not None and got is not None and got["name"] == expected["name"]
+
+
+def call_f1(prediction: str, reference: str) -> float:
+    """F1 over the arguments of a call to the right tool (0 for another tool or no call).
+    A reference that is not a tool call is scored by normalized match."""
+    expected, got = as_call(reference), as_call(prediction)
+    if expected is None:
+        return float(normalized_equal(prediction, reference))
+    if got is None or got["name"] != expected["name"]:
+        return 0.0
+    want, have = expected["arguments"], got["arguments"]
+    if not want and not have:
+        return 1.0
+    hits = sum(1 for key, value in have.items() if key in want and _same_value(value, want[key]))
+    return 2.0 * hits / (len(want) + len(have))
+
+
+def _same_value(a, b) -> bool:
+    if isinstance(a, str) and isinstance(b, str):
+        return normalize_text(a) == normalize_text(b)
+    return a == b and isinstance(a, bool) == isinstance(b, bool)  # true is not 1
 
 
 def load_plugins(names) -> dict[str, Callable | Exception]:
@@ -92,6 +130,8 @@ def score(predictions: list[str], references: list[str], records: list[dict], to
     if tool_schemas:
         validators = schema_validators(tool_schemas)
         results["schema_valid"] = mean(call_is_valid(p, validators) for p in predictions)
+        results["tool_match"] = mean(tool_match(p, r) for p, r in zip(predictions, references))
+        results["call_f1"] = mean(call_f1(p, r) for p, r in zip(predictions, references))
     table = {name: {"value": round(value, 4), "status": "ok"} for name, value in results.items()}
     for name, plugin in plugins.items():
         table[name] = run_plugin(plugin, predictions, references, records)

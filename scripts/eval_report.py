@@ -13,8 +13,9 @@ import orjson
 
 from pipeline import contracts, paths
 
-METRIC_COLUMNS = ("exact_match", "normalized_match", "chrf", "json_valid", "schema_valid")
-LABELS = {"exact_match": "exact", "normalized_match": "normalized", "chrf": "chrF", "json_valid": "JSON valid", "schema_valid": "schema valid"}
+METRIC_COLUMNS = ("exact_match", "normalized_match", "chrf", "json_valid", "schema_valid", "tool_match", "call_f1")
+LABELS = {"exact_match": "exact", "normalized_match": "normalized", "chrf": "chrF", "json_valid": "JSON valid", "schema_valid": "schema valid",
+          "tool_match": "right tool", "call_f1": "call F1"}
 
 
 def write_report(out_dir: Path, experiment: str, metrics: dict, policy: dict, run_dir: Path, contract: dict) -> None:

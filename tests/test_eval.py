@@ -47,7 +47,8 @@ def test_eval_scores_every_artifact_and_writes_the_report(quantized_project):
     assert abs(by_kind["adapter"]["loss"] - by_kind["fused"]["loss"]) < 1e-3
     assert abs(by_kind["gguf"]["loss"] - by_kind["fused"]["loss"]) < 0.05
     assert by_kind["base"]["delta_vs_base"]["normalized_match"] == 0
-    assert set(by_kind["fused"]["metrics"]) == {"exact_match", "normalized_match", "chrf", "json_valid", "schema_valid"}
+    assert set(by_kind["fused"]["metrics"]) == {"exact_match", "normalized_match", "chrf", "json_valid", "schema_valid", "tool_match", "call_f1"}
+    assert metrics["task_metric"] == "call_f1"
 
     rows = [orjson.loads(line) for line in (out_dir() / "final_generations.jsonl").read_text().splitlines()]
     assert len(rows) == metrics["test_records"] == 6
@@ -159,6 +160,23 @@ def test_metrics_compare_json_by_value_and_check_schemas():
     assert eval_metrics.call_is_valid('{"name": "get_weather", "arguments": {"city": "Oslo"}}', validators)
     assert not eval_metrics.call_is_valid('{"name": "get_weather", "arguments": {"town": "Oslo"}}', validators)
     assert not eval_metrics.call_is_valid('{"name": "nope", "arguments": {}}', validators)
+    assert "tool_match" not in eval_metrics.score(["{}"], ["{}"], [{}], None, {})  # no tool schemas, no tool metrics
     scores = eval_metrics.score(["abc", "{}"], ["abc", "[]"], [{}, {}], None, {})
     assert scores["exact_match"]["value"] == 50.0 and scores["json_valid"]["value"] == 50.0  # "abc" is not JSON
     assert 0 < scores["chrf"]["value"] <= 100
+
+
+def test_call_f1_credits_the_right_tool_and_each_right_argument():
+    reference = '{"name": "create_event", "arguments": {"title": "Book club", "date": "2026-04-08", "time": "18:00"}}'
+    f1 = eval_metrics.call_f1
+    assert f1(reference, reference) == 1.0
+    assert f1('{"arguments": {"date": "2026-04-08", "time": "18:00", "title": "book club"}, "name": "create_event"}', reference) == 1.0
+    assert f1('{"name": "create_event", "arguments": {"title": "Book club", "date": "2026-04-08"}}', reference) == pytest.approx(0.8)  # 2 of 3 found, none wrong
+    assert f1('{"name": "create_event", "arguments": {"title": "Book club", "date": "2026-04-09", "time": "18:00"}}', reference) == pytest.approx(2 / 3)
+    assert f1('{"name": "set_timer", "arguments": {"title": "Book club", "date": "2026-04-08", "time": "18:00"}}', reference) == 0.0
+    assert f1("create_event(title='Book club')", reference) == 0.0
+    assert f1('{"name": "set_timer", "arguments": {"minutes": true}}', '{"name": "set_timer", "arguments": {"minutes": 1}}') == 0.0
+    assert f1('{"name": "set_timer", "arguments": {"minutes": 5.0}}', '{"name": "set_timer", "arguments": {"minutes": 5}}') == 1.0
+    assert eval_metrics.tool_match('{"name": "create_event", "arguments": {}}', reference)
+    assert not eval_metrics.tool_match('{"name": "set_timer", "arguments": {}}', reference)
+    assert f1("Hello, world", "hello world") == 1.0  # a reference that is not a call: normalized match
