@@ -36,6 +36,13 @@ def greedy(llm, prompt: list[int], max_tokens: int, stop_ids: set[int]) -> list[
     return tokens
 
 
+def max_sequences() -> int:
+    """How many prompts one llama.cpp context can hold besides the shared prefix's sequence."""
+    import llama_cpp
+
+    return llama_cpp.llama_max_parallel_sequences() - 1
+
+
 def greedy_batch(gguf_path: Path, prompts: list[list[int]], max_tokens: int, stop_ids: set[int]) -> list[list[int]]:
     """Greedy answers to many prompts, decoded together: one llama_decode per step for every unfinished
     prompt, as llama.cpp's batched example does (one prompt at a time, each step reads all weights
@@ -46,6 +53,9 @@ def greedy_batch(gguf_path: Path, prompts: list[list[int]], max_tokens: int, sto
     """
     if not prompts:
         return []
+    if len(prompts) > max_sequences():
+        half = len(prompts) // 2
+        return greedy_batch(gguf_path, prompts[:half], max_tokens, stop_ids) + greedy_batch(gguf_path, prompts[half:], max_tokens, stop_ids)
     shared = max(0, min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1))
     n_ctx = shared + sum(len(p) - shared + max_tokens + 1 for p in prompts)
     with Sequences(gguf_path, prompts[0][:shared], len(prompts), n_ctx, max(len(p) - shared for p in prompts) * len(prompts)) as run:
@@ -171,11 +181,11 @@ def masked_nll(gguf_path: Path, items: list[tuple[np.ndarray, np.ndarray]]) -> t
 
 
 def _groups_within(items, prefix: int, n_batch: int):
-    """Consecutive groups of items whose tokens after the prefix fit in one batch."""
-    group, size = [], 0
+    """Consecutive groups of items whose tokens after the prefix fit in one batch (and in llama.cpp's sequences)."""
+    group, size, most = [], 0, max_sequences()
     for ids, mask in items:
         length = len(ids) - prefix
-        if group and size + length > n_batch:
+        if group and (size + length > n_batch or len(group) == most):
             yield group
             group, size = [], 0
         group.append((ids, mask))

@@ -64,3 +64,15 @@ def test_batched_perplexity_equals_the_plain_per_item_loss(tiny_gguf):
     expected_nll, expected_count = plain_nll(tiny_gguf, items)
     assert count == expected_count
     assert nll == pytest.approx(expected_nll, rel=1e-4)
+
+
+def test_more_prompts_than_llama_cpp_has_sequences(tiny_gguf):
+    assert llama_runner.max_sequences() < 300
+    asked = [PREFIX + [100 + i % 200, 7 + i % 50] for i in range(300)]
+    answers = llama_runner.greedy_batch(tiny_gguf, asked, 3, set())
+    assert len(answers) == 300 and all(len(a) == 3 for a in answers)
+    assert answers[:12] == llama_runner.greedy_batch(tiny_gguf, asked[:12], 3, set())
+    items = [(np.array(p + [9]), np.array([0] * len(p) + [1])) for p in asked]
+    nll, count = llama_runner.masked_nll(tiny_gguf, items)
+    assert count == 300
+    assert nll == pytest.approx(plain_nll(tiny_gguf, items)[0], rel=1e-4)
