@@ -16,6 +16,15 @@ from pipeline import contracts, paths
 METRIC_COLUMNS = ("exact_match", "normalized_match", "chrf", "json_valid", "schema_valid", "tool_match", "call_f1")
 LABELS = {"exact_match": "exact", "normalized_match": "normalized", "chrf": "chrF", "json_valid": "JSON valid", "schema_valid": "schema valid",
           "tool_match": "right tool", "call_f1": "call F1"}
+MEANINGS = {
+    "exact_match": "the answer is the reference, character for character",
+    "normalized_match": "the answer equals the reference as JSON values, or as text with case, spacing and punctuation folded",
+    "chrf": "character n-gram overlap with the reference (sacrebleu chrF)",
+    "json_valid": "the answer is one JSON document",
+    "schema_valid": "the answer is a tool call whose arguments satisfy that tool's JSON Schema",
+    "tool_match": "the answer calls the reference's tool",
+    "call_f1": "the right tool with the right arguments (F1 over argument name/value pairs, 0 for a wrong tool)",
+}
 
 
 def write_report(out_dir: Path, experiment: str, metrics: dict, policy: dict, run_dir: Path, contract: dict) -> None:
@@ -50,7 +59,7 @@ def verdict(metrics: dict, policy: dict) -> list[str]:
         gain = after - before
         answer = "Yes" if gain >= policy["rule"]["within_points"] else ("No" if gain <= 0 else "Barely")
         lines.append(
-            f"**Did fine-tuning help? {answer}.** {task} on {metrics['test_records']} test prompts: base {before:.1f} → "
+            f"**Did fine-tuning help? {answer}.** {LABELS.get(task, task)} (`{task}`) on {metrics['test_records']} test prompts: base {before:.1f} → "
             f"fine-tuned ({tuned['kind']}) {after:.1f} ({gain:+.1f} points); test loss {base['loss']:.3f} → {tuned['loss']:.3f}."
         )
     else:
@@ -79,7 +88,8 @@ def metric_table(metrics: dict) -> list[str]:
             f"| {a['id']} | {human_bytes(a['bytes'])} | {_fmt(a['loss'], 4)} | {_fmt(a['perplexity'], 3)} | "
             + " | ".join(values) + f" | {'' if delta is None else f'{delta:+.1f}'} | {_fmt(a['generation']['tokens_per_second'])} |"
         )
-    return [f"Metrics in points (0–100, higher is better) on {metrics['test_records']} test records; loss and perplexity on the answer tokens.", "", *rows]
+    meaning = f" {LABELS.get(task, task)}: {MEANINGS[task]}." if task in MEANINGS else ""
+    return [f"Metrics in points (0–100, higher is better) on {metrics['test_records']} test records; loss and perplexity on the answer tokens.{meaning}", "", *rows]
 
 
 def _fmt(value, digits: int = 1) -> str:
