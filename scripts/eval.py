@@ -142,11 +142,17 @@ def prompts_and_references(records, contract, tokenizer) -> tuple[list[list[int]
     return [p for p, _ in pairs], [r for _, r in pairs]
 
 
-def loss_items_for(records, contract, tokenizer):
+def loss_items_for(records, contract, tokenizer) -> dict[int, tuple]:
+    """{record index: (token ids, loss mask)} for the records with at least one scored token."""
     from train_data import encode
 
-    items = [encode(r, contract["format"], tokenizer, mask_prompt=True) for r in records]
-    return [(ids[: contract["max_seq_length"]], mask[: contract["max_seq_length"]]) for ids, mask in items if mask[1:].sum() > 0]
+    items = {}
+    for index, record in enumerate(records):
+        ids, mask = encode(record, contract["format"], tokenizer, mask_prompt=True)
+        ids, mask = ids[: contract["max_seq_length"]], mask[: contract["max_seq_length"]]
+        if mask[1:].sum() > 0:
+            items[index] = (ids, mask)
+    return items
 
 
 def score_artifact(artifact, artifacts, prompts, loss_items, tokenizer, ecfg) -> dict:
@@ -186,20 +192,42 @@ def load_mlx(artifact: dict, artifacts: list[dict]):
 
 
 def score_mlx(artifact, artifacts, prompts, loss_items, tokenizer, ecfg) -> dict:
+    """Loss and answers, eval.batch_size prompts at a time: the loss pass over prompt + reference keeps
+    each prompt's KV cache, and generation starts from it instead of computing the prompt again."""
     import mlx.core as mx
 
     model = load_mlx(artifact, artifacts)
-    loss = mlx_loss(model, loss_items, ecfg.loss_batch_size)
-    start = time.monotonic()
-    generated = mlx_generate(model, tokenizer, prompts, ecfg)
-    seconds = time.monotonic() - start
+    total, count, seconds, generated = 0.0, 0, 0.0, []
+    for first in range(0, len(prompts), ecfg.batch_size):
+        chunk = list(range(first, min(first + ecfg.batch_size, len(prompts))))
+        scored = [j for j in chunk if j in loss_items]
+        keep = {k: len(prompts[j]) for k, j in enumerate(scored) if _starts_with(loss_items[j][0], prompts[j])}
+        nll, tokens, caches = mlx_nll(model, [loss_items[j] for j in scored], ecfg.loss_batch_size, keep)
+        total, count = total + nll, count + tokens
+        prompt_caches = {scored[k]: cache for k, cache in caches.items()}
+        start = time.monotonic()
+        generated += mlx_generate(model, tokenizer, [prompts[j] for j in chunk], ecfg, [prompt_caches.get(j) for j in chunk])
+        seconds += time.monotonic() - start
+        del caches, prompt_caches
     del model
     mx.clear_cache()
+    loss = total / count if count else float("nan")
     return {"engine": "mlx", **loss_fields(loss), **answers_and_speed(generated, tokenizer, seconds, ecfg.max_tokens)}
 
 
+def _starts_with(ids, prompt: list[int]) -> bool:
+    return len(prompt) < len(ids) and ids[: len(prompt)].tolist() == list(prompt)
+
+
 def mlx_loss(model, items, batch_size: int) -> float:
-    """Token-weighted mean loss over every item (the trained tokens only).
+    """Token-weighted mean loss over every item (the trained tokens only)."""
+    total, count, _ = mlx_nll(model, items, batch_size)
+    return total / count if count else float("nan")
+
+
+def mlx_nll(model, items, batch_size: int, keep: dict[int, int] | None = None) -> tuple[float, int, dict[int, list]]:
+    """Summed loss over the items' trained tokens, their count, and for each item index in `keep`
+    ({index: prompt length}) the KV cache of its prompt but the last token, ready for generation.
 
     The prefix all items share (the system prompt) is run once and its KV cache reused by every
     batch, and the output layer is applied only where a token is scored: on CPU, where MLX's exp
@@ -207,15 +235,20 @@ def mlx_loss(model, items, batch_size: int) -> float:
     """
     import mlx.core as mx
     import numpy as np
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
 
     from llama_runner import shared_prefix_length
 
+    if not items:
+        return 0.0, 0, {}
     prefix = shared_prefix_length(items)
     prefix_cache = _prefix_cache(model, items[0][0][:prefix]) if prefix else None
+    keep = keep if keep and all(type(c) is KVCache for c in make_prompt_cache(model)) else {}
     order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
-    total, count = 0.0, 0
+    total, count, kept = 0.0, 0, {}
     for start in range(0, len(order), batch_size):
-        batch = [items[i] for i in order[start : start + batch_size]]
+        indices = order[start : start + batch_size]
+        batch = [items[i] for i in indices]
         width = max(len(ids) for ids, _ in batch) - prefix - 1
         inputs = np.zeros((len(batch), width), np.int32)
         targets, rows, cols = [], [], []
@@ -226,13 +259,31 @@ def mlx_loss(model, items, batch_size: int) -> float:
             rows += [row] * len(scored)
             cols += scored.tolist()
             targets += ids[prefix + 1 :][scored].tolist()
-        cache = _tiled_cache(prefix_cache, len(batch)) if prefix_cache else None
+        cache = _tiled_cache(prefix_cache, len(batch)) if prefix_cache else (make_prompt_cache(model) if keep else None)
         hidden = model.model(mx.array(inputs), cache=cache)
         logits = _output_layer(model, hidden[mx.array(rows), mx.array(cols)]).astype(mx.float32)
         nll = (mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, mx.array(targets)[:, None], axis=-1)[:, 0]).sum()
         total += nll.item()
         count += len(targets)
-    return total / count if count else float("nan")
+        for row, index in enumerate(indices):
+            if index in keep:
+                kept[index] = _row_cache(cache, row, keep[index] - 1)
+    return total, count, kept
+
+
+def _row_cache(cache, row: int, length: int) -> list:
+    """One row's first `length` positions of a batch KV cache, as a batch-1 cache of its own."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+
+    copies = []
+    for layer in cache:
+        keys, values = layer.keys_and_values()
+        copy_ = KVCache()
+        copy_.state = (mx.contiguous(keys[row : row + 1, :, :length]), mx.contiguous(values[row : row + 1, :, :length]), length)
+        copies.append(copy_)
+    mx.eval([c.keys_and_values() for c in copies])
+    return copies
 
 
 def _prefix_cache(model, prefix_ids):
@@ -265,8 +316,9 @@ def _output_layer(model, hidden):
     return model.lm_head(hidden)
 
 
-def mlx_generate(model, tokenizer, prompts, ecfg) -> list[list[int]]:
-    """Batched answers; the prompts' common prefix (the system prompt) is computed once and shared."""
+def mlx_generate(model, tokenizer, prompts, ecfg, prompt_caches=None) -> list[list[int]]:
+    """Batched answers. Given every prompt's KV cache (all but its last token), only the last token is
+    fed; otherwise the prompts' common prefix (the system prompt) is computed once and shared."""
     import mlx.core as mx
     from mlx_lm.generate import batch_generate
     from mlx_lm.models.cache import make_prompt_cache
@@ -274,7 +326,11 @@ def mlx_generate(model, tokenizer, prompts, ecfg) -> list[list[int]]:
 
     shared = len(os.path.commonprefix(prompts)) - 1 if len(prompts) > 1 else 0
     caches = None
-    if shared >= 8:
+    if prompt_caches and all(c is not None for c in prompt_caches):
+        caches = prompt_caches
+        prompts = [p[-1:] for p in prompts]
+        shared = 0
+    elif shared >= 8:
         cache = make_prompt_cache(model)
         model(mx.array([prompts[0][:shared]]), cache=cache)
         mx.eval([c.keys_and_values() for c in cache])
@@ -293,7 +349,7 @@ def mlx_generate(model, tokenizer, prompts, ecfg) -> list[list[int]]:
 def score_gguf(path: Path, prompts, loss_items, tokenizer, ecfg) -> dict:
     import llama_runner
 
-    loss = llama_runner.perplexity(path, loss_items)["loss"] if loss_items else float("nan")
+    loss = llama_runner.perplexity(path, list(loss_items.values()))["loss"] if loss_items else float("nan")
     stop_ids = set(tokenizer.eos_token_ids)
     start = time.monotonic()
     if ecfg.temperature == 0:

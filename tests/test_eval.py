@@ -71,7 +71,7 @@ def test_fast_loss_equals_the_plain_masked_loss(quantized_project):
 
     model, tokenizer = load(str(paths.RUNS_DIR / "main" / "fused"))
     contract = contracts.read_json(paths.DATA_DIR / "data_contract.json", "data_contract")
-    items = eval_stage.loss_items_for(eval_stage.read_test_records(contract, 6), contract, tokenizer)
+    items = list(eval_stage.loss_items_for(eval_stage.read_test_records(contract, 6), contract, tokenizer).values())
     assert shared_prefix_length(items) > 5  # the shared-prefix path is really taken
     expected = validation_loss(model, items, 1, -1, 4096)
     assert eval_stage.mlx_loss(model, items, 4) == pytest.approx(expected, rel=1e-4)
@@ -180,3 +180,29 @@ def test_call_f1_credits_the_right_tool_and_each_right_argument():
     assert eval_metrics.tool_match('{"name": "create_event", "arguments": {}}', reference)
     assert not eval_metrics.tool_match('{"name": "set_timer", "arguments": {}}', reference)
     assert f1("Hello, world", "hello world") == 1.0  # a reference that is not a call: normalized match
+
+
+def test_generation_from_the_loss_pass_prompt_caches_gives_the_same_answers(quantized_project):
+    from mlx_lm import load
+    from omegaconf import OmegaConf
+
+    model, tokenizer = load(str(paths.RUNS_DIR / "main" / "fused"))
+    contract = contracts.read_json(paths.DATA_DIR / "data_contract.json", "data_contract")
+    records = eval_stage.read_test_records(contract, 8)
+    prompts, _ = eval_stage.prompts_and_references(records, contract, tokenizer)
+    items = eval_stage.loss_items_for(records, contract, tokenizer)
+    ecfg = OmegaConf.create({"seed": 0, "temperature": 0.0, "top_p": 1.0, "max_tokens": 10, "batch_size": 3, "loss_batch_size": 2})
+    keep = {k: len(prompts[j]) for k, j in enumerate(items)}
+    _, _, caches = eval_stage.mlx_nll(model, list(items.values()), 2, keep)
+    assert sorted(caches) == sorted(keep)
+    for k, j in enumerate(items):  # each kept cache is its own prompt's: the last token then gives the full prompt's logits
+        assert caches[k][0].offset == len(prompts[j]) - 1
+        from_cache = model(mx.array([prompts[j][-1:]]), cache=caches[k])[0, -1]
+        np.testing.assert_allclose(np.array(from_cache), np.array(model(mx.array([prompts[j]]))[0, -1]), atol=1e-4)
+    _, _, caches = eval_stage.mlx_nll(model, list(items.values()), 2, keep)
+    fresh = eval_stage.mlx_generate(model, tokenizer, prompts, ecfg)
+    artifact = next(a for a in contracts.read_json(paths.RUNS_DIR / "main" / "artifacts.json", "artifacts")["artifacts"] if a["kind"] == "fused")
+    scored = eval_stage.score_mlx(artifact, [artifact], prompts, items, tokenizer, ecfg)
+    stop = set(tokenizer.eos_token_ids)
+    assert scored["answers"] == [tokenizer.decode([t for t in ids if t not in stop]).strip() for ids in fresh]
+    assert scored["loss"] == pytest.approx(eval_stage.mlx_loss(model, list(items.values()), 4), rel=1e-4)
