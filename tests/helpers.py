@@ -9,6 +9,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def error_line(caplog) -> str:
+    """The one error line a stage logged (a test fails if there were none or several)."""
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
 def write_override(root: Path, text: str) -> Path:
     path = root / "config" / "override.yaml"
     path.write_text(text)

@@ -1,18 +1,46 @@
-"""Config: precedence, unknown keys with the closest valid key, type errors, bad files."""
+"""Config: precedence, unknown keys with the closest valid key, type errors, bad files, and the
+values config/schemas/config.schema.json allows (choices, ranges, null), checked when the config loads."""
 
 from __future__ import annotations
 
-import pytest
+import re
 
-from helpers import write_override
-from pipeline.config import load_config, write_slices
+import orjson
+import pytest
+import yaml
+from jsonschema import Draft202012Validator
+from omegaconf.errors import ReadonlyConfigError
+
+import quantize
+from helpers import REPO, write_override
+from pipeline import paths
+from pipeline.config import (
+    choices,
+    default_comments,
+    describe,
+    load_config,
+    schema_knobs,
+    valid_keys,
+    write_slices,
+)
 from pipeline.errors import ConfigError
+
+SCHEMA = orjson.loads((REPO / "config" / "schemas" / "config.schema.json").read_bytes())
+DEFAULTS = yaml.safe_load((REPO / "config" / "default.yaml").read_text())
+SHIPPED_YAML = sorted(REPO.glob("config/**/*.yaml"))
+ENUM_KEYS = {key: node for key, node in schema_knobs(SCHEMA).items() if choices(node)}
+EXPECTED_ENUM_KEYS = {
+    "model.dtype", "train.dtype", "fuse.dtype", "quantize.gguf_float", "data.format", "prepare.on_error",
+    "prepare.too_long", "prepare.secrets", "prepare.template", "train.fine_tune_type", "train.optimizer",
+    "train.lr_schedule", "train.resume", "quantize.on_mismatch", "quantize.mlx", "quantize.group_size",
+    "eval.artifacts", "eval.ship.kinds", "eval.ship.reference", "eval.task_metric",
+}
 
 
 def test_defaults_load_read_only(project):
     cfg = load_config()
     assert cfg.experiments.name == "main"
-    with pytest.raises(Exception):
+    with pytest.raises(ReadonlyConfigError):
         cfg.model.dtype = "float16"
 
 
@@ -56,7 +84,7 @@ def test_unknown_section_on_command_line(project):
     [
         ("doctor.matmul_size=big", "'doctor.matmul_size' must be an integer, got a string 'big'"),
         ("doctor.matmul_size=1.5", "must be an integer, got a number 1.5"),
-        ("model.trust_remote_code=3", "must be a boolean"),
+        ("prepare.dedupe=3", "'prepare.dedupe' must be a boolean"),
         ("model=cpu", "'model' is a section"),
     ],
 )
@@ -121,9 +149,227 @@ def test_experiment_name_must_be_a_plain_folder_name(project, name):
 
 
 def test_every_default_knob_has_a_comment():
-    from helpers import REPO
-
     lines = (REPO / "config" / "default.yaml").read_text().splitlines()
-    knobs = [l for l in lines if l.startswith("  ") and ":" in l and not l.strip().startswith("#") and not l.rstrip().endswith(":")]
-    undocumented = [l for l in knobs if "#" not in l]
+    knobs = [
+        line for line in lines
+        if line.startswith("  ") and ":" in line
+        and not line.strip().startswith("#") and not line.rstrip().endswith(":")
+    ]
+    undocumented = [line for line in knobs if "#" not in line]
     assert knobs and not undocumented, undocumented
+
+
+# --- values the schema allows ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", SHIPPED_YAML, ids=lambda path: path.name)
+def test_every_shipped_yaml_loads_and_validates(project, path):
+    if path.name == "default.yaml":
+        assert load_config().experiments.name == "main"
+    else:
+        load_config(override_file=path)
+
+
+def test_the_commented_example_overrides_are_valid(project, tmp_path):
+    header, _, body = (REPO / "config" / "override.example.yaml").read_text().partition("\n\n")
+    uncommented = [m[1] for m in re.finditer(r"^# ( *[A-Za-z_][\w-]*:.*)$", body, flags=re.M)]
+    assert uncommented, "override.example.yaml has no commented keys to try"
+    example = tmp_path / "example.yaml"
+    example.write_text("\n".join(uncommented) + "\n")
+    load_config(override_file=example)
+
+
+def test_the_enumerated_keys_are_the_expected_ones():
+    assert set(ENUM_KEYS) == EXPECTED_ENUM_KEYS
+
+
+def _misspelt(choice):
+    return choice + 1 if isinstance(choice, int) else choice + choice[-1]
+
+
+@pytest.mark.parametrize("key", sorted(ENUM_KEYS))
+def test_a_typo_in_a_choice_is_refused_with_the_closest_choice(project, key):
+    node, default = ENUM_KEYS[key], _default(key)
+    is_list = node.get("type") == "array"
+    good = default[0] if is_list and default else default if default in choices(node) else choices(node)[0]
+    bad = _misspelt(good)
+    with pytest.raises(ConfigError) as err:
+        load_config([f"{key}=[{bad}]" if is_list else f"{key}={bad}"])
+    line = err.value.line()
+    assert line.startswith("command line: ") and f"'{key}{'[0]' if is_list else ''}' must be" in line
+    assert f"got {bad!r} -- fix: did you mean {good!r}?" in line
+
+
+def test_a_choice_far_from_all_lists_them(project):
+    with pytest.raises(ConfigError) as err:
+        load_config(["prepare.secrets=zzz"])
+    assert err.value.line().endswith("-- fix: use one of: warn, redact, fail")
+
+
+@pytest.mark.parametrize(
+    "override, message, fix",
+    [
+        ("train.batch_size=0", "'train.batch_size' must be >= 1, got 0", "the closest valid value is 1"),
+        ("data.max_seq_length=1", "'data.max_seq_length' must be >= 2, got 1", "the closest valid value is 2"),
+        ("train.learning_rate=0", "'train.learning_rate' must be > 0, got 0.0", "use a value > 0, e.g. 0.0002"),
+        ("eval.top_p=1.5", "'eval.top_p' must be in (0, 1], got 1.5", "the closest valid value is 1"),
+        ("train.lora.dropout=1", "'train.lora.dropout' must be in [0, 1), got 1.0", "use a value in [0, 1), e.g. 0.0"),
+        ("train.val_batches=0", "'train.val_batches' must be -1 or >= 1, got 0", "the closest valid value is 1"),
+        ("eval.records=-7", "'eval.records' must be -1 or >= 1, got -7", "the closest valid value is -1"),
+        ("train.epochs=-1", "'train.epochs' must be > 0, got -1", "use a value > 0, e.g. 3"),
+        ("data.splits.test=2", "'data.splits.test' must be in [0, 1], got 2.0", "the closest valid value is 1"),
+    ],
+)
+def test_a_value_out_of_range_is_refused_with_the_closest_valid_one(project, override, message, fix):
+    with pytest.raises(ConfigError) as err:
+        load_config([override])
+    assert err.value.line() == f"command line: {message} -- fix: {fix}"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("quantize.gguf_types=[Q4_K_M, q8_0]", "'quantize.gguf_types[1]' must be a llama.cpp type name in capitals"),
+        ("eval.plugins=[my_metrics]", "'eval.plugins[0]' must be a plugin name module:function, got 'my_metrics'"),
+        ("quantize.serve=''", "'quantize.serve' must not be empty"),
+        ("prepare.template=my.tmpl", "'prepare.template' must be one of auto, chatml, alpaca, llama-3 or a path"),
+    ],
+)
+def test_free_strings_must_have_their_form(project, override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config([override])
+
+
+def test_forms_the_stages_accept_load(project):
+    cfg = load_config([
+        "prepare.template=my/template.j2", "eval.task_metric=my_metrics:mentions_city",
+        "eval.plugins=[my_metrics:mentions_city]", "quantize.mlx=[affine, mxfp4, mixed_3_6]", "quantize.serve=float",
+    ])
+    assert list(cfg.quantize.mlx) == ["affine", "mxfp4", "mixed_3_6"]
+
+
+def test_mlx_items_accept_exactly_what_the_quantize_stage_parses():
+    items = Draft202012Validator(SCHEMA["properties"]["quantize"]["properties"]["mlx"]["items"])
+    modes = [*quantize.MLX_MODES, "affin", "mxfp6", "Affine"]
+    samples = [f"{mode}{suffix}" for mode in modes for suffix in ("", "-", "-4", "-8", "-04", "-3", "-16", "-x", "-4-")]
+    samples += [*quantize.MLX_RECIPES, "mixed_5_6", "mixed_4_6-4", ""]
+    disagreements = [spec for spec in samples if items.is_valid(spec) != _parses(spec)]
+    assert not disagreements
+
+
+def _parses(spec: str) -> bool:
+    try:
+        quantize.parse_mlx_spec(spec, 64)
+    except Exception:
+        return False
+    return True
+
+
+def test_builtin_template_names_are_the_template_files():
+    names = set(choices(SCHEMA["properties"]["prepare"]["properties"]["template"])) - {"auto"}
+    assert names == {path.stem for path in (REPO / "config" / "templates").glob("*.jinja")}
+
+
+def test_epochs_is_null_or_a_positive_number(project):
+    assert load_config().train.epochs is None
+    assert load_config(["train.epochs=1.5"]).train.epochs == 1.5
+    with pytest.raises(ConfigError) as err:
+        load_config(["train.epochs=abc"])
+    assert err.value.line() == (
+        "command line: 'train.epochs' must be null or a number, got a string 'abc'"
+        " -- fix: give null or a number, e.g. 3"
+    )
+
+
+def test_revision_is_null_or_a_string(project):
+    assert load_config(["model.revision=v1.0"]).model.revision == "v1.0"
+    with pytest.raises(ConfigError, match=r"'model.revision' must be null or a string, got a list \['a'\]"):
+        load_config(["model.revision=[a]"])
+
+
+def test_splits_must_sum_to_one(project):
+    assert load_config(["data.splits.train=0.7", "data.splits.valid=0.2"]).data.splits.test == 0.1  # 0.9999999999999999
+    with pytest.raises(ConfigError) as err:
+        load_config(["data.splits.train=0.9"])
+    assert err.value.line() == (
+        "command line: 'data.splits' train + valid + test must sum to 1, got 1.1 (0.9 + 0.1 + 0.1)"
+        " -- fix: set data.splits.test=0 (1 - train - valid)"
+    )
+
+
+def test_a_wrong_value_names_the_layer_that_gave_it(project):
+    write_override(project, "quantize:\n  on_mismatch: fial\n")
+    with pytest.raises(ConfigError, match=r"^config/override.yaml: 'quantize.on_mismatch' must be one of fail, warn"):
+        load_config()
+    assert load_config(["quantize.on_mismatch=warn"]).quantize.on_mismatch == "warn"  # the command line wins
+    default = project / "config" / "default.yaml"
+    default.write_text(default.read_text().replace("lr_schedule: cosine", "lr_schedule: cosin"))
+    with pytest.raises(ConfigError, match=r"^config/default.yaml: 'train.lr_schedule' .* did you mean 'cosine'\?$"):
+        load_config(["quantize.on_mismatch=warn"])
+
+
+def test_every_wrong_value_is_reported_in_one_line(project):
+    write_override(project, "train:\n  optimizer: adamx\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(["train.batch_size=0", "eval.artifacts=[base, guff]"])
+    line = err.value.line()
+    assert "\n" not in line and line.startswith("config: 3 invalid values: ")
+    assert "config/override.yaml: 'train.optimizer' must be one of" in line and "(did you mean 'adam'?)" in line
+    assert "command line: 'train.batch_size' must be >= 1, got 0 (the closest valid value is 1)" in line
+    assert "command line: 'eval.artifacts[1]' must be one of" in line and "(did you mean 'gguf'?)" in line
+
+
+def test_the_schema_declares_exactly_the_keys_of_default_yaml():
+    declared = set(_schema_keys(SCHEMA))
+    defaults = set(valid_keys(DEFAULTS))
+    assert not declared - defaults, f"in the schema but not in default.yaml: {sorted(declared - defaults)}"
+    assert not defaults - declared, f"in default.yaml but not in the schema: {sorted(defaults - declared)}"
+
+
+def test_every_schema_section_requires_all_its_keys_and_allows_no_others():
+    for key, node in _schema_sections(SCHEMA):
+        assert set(node.get("required", [])) == set(node["properties"]), key
+        assert node.get("additionalProperties") is False, key
+    field_map = SCHEMA["properties"]["data"]["properties"]["field_map"]
+    assert field_map["additionalProperties"] == {"type": "string", "examples": ["question"]}
+
+
+def test_every_choice_is_named_in_the_comment_of_its_key():
+    comments = default_comments(REPO / "config" / "default.yaml")
+    missing = [
+        f"{key}: {choice}" for key, node in ENUM_KEYS.items() for choice in choices(node)
+        if not re.search(rf"(?<![\w-]){re.escape(str(choice))}(?![\w-])", comments[key][1])
+    ]
+    assert not missing, f"choices missing from the comments in config/default.yaml: {missing}"
+
+
+def test_describe_lists_every_key_with_default_allowed_values_and_comment(project):
+    table = describe()
+    listed = {line.split()[0] for line in table.splitlines()[1:] if line and not line.startswith(" ")}
+    assert listed == set(valid_keys(DEFAULTS))
+    row = next(line for line in table.splitlines() if line.startswith("quantize.on_mismatch "))
+    assert row.split()[1] == "fail" and "one of fail, warn" in row and "the check finds a difference" in row
+    assert "train.learning_rate" not in describe("eval") and "eval.ship.kinds" in describe("eval")
+    with pytest.raises(ConfigError, match="unknown section 'evl' -- fix: did you mean 'eval'"):
+        describe("evl")
+
+
+def _default(key: str):
+    node = DEFAULTS
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _schema_sections(node: dict, prefix: str = ""):
+    """(dotted key, node) of every object in the schema that declares properties."""
+    if "properties" in node:
+        yield prefix or "<root>", node
+        for key, child in node["properties"].items():
+            yield from _schema_sections(child, f"{prefix}{key}.".lstrip("."))
+
+
+def _schema_keys(node: dict, prefix: str = ""):
+    for key, child in node.get("properties", {}).items():
+        yield prefix + key
+        yield from _schema_keys(child, f"{prefix}{key}.")

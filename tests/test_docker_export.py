@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-import docker_export
+from llm import gguf_header
+from quantize import docker as docker_export
 from fixtures.tiny_gguf import write_tiny_gguf
 from fixtures.tiny_model import CHATML_TEMPLATE
 from pipeline.errors import PipelineError
@@ -166,7 +167,7 @@ def test_parameter_count_is_the_tensor_element_sum(tiny_gguf, tiny_model_dir):
     import mlx.core as mx
 
     weights = mx.load(str(tiny_model_dir / "model.safetensors"))
-    header = docker_export.read_gguf_header(tiny_gguf)
+    header = gguf_header.read_header(tiny_gguf)
     assert header["parameters"] == sum(w.size for w in weights.values())
     assert header["architecture"] == "llama" and header["context_length"] == 512
 
@@ -183,7 +184,7 @@ def test_quantization_name_comes_from_general_file_type(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    assert docker_export.read_gguf_header(path)["quantization"] == "Q4_K_M"
+    assert gguf_header.read_header(path)["quantization"] == "Q4_K_M"
 
 
 def test_no_template_and_no_license_gives_one_layer(tmp_path, tiny_gguf):

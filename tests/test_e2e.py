@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-import docker_export
+from quantize import docker as docker_export
 from pipeline.hashing import sha256_file, sha256_tree
 
 import pytest

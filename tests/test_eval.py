@@ -12,11 +12,11 @@ import orjson
 import pytest
 
 import eval as eval_stage
-import eval_metrics
+from eval import metrics as eval_metrics
 import fuse
 import quantize
 from helpers import trained
-from pipeline import config, contracts, paths
+from pipeline import config, contracts, paths, splits
 
 QUANTIZE = ["quantize.mlx=[affine-4]", "quantize.gguf_types=[Q8_0]", "quantize.check_prompts=1", "quantize.check_max_tokens=8",
             "quantize.perplexity_records=2", "quantize.ollama.enabled=false", "quantize.docker.enabled=false"]
@@ -66,12 +66,12 @@ def test_eval_scores_every_artifact_and_writes_the_report(quantized_project):
 def test_fast_loss_equals_the_plain_masked_loss(quantized_project):
     from mlx_lm import load
 
-    from llama_runner import shared_prefix_length
-    from train_data import validation_loss
+    from llm.llama_runner import shared_prefix_length
+    from train.data import validation_loss
 
     model, tokenizer = load(str(paths.RUNS_DIR / "main" / "fused"))
     contract = contracts.read_json(paths.DATA_DIR / "data_contract.json", "data_contract")
-    items = list(eval_stage.loss_items_for(eval_stage.read_test_records(contract, 6), contract, tokenizer).values())
+    items = list(eval_stage.loss_items_for(splits.read_split(contract, "test", 6), contract, tokenizer).values())
     assert shared_prefix_length(items) > 5  # the shared-prefix path is really taken
     expected = validation_loss(model, items, 1, -1, 4096)
     assert eval_stage.mlx_loss(model, items, 4) == pytest.approx(expected, rel=1e-4)
@@ -116,7 +116,7 @@ def test_broken_artifact_and_failing_plugin_do_not_stop_the_rest(quantized_proje
 
 def test_unknown_task_metric_is_one_clear_error(quantized_project, caplog):
     assert eval_stage.main([*EVAL, "eval.task_metric=bleu"]) == 2
-    assert "eval.task_metric 'bleu'" in caplog.text and "normalized_match" in caplog.text and not out_dir().exists()
+    assert "'eval.task_metric' must be one of" in caplog.text and "normalized_match" in caplog.text and not out_dir().exists()
 
 
 def test_missing_artifacts_is_one_clear_error(project, caplog):
@@ -188,7 +188,7 @@ def test_generation_from_the_loss_pass_prompt_caches_gives_the_same_answers(quan
 
     model, tokenizer = load(str(paths.RUNS_DIR / "main" / "fused"))
     contract = contracts.read_json(paths.DATA_DIR / "data_contract.json", "data_contract")
-    records = eval_stage.read_test_records(contract, 8)
+    records = splits.read_split(contract, "test", 8)
     prompts, _ = eval_stage.prompts_and_references(records, contract, tokenizer)
     items = eval_stage.loss_items_for(records, contract, tokenizer)
     ecfg = OmegaConf.create({"seed": 0, "temperature": 0.0, "top_p": 1.0, "max_tokens": 10, "batch_size": 3, "loss_batch_size": 2})

@@ -14,8 +14,8 @@ import model as model_stage
 import prepare
 import train
 from fixtures.tiny_model import build_tiny_model
-from helpers import trained
-from pipeline import contracts, hashing, paths
+from helpers import error_line, trained
+from pipeline import contracts, disk, hashing, paths
 
 def base_plus_adapter_logits(base_dir, tokens):
     from mlx_lm import load
@@ -73,12 +73,6 @@ def test_quantized_base_is_dequantized_not_requantized(project, tiny_model_dir, 
     assert contracts.read_json(paths.RUNS_DIR / "main" / "fuse.manifest.json", "run_manifest")["details"]["base_was_quantized"]
 
 
-def error_line(caplog) -> str:
-    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert len(errors) == 1, errors
-    return errors[0]
-
-
 def test_missing_adapter_is_a_clear_error(project, tiny_model_dir, caplog):
     assert model_stage.main([f"model.source={tiny_model_dir}"]) == 0
     assert prepare.main([]) == 0
@@ -105,7 +99,7 @@ def test_adapter_of_another_model_is_a_clear_error(project, tiny_model_dir, tmp_
 
 def test_too_little_disk_is_refused_before_writing(project, tiny_model_dir, monkeypatch, caplog):
     trained(tiny_model_dir)
-    monkeypatch.setattr(fuse.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
+    monkeypatch.setattr(disk.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
     assert fuse.main([]) == 2
     assert "is free" in error_line(caplog)
     assert not (paths.RUNS_DIR / "main" / "fused").exists()

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import gguf_export
-import llama_runner
+from llm import hf_to_gguf as gguf_export
+from llm import llama_runner
 
 PREFIX = list(range(5, 45))
 

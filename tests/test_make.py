@@ -26,7 +26,7 @@ def test_help_is_the_default_goal_and_lists_the_stages(project):
 def test_dry_run_of_all(project, tiny_model_dir):
     use_tiny_model(project, tiny_model_dir)
     out = make(project, "-n", "all").stdout
-    assert "scripts/model.py" in out and "scripts/prepare.py" in out
+    assert "-m model" in out and "-m prepare" in out
     assert not (project / "runs" / "model.manifest.json").exists()
 
 
@@ -51,14 +51,14 @@ def test_changing_a_key_reruns_only_the_stages_that_read_it(project, tiny_model_
     make(project, "all", "SET=doctor.matmul_size=256")  # a section no stage of `all` reads
     assert mtimes(project) == first
     out = make(project, "all", "SET=prepare.contamination_ngram=5")  # prepare's own slice
-    assert "scripts/prepare.py" in out.stdout and "scripts/model.py" not in out.stdout
+    assert "-m prepare" in out.stdout and "-m model" not in out.stdout
     second = mtimes(project)
     assert second["model"] == first["model"] and second["prepare"] != first["prepare"]
     assert make(project, "-q", "all", "SET=prepare.contamination_ngram=5", check=False).returncode == 0
     assert make(project, "-q", "all", "SET=model.dtype=float16", check=False).returncode != 0
     out = make(project, "all", "SET=model.dtype=float16")  # the model changes, so prepare (its tokenizer) re-runs too
     third = mtimes(project)
-    assert "scripts/model.py" in out.stdout and "scripts/prepare.py" in out.stdout
+    assert "-m model" in out.stdout and "-m prepare" in out.stdout
     assert third["model"] != second["model"] and third["prepare"] != second["prepare"]
 
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-import ollama_export as oe
+from quantize import ollama as oe
 from helpers import REPO
 from pipeline.errors import PipelineError
 

@@ -10,8 +10,10 @@ from jsonschema import Draft202012Validator
 import model as model_stage
 import prepare
 from fixtures import datasets as fx
-from helpers import REPO
+from helpers import REPO, error_line
 from pipeline import contracts, hashing, paths
+
+from llm import chat_template
 
 OUTPUT_FILES = ("train.jsonl", "valid.jsonl", "test.jsonl", "data_contract.json", "data_catalog.json", "data_report.json", "data_report.md", "prepare.manifest.json")
 
@@ -184,12 +186,6 @@ def test_bom_and_crlf_are_handled_silently(base, tmp_path):
     assert len(records) == 40 and not any("\r" in r["completion"] for r in records)
 
 
-def error_line(caplog) -> str:
-    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert len(errors) == 1, errors
-    return errors[0]
-
-
 def test_malformed_line_names_file_line_and_text(base, tmp_path, caplog):
     lines = [json.dumps({"prompt": q, "completion": a}) for q, a in fx.qa_pairs()]
     lines[6] = '{"prompt": "unterminated'
@@ -286,12 +282,10 @@ def test_model_without_chat_template_gets_rendered_text(project, tiny_model_dir,
 def test_model_template_render_matches_the_tokenizer(base, files):
     from mlx_lm.utils import load_tokenizer
 
-    import prepare_records
-
     tokenizer = load_tokenizer(paths.resolve(contracts.read_json(paths.MODEL_MANIFEST, "run_manifest")["outputs"][0]["path"]))
-    template = prepare_records.resolve_template("auto", tokenizer.chat_template)
+    template = chat_template.resolve_template("auto", tokenizer.chat_template)
     for record in fx.openai_messages(6):
-        ours = prepare_records.render_chat(template, record["messages"], prepare.special_tokens(tokenizer))
+        ours = chat_template.render_chat(template, record["messages"], chat_template.special_tokens(tokenizer))
         theirs = tokenizer.apply_chat_template(record["messages"], tokenize=False)
         assert ours == theirs
 

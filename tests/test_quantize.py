@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import fuse
-import gguf_export
+from llm import gguf_header
+from llm import hf_to_gguf as gguf_export
 import quantize
 from helpers import trained
 from pipeline import contracts, hashing, paths
@@ -51,7 +52,7 @@ def test_float32_gguf_gives_the_mlx_logits_in_llama_cpp(tiny_model_dir, tmp_path
     model, _ = load(str(tiny_model_dir))
     expected = np.array(model(mx.array([tokens]))[0])
     np.testing.assert_allclose(llama_logits(path, tokens), expected, atol=2e-3, rtol=1e-3)
-    header = gguf_export.read_header(path)
+    header = gguf_header.read_header(path)
     assert header["parameters"] == sum(v.size for v in mx.load(str(tiny_model_dir / "model.safetensors")).values())
 
 
@@ -59,7 +60,7 @@ def test_q_and_k_rows_must_be_permuted_for_llama_cpp(tiny_model_dir, tmp_path, m
     """The check above can fail: without llama.cpp's q/k row order the logits are wrong."""
     from mlx_lm import load
 
-    monkeypatch.setattr(gguf_export, "permute", lambda w, n_head: w)
+    monkeypatch.setattr(gguf_export, "permute_qk", lambda w, n_head: w)
     path = tmp_path / "unpermuted.gguf"
     gguf_export.write_gguf(tiny_model_dir, path, float_type="float32", chat_template=None, name="tiny")
     tokens = list(range(3, 40))
@@ -72,8 +73,8 @@ def test_quantize_writes_checked_artifacts_with_lineage(fused_project):
     out = quantized_dir()
     names = sorted(p.name for p in out.iterdir())
     assert names == ["Modelfile", "main-Q4_K_M.docker.tar", "main-Q4_K_M.gguf", "main-Q8_0.gguf", "main-f32.gguf", "mlx-affine-4bit-g64"]
-    assert gguf_export.read_header(out / "main-Q4_K_M.gguf")["file_type"] == "Q4_K_M"
-    assert gguf_export.read_header(out / "main-Q8_0.gguf")["file_type"] == "Q8_0"
+    assert gguf_header.read_header(out / "main-Q4_K_M.gguf")["quantization"] == "Q4_K_M"
+    assert gguf_header.read_header(out / "main-Q8_0.gguf")["quantization"] == "Q8_0"
 
     artifacts = contracts.read_json(paths.RUNS_DIR / "main" / "artifacts.json", "artifacts")["artifacts"]
     by_id = {a["id"]: a for a in artifacts}
@@ -94,7 +95,7 @@ def test_quantize_writes_checked_artifacts_with_lineage(fused_project):
     assert abs(table["Q8_0"]["ratio_vs_float"] - 1) < 0.05
     assert details["served_answer"]["file"] == "main-Q4_K_M.gguf"
     assert "FROM ./main-Q4_K_M.gguf" in (out / "Modelfile").read_text()
-    import docker_export
+    from quantize import docker as docker_export
 
     assert docker_export.validate_oci_layout(out / "main-Q4_K_M.docker.tar") == []
 
@@ -134,7 +135,7 @@ def _quantize_cfg(overrides):
     "override, message",
     [
         ("quantize.gguf_types=[Q9_Z]", "llama.cpp does not know the quantization type Q9_Z"),
-        ("quantize.mlx=[affine-3]", "unknown MLX quantization 'affine-3'"),
+        ("quantize.mlx=[affine-3]", "got 'affine-3'"),
         ("quantize.serve=Q8_0", "quantize.serve is 'Q8_0'"),
     ],
 )

@@ -6,12 +6,12 @@ import json
 import subprocess
 import sys
 
-import toolcalls_dataset as ds
+from prepare import toolcalls_dataset as ds
 from helpers import REPO
 
 
 def test_same_seed_same_data_across_processes():
-    code = "import hashlib, json, toolcalls_dataset as d; print(hashlib.sha256(json.dumps(d.generate(0)).encode()).hexdigest())"
+    code = "import hashlib, json; from prepare import toolcalls_dataset as d; print(hashlib.sha256(json.dumps(d.generate(0)).encode()).hexdigest())"
     digests = {
         subprocess.run([sys.executable, "-c", code], cwd=REPO / "scripts", capture_output=True, text=True, env={"PYTHONHASHSEED": seed}, check=True).stdout
         for seed in ("1", "2")

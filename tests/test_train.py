@@ -16,9 +16,11 @@ import pytest
 import model as model_stage
 import prepare
 import train
-import train_data
-from helpers import REPO, make, write_override
+from train import data as train_data
+from helpers import REPO, error_line, make, write_override
 from pipeline import contracts, hashing, paths
+
+from llm import tokens
 
 FAST = ["train.iters=12", "train.steps_per_eval=4", "train.steps_per_report=2", "train.save_every=3", "train.val_batches=2", "train.num_layers=2", "train.learning_rate=1e-3"]
 
@@ -48,12 +50,13 @@ def test_every_assistant_turn_is_trained_and_nothing_else(tiny_model_dir):
         {"role": "user", "content": "third question"},
         {"role": "assistant", "content": "third answer"},
     ]
-    ids, mask = train_data.encode_chat(tokenizer, messages, None, mask_prompt=True)
+    template = {"id": "model", "source": tokenizer.chat_template}
+    ids, mask = tokens.encode_chat(tokenizer, template, messages, None, mask_prompt=True)
     trained = tokenizer.decode([int(i) for i, m in zip(ids, mask) if m])
     assert trained == "first answer<|im_end|>\nsecond answer<|im_end|>\nthird answer<|im_end|>\n"
     masked = tokenizer.decode([int(i) for i, m in zip(ids, mask) if not m])
     assert "question" in masked and "answer" not in masked
-    _, unmasked = train_data.encode_chat(tokenizer, messages, None, mask_prompt=False)
+    _, unmasked = tokens.encode_chat(tokenizer, template, messages, None, mask_prompt=False)
     assert unmasked.all()
 
 
@@ -99,8 +102,8 @@ def test_kill_9_then_resume_gives_the_same_adapter(prepared):
     assert train.main([a.replace("experiments.name=resumed", "experiments.name=straight") for a in args]) == 0
     straight = adapter_bytes("straight")
 
-    env = {**os.environ, "PIPELINE_ROOT": str(paths.ROOT), "CI": "1"}
-    process = subprocess.Popen([sys.executable, str(REPO / "scripts" / "train.py"), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {**os.environ, "PIPELINE_ROOT": str(paths.ROOT), "PYTHONPATH": str(REPO / "scripts"), "CI": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "train", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     latest = paths.RUNS_DIR / "resumed" / "checkpoints" / "latest.json"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (latest.is_file() and json.loads(latest.read_text())["step"] >= 10):
@@ -126,12 +129,6 @@ def test_early_stopping_keeps_the_best_checkpoint(prepared, caplog):
     config = json.loads((paths.RUNS_DIR / "main" / "adapter" / "adapter_config.json").read_text())
     assert config["from_step"] == manifest["details"]["best_step"]
     assert adapter_bytes() == (paths.RUNS_DIR / "main" / "checkpoints" / "best" / "adapters.safetensors").read_bytes()
-
-
-def error_line(caplog) -> str:
-    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert len(errors) == 1, errors
-    return errors[0]
 
 
 def test_diverging_loss_stops_with_a_clear_message(prepared, caplog):
@@ -176,7 +173,7 @@ def test_changing_a_train_key_leaves_prepare_untouched(project, tiny_model_dir):
     prepared_at = (project / "data" / "prepare.manifest.json").stat().st_mtime_ns
     trained_at = (project / "runs" / "main" / "train.manifest.json").stat().st_mtime_ns
     out = make(project, "all", "SET=train.learning_rate=1e-3")
-    assert "scripts/train.py" in out.stdout and "scripts/prepare.py" not in out.stdout
+    assert "-m train" in out.stdout and "-m prepare" not in out.stdout
     assert (project / "data" / "prepare.manifest.json").stat().st_mtime_ns == prepared_at
     assert (project / "runs" / "main" / "train.manifest.json").stat().st_mtime_ns != trained_at
     assert "Nothing to be done" in make(project, "all", "SET=train.learning_rate=1e-3").stdout

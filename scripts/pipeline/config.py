@@ -1,7 +1,9 @@
 """Config: config/default.yaml < config/override.yaml (or --override FILE) < key=value overrides.
 
-default.yaml is the schema: a key it does not have is an error naming the closest valid key, and a
-value must have the type of the default it replaces (a null default takes any value). Also a CLI,
+default.yaml holds every key and its default: a key it does not have is an error naming the closest
+valid key, and a value must have the type of the default it replaces. config/schemas/config.schema.json
+holds what each key allows (choices, ranges, null): the merged, resolved config is checked against it
+before any stage runs, every wrong value reported in one line with the closest valid one. Also a CLI,
 used by the Makefile to write one JSON file per config section, rewritten only when its resolved
 content changes, so that Make re-runs exactly the stages whose settings changed:
 
@@ -14,20 +16,42 @@ import argparse
 import difflib
 import re
 import sys
+import textwrap
 from collections.abc import Iterable, Sequence
+from itertools import zip_longest
 from pathlib import Path
+from typing import NamedTuple
 
 import orjson
 import yaml
+from jsonschema import ValidationError
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline import paths
+from pipeline import contracts, paths, stages
 from pipeline.contracts import write_text_if_changed
 from pipeline.errors import ConfigError, PipelineError
 
-EXPERIMENT_SECTIONS = ("train", "fuse", "quantize", "eval")  # settings that differ between experiments; the rest is shared
 _EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_SCHEMA_NAME = "config"
+_SPLITS_TOLERANCE = 1e-6
+_KNOB_LINE = re.compile(r"(?P<indent> *)(?P<key>[A-Za-z_][\w-]*):(?P<rest>.*)")
+_SCHEMA_TYPE_NAMES = {
+    "boolean": "a boolean", "integer": "an integer", "number": "a number", "string": "a string",
+    "array": "a list", "object": "a mapping", "null": "null",
+}
+_PYTHON_TYPE_NAMES = {
+    bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping",
+}
+_RANGE_KEYWORDS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
+
+
+class Problem(NamedTuple):
+    """One wrong value: the layer that gave it, what is wrong and the fix."""
+
+    source: str
+    what: str
+    fix: str | None
 
 
 def load_config(
@@ -38,10 +62,12 @@ def load_config(
     """The resolved, read-only config. `override_file` None means config/override.yaml if present."""
     default_path = Path(default_file) if default_file else paths.DEFAULT_CONFIG
     defaults = _read_yaml(default_path)
+    layers = [(paths.display(default_path), defaults)]
     merged = OmegaConf.create(defaults)
     for source, layer in _override_layers(overrides, override_file):
         _check_against_defaults(layer, defaults, source)
-        merged = OmegaConf.merge(merged, _coerce(layer, defaults))
+        layers.append((source, _coerce(layer, defaults)))
+        merged = OmegaConf.merge(merged, layers[-1][1])
     try:
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as exc:
@@ -53,6 +79,7 @@ def load_config(
             where="experiments.name",
             fix="use letters, digits, '.', '_' and '-' (it becomes runs/<name>/)",
         )
+    check_values(OmegaConf.to_container(merged), layers)
     OmegaConf.set_struct(merged, True)
     OmegaConf.set_readonly(merged, True)
     return merged
@@ -102,7 +129,9 @@ def _read_yaml(path: Path, allow_empty: bool = False) -> dict:
     if data is None and allow_empty:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError("the top level must be a mapping of sections", where=where, fix="see config/override.example.yaml")
+        raise ConfigError(
+            "the top level must be a mapping of sections", where=where, fix="see config/override.example.yaml"
+        )
     return data
 
 
@@ -111,7 +140,11 @@ def _parse_dotlist(overrides: Iterable[str]) -> dict:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"'{item}' is not KEY=VALUE", where="command line", fix="write it as section.key=value, e.g. train.learning_rate=2e-4")
+            raise ConfigError(
+                f"'{item}' is not KEY=VALUE",
+                where="command line",
+                fix="write it as section.key=value, e.g. train.learning_rate=2e-4",
+            )
         try:
             value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]))["v"]
         except OmegaConfBaseException as exc:
@@ -136,7 +169,9 @@ def valid_keys(defaults: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def _check_against_defaults(layer: dict, defaults: dict, source: str, root: dict | None = None, prefix: str = "") -> None:
+def _check_against_defaults(
+    layer: dict, defaults: dict, source: str, root: dict | None = None, prefix: str = ""
+) -> None:
     root = defaults if root is None else root
     for key, value in layer.items():
         dotted = f"{prefix}{key}"
@@ -145,13 +180,19 @@ def _check_against_defaults(layer: dict, defaults: dict, source: str, root: dict
         default = defaults[key]
         if isinstance(default, dict) and not default:  # an empty mapping in default.yaml is free-form
             if value is not None and not isinstance(value, dict):
-                raise ConfigError(f"'{dotted}' must be a mapping, got {value!r}", where=source, fix=f"e.g. {dotted}: {{key: value}}")
+                raise ConfigError(
+                    f"'{dotted}' must be a mapping, got {value!r}", where=source, fix=f"e.g. {dotted}: {{key: value}}"
+                )
             continue
         if isinstance(default, dict):
             if value is None:
                 continue
             if not isinstance(value, dict):
-                raise ConfigError(f"'{dotted}' is a section, got the value {value!r}", where=source, fix=f"set keys inside it, e.g. {dotted}.{next(iter(default), 'key')}=...")
+                raise ConfigError(
+                    f"'{dotted}' is a section, got the value {value!r}",
+                    where=source,
+                    fix=f"set keys inside it, e.g. {dotted}.{next(iter(default), 'key')}=...",
+                )
             _check_against_defaults(value, default, source, root, dotted + ".")
         elif default is not None and value is not None and not _type_fits(value, default):
             raise ConfigError(
@@ -209,7 +250,367 @@ def _coerce(layer: dict, defaults: dict) -> dict:
 
 
 def _type_name(value) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
+    return _PYTHON_TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+# --- values: config/schemas/config.schema.json, then the rules that span keys ---------------------------------
+
+
+def check_values(values: dict, layers: Sequence[tuple[str, dict]]) -> None:
+    """Raise one ConfigError naming every value the schema or a cross-key rule refuses.
+
+    `layers` are (source, mapping) from lowest to highest precedence; a wrong value is blamed on the
+    last layer that set it."""
+    problems = _schema_problems(values, layers) or _split_problems(values, layers)
+    if problems:
+        raise _config_error(problems)
+
+
+def schema() -> dict:
+    return contracts.validator(_SCHEMA_NAME).schema
+
+
+def schema_knobs(node: dict | None = None, prefix: str = "") -> dict[str, dict]:
+    """Every key the schema declares (sections too), dotted, in file order, with its ($ref-resolved) schema."""
+    node = schema() if node is None else node
+    knobs = {}
+    for key, child in node.get("properties", {}).items():
+        child = _deref(child)
+        knobs[prefix + key] = child
+        knobs.update(schema_knobs(child, f"{prefix}{key}."))
+    return knobs
+
+
+def choices(node: dict) -> list:
+    """The enumerated values a key (or each item of a list key) may take; [] when it has none."""
+    node = _deref(node)
+    if "items" in node:
+        return choices(node["items"])
+    found = list(node.get("enum", []))
+    for branch in node.get("anyOf", []):
+        found += choices(branch)
+    return found
+
+
+def allowed_text(node: dict) -> str:
+    """What a key allows, in words: `one of a, b`, `>= 1`, `-1 or >= 1`, `null or a string`, ..."""
+    node = _deref(node)
+    if "anyOf" in node:
+        return " or ".join(allowed_text(branch) for branch in node["anyOf"])
+    if "enum" in node:
+        return "one of " + ", ".join(str(choice) for choice in node["enum"])
+    if "const" in node:
+        return str(node["const"])
+    if node.get("type") == "array":
+        return "a list, each " + allowed_text(node.get("items", {}))
+    if "description" in node and node.get("type") != "object":
+        return node["description"]
+    if "pattern" in node:
+        return f"matching {node['pattern']}"
+    return " ".join(part for part in (_types_text(node.get("type", [])), _range_text(node)) if part)
+
+
+def _deref(node: dict) -> dict:
+    """A node with its local `$ref` (#/$defs/<name>) merged in."""
+    ref = node.get("$ref")
+    if not ref:
+        return node
+    resolved = dict(schema()["$defs"][ref.rsplit("/", 1)[-1]])
+    resolved.update({key: value for key, value in node.items() if key != "$ref"})
+    return resolved
+
+
+def _schema_problems(values: dict, layers) -> list[Problem]:
+    problems, seen = [], set()
+    for error in contracts.validator(_SCHEMA_NAME).iter_errors(values):
+        path = _subject_path(error)
+        if path not in seen:  # one problem per value: a wrong type hides the other checks of that value
+            seen.add(path)
+            what, fix = _explain(error, _dotted(path), _value_at(layers[0][1], path))
+            problems.append(Problem(layers[_last_layer_setting(path, layers)][0], what, fix))
+    return problems
+
+
+def _subject_path(error: ValidationError) -> tuple:
+    """The path of the value the error is about; for a missing or undeclared key, that key's path."""
+    path = tuple(error.absolute_path)
+    if error.validator == "required":
+        return path + (_missing_keys(error)[0],)
+    if error.validator == "additionalProperties":
+        return path + (_undeclared_keys(error)[0],)
+    return path
+
+
+def _missing_keys(error: ValidationError) -> list[str]:
+    return [key for key in error.validator_value if key not in error.instance]
+
+
+def _undeclared_keys(error: ValidationError) -> list[str]:
+    return sorted(set(error.instance) - set(error.schema.get("properties", {})))
+
+
+def _explain(error: ValidationError, key: str, default) -> tuple[str, str | None]:
+    """(what is wrong, the fix) for one schema error, in the words of the config."""
+    node, value, kind = error.schema, error.instance, error.validator
+    if kind == "type":
+        example = None if "object" in _types(node) else _example(node, default)  # a whole section is no example
+        fix = f"give {_types_text(node['type'])}" + (f", e.g. {example!r}" if example is not None else "")
+        return f"'{key}' must be {_types_text(node['type'])}, got {_described(value)}", fix
+    if kind == "enum":
+        fix = _suggested_choice(value, node["enum"]) or f"use one of: {_listed(node['enum'])}"
+        return f"'{key}' must be one of {_listed(node['enum'])}; got {value!r}", fix
+    if kind == "anyOf":
+        allowed = allowed_text(node)
+        separator = "; " if "," in allowed else ", "
+        return f"'{key}' must be {allowed}{separator}got {value!r}", _any_of_fix(node, value, allowed, default)
+    if kind in _RANGE_KEYWORDS:
+        return f"'{key}' must be {_range_text(node)}, got {value!r}", _range_fix(node, value, default)
+    if kind == "pattern":
+        return f"'{key}' must be {allowed_text(node)}, got {value!r}", _pattern_fix(node, value, default)
+    if kind == "minLength":
+        return f"'{key}' must not be empty", f"give {allowed_text(node)}"
+    if kind == "required":
+        return f"'{key}' is missing", "add it with its default to config/default.yaml"
+    if kind == "additionalProperties":
+        return (
+            f"'{key}' is not declared in config/schemas/config.schema.json",
+            "declare it there with what it allows, or remove it from config/default.yaml",
+        )
+    return f"'{key}': {error.message}", None
+
+
+def _suggested_choice(value, options: Sequence) -> str | None:
+    """`did you mean X?` with the nearest number, or the string differing only in case or closest in spelling."""
+    if _is_number(value) and all(_is_number(option) for option in options):
+        return f"did you mean {_nearest(value, options)!r}?"
+    if not isinstance(value, str):
+        return None
+    texts = [option for option in options if isinstance(option, str)]
+    same_but_case = [option for option in texts if option.lower() == value.strip().lower()]
+    close = same_but_case or difflib.get_close_matches(value, texts, n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else None
+
+
+def _any_of_fix(node: dict, value, allowed: str, default) -> str:
+    if _is_number(value) and not choices(node):
+        return _range_fix(node, value, default)
+    return _suggested_choice(value, choices(node)) or f"use {allowed}"
+
+
+def _range_fix(node: dict, value, default) -> str:
+    closest = _closest_number(node, value)
+    if closest is not None:
+        return f"the closest valid value is {closest!r}"
+    example = _example(node, default)
+    return f"use a value {_range_text(node)}" + (f", e.g. {example!r}" if example is not None else "")
+
+
+def _pattern_fix(node: dict, value, default) -> str:
+    """A likely intended spelling (spaces or case) when it fits, else an example."""
+    pattern = re.compile(node["pattern"])
+    for candidate in (value.strip(), value.strip().upper()):
+        if pattern.search(candidate):
+            return f"did you mean {candidate!r}?"
+    example = _example(node, default)
+    return f"e.g. {example!r}" if example is not None else f"give {allowed_text(node)}"
+
+
+def _closest_number(node: dict, value):
+    """The valid number nearest to `value`, or None when the bound is exclusive and not an integer step."""
+    integer = "integer" in _types(node)
+    candidates = []
+    for branch in node.get("anyOf", [node]):
+        candidates.append(branch["const"] if "const" in branch else _clamped(branch, value, integer))
+    candidates = [candidate for candidate in candidates if candidate is not None]
+    return _nearest(value, candidates) if candidates else None
+
+
+def _clamped(node: dict, value, integer: bool):
+    if "minimum" in node and value < node["minimum"]:
+        return node["minimum"]
+    if "exclusiveMinimum" in node and value <= node["exclusiveMinimum"]:
+        return node["exclusiveMinimum"] + 1 if integer else None
+    if "maximum" in node and value > node["maximum"]:
+        return node["maximum"]
+    if "exclusiveMaximum" in node and value >= node["exclusiveMaximum"]:
+        return node["exclusiveMaximum"] - 1 if integer else None
+    return value
+
+
+def _nearest(value, options: Sequence):
+    return min(options, key=lambda option: (abs(option - value), -option))  # a tie goes to the larger value
+
+
+def _range_text(node: dict) -> str:
+    """`>= 1`, `> 0`, `in [0, 1)`, ... from the JSON Schema bounds of a node."""
+    low = [(node[k], k == "minimum") for k in ("minimum", "exclusiveMinimum") if k in node]
+    high = [(node[k], k == "maximum") for k in ("maximum", "exclusiveMaximum") if k in node]
+    if low and high:
+        (lo, lo_closed), (hi, hi_closed) = low[0], high[0]
+        return f"in {'[' if lo_closed else '('}{lo}, {hi}{']' if hi_closed else ')'}"
+    if low:
+        return f"{'>=' if low[0][1] else '>'} {low[0][0]}"
+    if high:
+        return f"{'<=' if high[0][1] else '<'} {high[0][0]}"
+    return ""
+
+
+def _types(node: dict) -> list[str]:
+    kinds = node.get("type", [])
+    return [kinds] if isinstance(kinds, str) else list(kinds)
+
+
+def _types_text(kinds) -> str:
+    kinds = [kinds] if isinstance(kinds, str) else sorted(kinds, key=lambda kind: kind != "null")
+    return " or ".join(_SCHEMA_TYPE_NAMES.get(kind, kind) for kind in kinds)
+
+
+def _example(node: dict, default):
+    """A valid value to show in a fix: the schema's example, else the default, else the first choice."""
+    examples = node.get("examples", []) + ([] if default is None else [default]) + node.get("enum", [])
+    return examples[0] if examples else None
+
+
+def _described(value) -> str:
+    return "null" if value is None else f"{_type_name(value)} {value!r}"
+
+
+def _listed(options: Iterable) -> str:
+    return ", ".join(str(option) for option in options)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _dotted(path: Sequence) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else f"{'.' if text else ''}{part}"
+    return text
+
+
+def _last_layer_setting(path: Sequence, layers: Sequence[tuple[str, dict]]) -> int:
+    """Index of the highest layer that sets the key at `path` (list indexes are part of the key's value)."""
+    keys = []
+    for part in path:
+        if isinstance(part, int):
+            break
+        keys.append(part)
+    for index in range(len(layers) - 1, 0, -1):
+        if _sets(layers[index][1], keys):
+            return index
+    return 0
+
+
+def _value_at(tree, path: Sequence):
+    """The value at a schema error path (keys and list indexes), or None when `tree` has none there."""
+    for part in path:
+        if isinstance(part, int) and isinstance(tree, list) and part < len(tree):
+            tree = tree[part]
+        elif isinstance(part, str) and isinstance(tree, dict) and part in tree:
+            tree = tree[part]
+        else:
+            return None
+    return tree
+
+
+def _sets(layer: dict, keys: Sequence[str]) -> bool:
+    node = layer
+    for key in keys:
+        if not isinstance(node, dict) or key not in node:
+            return False
+        node = node[key]
+    return True
+
+
+def _split_problems(values: dict, layers) -> list[Problem]:
+    """data.splits must share out all records: train + valid + test = 1."""
+    splits = values["data"]["splits"]
+    total = sum(splits.values())
+    if abs(total - 1) <= _SPLITS_TOLERANCE:
+        return []
+    source = layers[max(_last_layer_setting(("data", "splits", name), layers) for name in splits)][0]
+    shares = " + ".join(f"{share:g}" for share in splits.values())
+    what = f"'data.splits' train + valid + test must sum to 1, got {total:g} ({shares})"
+    return [Problem(source, what, _split_fix(splits, total))]
+
+
+def _split_fix(splits: dict, total: float) -> str:
+    rest = round(1 - splits["train"] - splits["valid"], 6)
+    if 0 <= rest <= 1:
+        return f"set data.splits.test={rest + 0.0:g} (1 - train - valid)"  # + 0.0 turns -0.0 into 0.0
+    if total > 0:
+        return "scale them, e.g. " + ", ".join(f"data.splits.{k}={v / total:.3g}" for k, v in splits.items())
+    return "e.g. data.splits.train=0.8, data.splits.valid=0.1, data.splits.test=0.1"
+
+
+def _config_error(problems: Sequence[Problem]) -> ConfigError:
+    if len(problems) == 1:
+        return ConfigError(problems[0].what, where=problems[0].source, fix=problems[0].fix)
+    sources = list(dict.fromkeys(problem.source for problem in problems))
+    parts = [_with_fix(problem, named=len(sources) > 1) for problem in problems]
+    return ConfigError(
+        f"{len(problems)} invalid values: " + "; ".join(parts),
+        where=sources[0] if len(sources) == 1 else "config",
+        fix="correct each as suggested (the comments in config/default.yaml list what each key allows)",
+    )
+
+
+def _with_fix(problem: Problem, named: bool) -> str:
+    text = f"{problem.source}: {problem.what}" if named else problem.what
+    return f"{text} ({problem.fix})" if problem.fix else text
+
+
+# --- describe: the knobs as a table ------------------------------------------------------------------------
+
+
+def default_comments(default_file: str | Path | None = None) -> dict[str, tuple[str, str]]:
+    """Each key of default.yaml (sections too), dotted, in file order: (its value as written, its comment).
+
+    Each knob is one line, `key: value  # comment`; a section is `key:` with its keys indented below."""
+    path = Path(default_file) if default_file else paths.DEFAULT_CONFIG
+    knobs, parents = {}, []  # parents: (indent, key) of the sections the line is inside
+    for line in path.read_text(encoding="utf-8").splitlines():
+        match = _KNOB_LINE.fullmatch(line)
+        if not match:
+            continue
+        indent, key = len(match["indent"]), match["key"]
+        while parents and parents[-1][0] >= indent:
+            parents.pop()
+        dotted = ".".join([parent for _, parent in parents] + [key])
+        value, _, comment = match["rest"].partition(" #")
+        knobs[dotted] = (value.strip(), comment.strip())
+        if not value.strip():
+            parents.append((indent, key))
+    return knobs
+
+
+def describe(section: str | None = None) -> str:
+    """A plain-text table of every key (of one section, or all): its default, what it allows, its comment."""
+    knobs, declared = default_comments(), schema_knobs()
+    sections = [key for key in knobs if "." not in key]
+    if section is not None and section not in sections:
+        close = difflib.get_close_matches(section, sections, n=1)
+        fix = f"did you mean '{close[0]}'?" if close else "sections: " + ", ".join(sections)
+        raise ConfigError(f"unknown section '{section}'", where="config", fix=fix)
+    rows = [("key", "default", "allowed", "meaning")]
+    for key, (default, comment) in knobs.items():
+        if section is None or key == section or key.startswith(section + "."):
+            allowed = "a section" if not default else allowed_text(declared.get(key, {}))
+            rows.append((key, default, allowed, comment))
+    return _table(rows, widths=(max(len(row[0]) for row in rows), 24, 36, 56))
+
+
+def _table(rows: Sequence[Sequence[str]], widths: Sequence[int]) -> str:
+    """Columns padded to `widths`; a longer cell wraps onto the next lines of its column (keys never wrap)."""
+    lines = []
+    for row in rows:
+        cells = [[cell] if column == 0 else textwrap.wrap(cell, width) or [""]
+                 for column, (cell, width) in enumerate(zip(row, widths))]
+        for parts in zip_longest(*cells, fillvalue=""):
+            lines.append("  ".join(part.ljust(width) for part, width in zip(parts, widths)).rstrip())
+    return "\n".join(lines) + "\n"
 
 
 def write_slices(cfg: DictConfig, out_dir: Path, experiments_root: Path | None = None) -> list[str]:
@@ -218,7 +619,7 @@ def write_slices(cfg: DictConfig, out_dir: Path, experiments_root: Path | None =
     changed = []
     for name in cfg:
         folder = out_dir
-        if experiments_root is not None and name in EXPERIMENT_SECTIONS:
+        if experiments_root is not None and name in stages.experiment_sections():
             folder = experiments_root / cfg.experiments.name / ".config"
         text = orjson.dumps(section(cfg, name), option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2).decode() + "\n"
         if write_text_if_changed(folder / f"{name}.json", text):
@@ -238,7 +639,12 @@ def _cli(argv: Sequence[str] | None = None) -> int:
     show = sub.add_parser("show", help="print the resolved config as YAML")
     show.add_argument("--override", metavar="FILE")
     show.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    describe_cmd = sub.add_parser("describe", help="every key: default, allowed values, what it does")
+    describe_cmd.add_argument("section", nargs="?")
     args = parser.parse_args(argv)
+    if args.command == "describe":
+        print(describe(args.section))
+        return 0
     try:
         cfg = load_config(args.overrides, args.override)
     except PipelineError as exc:
@@ -249,7 +655,8 @@ def _cli(argv: Sequence[str] | None = None) -> int:
     else:
         write_slices(cfg, args.out, args.experiments_root)
         if args.mk:
-            write_text_if_changed(args.mk, f"EXP_NAME := {cfg.experiments.name}\n")
+            include = f"EXP_NAME := {cfg.experiments.name}\n" + stages.make_include(cfg.experiments.name)
+            write_text_if_changed(args.mk, include)
     return 0
 
 

@@ -72,7 +72,7 @@ def read_json(path: str | Path, schema_name: str) -> dict:
     except FileNotFoundError:
         raise ContractError("file not found", where=where, fix="run the stage that makes it (see `make help`)") from None
     except orjson.JSONDecodeError as exc:
-        raise ContractError(f"not valid JSON: {exc}", where=where, fix="re-run the stage that writes it") from None
+        raise ContractError(f"not valid JSON: {exc}", where=where, fix="re-run the stage that writes it") from exc
     validate(obj, schema_name, where=where)
     return obj
 

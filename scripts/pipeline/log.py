@@ -6,6 +6,9 @@ import logging
 import os
 import sys
 
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
 _FORMAT = "%(asctime)s [%(name)s] %(message)s"
 
 
@@ -15,8 +18,6 @@ def setup_logging(verbose: bool = False) -> None:
     for old in [h for h in root.handlers if getattr(h, "pipeline_handler", False)]:
         root.removeHandler(old)
     if interactive():
-        from rich.logging import RichHandler
-
         handler: logging.Handler = RichHandler(show_path=False, show_level=False, log_time_format="%H:%M:%S")
         handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
     else:
@@ -43,8 +44,6 @@ class StepProgress:
 
     def __enter__(self):
         if interactive():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
             self._progress = Progress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TextColumn("tok/s {task.fields[tps]}"),
                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), transient=False,
@@ -77,8 +76,6 @@ class ItemProgress:
 
     def __enter__(self):
         if interactive():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
             self._progress = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
             self._progress.start()
             self._task = self._progress.add_task(self.label, total=self.total)

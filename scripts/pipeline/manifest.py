@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from pipeline import contracts, paths, runtime
+from pipeline.errors import ContractError
 from pipeline.hashing import sha256_file, sha256_tree
 
 
@@ -42,9 +43,18 @@ class StageRun:
         return manifest
 
 
-def output_path(manifest: dict, role: str) -> Path:
-    """The path of the output with this role in a manifest read back from disk."""
+def output_entry(manifest: dict, role: str) -> dict:
+    """The output with this role in a manifest read back from disk ({"role", "path", "sha256", ...})."""
     for entry in manifest["outputs"]:
         if entry["role"] == role:
-            return paths.resolve(entry["path"])
-    raise KeyError(role)
+            return entry
+    raise ContractError(
+        f"the {manifest['stage']} manifest lists no '{role}' output",
+        where=f"{manifest['stage']}.manifest.json",
+        fix=f"re-run `make {manifest['stage']}`",
+    )
+
+
+def output_path(manifest: dict, role: str) -> Path:
+    """The path of the output with this role in a manifest read back from disk."""
+    return paths.resolve(output_entry(manifest, role)["path"])

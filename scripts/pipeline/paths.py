@@ -5,13 +5,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+SPLITS = ("train", "valid", "test")
+
+
 def use_root(root: str | os.PathLike) -> None:
     """Point every shared path at a project root (tests run stages in a temporary copy)."""
-    global ROOT, CONFIG_DIR, SCHEMA_DIR, DEFAULT_CONFIG, USER_OVERRIDE, DATA_DIR, RUNS_DIR, EVAL_DIR, DIST_DIR
-    global STATE_DIR, CONFIG_SLICE_DIR, MODEL_MANIFEST
+    global ROOT, SCRIPTS_DIR, CONFIG_DIR, SCHEMA_DIR, TEMPLATE_DIR, DEFAULT_CONFIG, USER_OVERRIDE
+    global DATA_DIR, RUNS_DIR, EVAL_DIR, DIST_DIR, STATE_DIR, CONFIG_SLICE_DIR
+    global MODEL_MANIFEST, DATA_CONTRACT, DATA_CATALOG, DATA_REPORT, PREPARE_MANIFEST, EXPERIMENTS_CSV, EVAL_SUMMARY
     ROOT = Path(root).resolve()
+    SCRIPTS_DIR = ROOT / "scripts"
     CONFIG_DIR = ROOT / "config"
     SCHEMA_DIR = CONFIG_DIR / "schemas"
+    TEMPLATE_DIR = CONFIG_DIR / "templates"
     DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
     USER_OVERRIDE = CONFIG_DIR / "override.yaml"
     DATA_DIR = ROOT / "data"
@@ -21,9 +27,34 @@ def use_root(root: str | os.PathLike) -> None:
     STATE_DIR = ROOT / ".state"
     CONFIG_SLICE_DIR = STATE_DIR / "config"
     MODEL_MANIFEST = RUNS_DIR / "model.manifest.json"
+    DATA_CONTRACT = DATA_DIR / "data_contract.json"
+    DATA_CATALOG = DATA_DIR / "data_catalog.json"
+    DATA_REPORT = DATA_DIR / "data_report.json"
+    PREPARE_MANIFEST = DATA_DIR / "prepare.manifest.json"
+    EXPERIMENTS_CSV = RUNS_DIR / "experiments.csv"
+    EVAL_SUMMARY = EVAL_DIR / "summary.md"
 
 
 use_root(os.environ.get("PIPELINE_ROOT") or Path(__file__).resolve().parents[2])
+
+
+def split_file(split: str) -> Path:
+    """data/<split>.jsonl, as prepare writes it."""
+    return DATA_DIR / f"{split}.jsonl"
+
+
+def run_dir(experiment: str) -> Path:
+    """runs/<experiment>/: an experiment's adapter, checkpoints, fused model and deployable files."""
+    return RUNS_DIR / experiment
+
+
+def artifacts_file(experiment: str) -> Path:
+    return run_dir(experiment) / "artifacts.json"
+
+
+def eval_dir(experiment: str) -> Path:
+    """eval_out/<experiment>/: the experiment's report, metrics and generation policy."""
+    return EVAL_DIR / experiment
 
 
 def resolve(path: str | os.PathLike) -> Path:

@@ -17,6 +17,7 @@ import os
 import platform
 import sys
 import sysconfig
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 log = logging.getLogger("runtime")
@@ -110,6 +111,10 @@ def blas_summary() -> dict:
     return {"name": "reference", "library": reference or "bundled with mlx", "optimized": False}
 
 
+# MLX is imported inside the functions below: this package must load OpenBLAS before anything imports
+# MLX, and the Make-time config commands must not pay for importing it.
+
+
 def device_name() -> str:
     import mlx.core as mx
 
@@ -158,8 +163,6 @@ def available_memory_bytes() -> int | None:
 
 
 def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     found = {"python": platform.python_version()}
     for package in ("mlx", "mlx-lm", "mlx-cpu", "mlx-metal", "transformers", "tokenizers", "gguf"):
         try:

@@ -14,21 +14,35 @@ or train every assistant turn of a chat.
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import math
-import sys
 import time
+from functools import partial
 from pathlib import Path
 
-import numpy as np
-import orjson
-
 import pipeline  # noqa: F401  (loads the fast BLAS before MLX)
-import train_data
-import train_state
-from pipeline import cli, config, contracts, hashing, log as plog, paths, runtime
+from pipeline import cli, config, contracts, hashing, paths, runtime, stages
+from pipeline import log as plog
 from pipeline.errors import PipelineError
 from pipeline.manifest import StageRun, file_entry, output_path
+
+import matplotlib
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import orjson
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm import load
+from mlx_lm.tuner.trainer import grad_checkpoint
+from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers
+
+from train import data as train_data
+from train import state as train_state
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
 
 log = logging.getLogger("train")
 
@@ -39,19 +53,18 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return cli.run_stage("train", args, run, sections=("experiments", "train"))
+    return cli.run_stage("train", args, run)
 
 
 def run(cfg) -> dict:
-    import mlx.core as mx
-
     tcfg = cfg.train
     experiment = cfg.experiments.name
-    run_dir = paths.RUNS_DIR / experiment
+    run_dir = paths.run_dir(experiment)
     stage = StageRun("train", {"train": config.section(cfg, "train")}, experiment=experiment)
-    model_manifest = contracts.read_json(paths.MODEL_MANIFEST, "run_manifest")
-    contract = contracts.read_json(paths.DATA_DIR / "data_contract.json", "data_contract")
-    catalog = contracts.read_json(paths.DATA_DIR / "data_catalog.json", "data_catalog")
+    model_manifest = stages.read_manifest("model")
+    stages.read_manifest("prepare")
+    contract = contracts.read_json(paths.DATA_CONTRACT, "data_contract")
+    catalog = contracts.read_json(paths.DATA_CATALOG, "data_catalog")
     model_dir = output_path(model_manifest, "model")
     iters = total_iterations(tcfg, catalog)
     check_dataset_size(catalog, tcfg)
@@ -60,14 +73,12 @@ def run(cfg) -> dict:
     memory_guard(model, tcfg, contract, catalog)
     mx.random.seed(tcfg.seed)  # before the adapters exist: their initial weights come from this seed
     adapter_config = attach_adapters(model, tcfg)
-    train_set = train_data.load_split(paths.DATA_DIR / "train.jsonl", contract, tokenizer, tcfg.mask_prompt)
-    valid_set = train_data.load_split(paths.DATA_DIR / "valid.jsonl", contract, tokenizer, tcfg.mask_prompt)
+    train_set = train_data.load_split("train", contract, tokenizer, tcfg.mask_prompt)
+    valid_set = train_data.load_split("valid", contract, tokenizer, tcfg.mask_prompt)
     optimizer = build_optimizer(tcfg, iters)
 
     fingerprint = train_state.fingerprint(model_manifest, catalog, adapter_config, config.section(cfg, "train"))
     checkpoints = train_state.Checkpoints(run_dir / "checkpoints", fingerprint)
-    if tcfg.resume not in ("auto", "require", "never"):
-        raise PipelineError(f"unknown train.resume '{tcfg.resume}'", where="train.resume", fix="use auto, require or never")
     state = checkpoints.restore(model, optimizer, mode=tcfg.resume)
     metrics = train_state.MetricsLog(run_dir / "metrics.jsonl", keep_until=state.step)
 
@@ -78,7 +89,12 @@ def run(cfg) -> dict:
     plot_losses(metrics.path, run_dir / "loss.png", experiment)
     summary = loop.summary()
     write_experiment_row(experiment, tcfg, summary, adapter_dir)
-    inputs = [file_entry("model", paths.MODEL_MANIFEST), file_entry("data_contract", paths.DATA_DIR / "data_contract.json"), file_entry("train_split", paths.DATA_DIR / "train.jsonl"), file_entry("valid_split", paths.DATA_DIR / "valid.jsonl")]
+    inputs = [
+        file_entry("model", paths.MODEL_MANIFEST),
+        file_entry("data_contract", paths.DATA_CONTRACT),
+        file_entry("train_split", paths.split_file("train")),
+        file_entry("valid_split", paths.split_file("valid")),
+    ]
     outputs = [file_entry("adapter", adapter_dir), file_entry("metrics", metrics.path), file_entry("loss_plot", run_dir / "loss.png")]
     details = {**summary, "iterations_planned": iters, "adapter_config": adapter_config, "blas": runtime.blas_summary()["name"], "fingerprint": fingerprint}
     stage.finish(run_dir / "train.manifest.json", inputs, outputs, details)
@@ -110,9 +126,6 @@ def check_dataset_size(catalog: dict, tcfg) -> None:
 
 
 def load_base(model_dir: Path, tcfg):
-    import mlx.core as mx
-    from mlx_lm import load
-
     model, tokenizer = load(str(model_dir))
     dtype = runtime.resolve_dtype(tcfg.dtype)
     model.set_dtype(getattr(mx, dtype))
@@ -121,8 +134,6 @@ def load_base(model_dir: Path, tcfg):
 
 
 def attach_adapters(model, tcfg) -> dict:
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
     layers = len(model.layers)
     num_layers = layers if tcfg.num_layers in (-1, None) else min(int(tcfg.num_layers), layers)
     lora_parameters = {"rank": tcfg.lora.rank, "scale": tcfg.lora.scale, "dropout": tcfg.lora.dropout}
@@ -132,44 +143,35 @@ def attach_adapters(model, tcfg) -> dict:
     if tcfg.fine_tune_type == "full":
         for layer in model.layers[-num_layers:]:
             layer.unfreeze()
-    elif tcfg.fine_tune_type in ("lora", "dora"):
+    else:  # lora or dora (the config schema allows nothing else)
         linear_to_lora_layers(model, num_layers, lora_parameters, use_dora=tcfg.fine_tune_type == "dora")
-    else:
-        raise PipelineError(f"unknown fine_tune_type '{tcfg.fine_tune_type}'", where="train.fine_tune_type", fix="use lora, dora or full")
     return {"fine_tune_type": tcfg.fine_tune_type, "num_layers": num_layers, "lora_parameters": lora_parameters}
 
 
-def build_optimizer(tcfg, iters: int):
-    import mlx.optimizers as optim
-    from mlx_lm.tuner.utils import build_schedule
+OPTIMIZERS = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD, "adafactor": optim.Adafactor, "muon": optim.Muon}
 
+
+def build_optimizer(tcfg, iters: int):
     warmup = min(int(tcfg.warmup_steps), max(iters - 1, 0))
     if tcfg.lr_schedule == "constant":
         schedule = build_schedule({"name": "cosine_decay", "arguments": [tcfg.learning_rate, 10**12], "warmup": warmup}) if warmup else tcfg.learning_rate
     elif tcfg.lr_schedule in ("cosine", "linear"):
         name, arguments = ("cosine_decay", [tcfg.learning_rate, max(iters - warmup, 1)]) if tcfg.lr_schedule == "cosine" else ("linear_schedule", [tcfg.learning_rate, 0.0, max(iters - warmup, 1)])
         schedule = build_schedule({"name": name, "arguments": arguments, "warmup": warmup})
-    else:
-        raise PipelineError(f"unknown lr_schedule '{tcfg.lr_schedule}'", where="train.lr_schedule", fix="use constant, cosine or linear")
-    optimizers = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD, "adafactor": optim.Adafactor, "muon": optim.Muon}
-    if tcfg.optimizer not in optimizers:
-        raise PipelineError(f"unknown optimizer '{tcfg.optimizer}'", where="train.optimizer", fix="use " + ", ".join(optimizers))
     kwargs = {"learning_rate": schedule}
     if tcfg.optimizer == "adamw":
         kwargs["weight_decay"] = tcfg.weight_decay
-    return optimizers[tcfg.optimizer](**kwargs)
+    return OPTIMIZERS[tcfg.optimizer](**kwargs)
 
 
 def memory_guard(model, tcfg, contract: dict, catalog: dict) -> None:
     """Refuse a run that cannot fit, before spending minutes on it."""
-    from mlx.utils import tree_flatten
-
     params = tree_flatten(model.parameters())
     weight_bytes = sum(v.nbytes for _, v in params)
     n_layers = len(model.layers) if tcfg.num_layers in (-1, None) else min(int(tcfg.num_layers), len(model.layers))
     hidden = getattr(model.args, "hidden_size", 1024)
     heads = getattr(model.args, "num_attention_heads", 16)
-    report = contracts.read_json(paths.DATA_DIR / "data_report.json", "data_report")
+    report = contracts.read_json(paths.DATA_REPORT, "data_report")
     seq = min(contract["max_seq_length"], max(report["splits"][s]["tokens"]["max"] for s in ("train", "valid")) or 1)
     itemsize = 4 if runtime.resolve_dtype(tcfg.dtype) == "float32" else 2
     trainable = weight_bytes * (n_layers / max(len(model.layers), 1)) if tcfg.fine_tune_type == "full" else weight_bytes * 0.02
@@ -208,8 +210,6 @@ class TrainingLoop:
         self.last_train_loss = float("nan")
 
     def run(self) -> None:
-        import mlx.core as mx
-
         step_fn = self.compiled_step()
         accum = int(self.tcfg.grad_accumulation_steps)
         losses, tokens, window_seconds, window_steps = 0.0, 0, 0.0, 0
@@ -250,17 +250,9 @@ class TrainingLoop:
                     self.evaluate(self.state.step)
 
     def compiled_step(self):
-        from functools import partial
-
-        import mlx.core as mx
-        import mlx.nn as nn
-        from mlx.utils import tree_map
-
         model, optimizer = self.model, self.optimizer
         accum = int(self.tcfg.grad_accumulation_steps)
         if self.tcfg.grad_checkpoint:
-            from mlx_lm.tuner.trainer import grad_checkpoint
-
             grad_checkpoint(model.layers[0])
         value_and_grad = nn.value_and_grad(model, train_data.masked_loss)
         state = [model.state, optimizer.state, mx.random.state]
@@ -306,8 +298,6 @@ class TrainingLoop:
         return False
 
     def report(self, step: int, train_loss: float, tokens_per_second: float, bar) -> None:
-        import mlx.core as mx
-
         lr = float(self.optimizer.learning_rate.item()) if hasattr(self.optimizer.learning_rate, "item") else float(self.optimizer.learning_rate)
         peak = mx.get_peak_memory() / 1e9
         self.last_train_loss = train_loss
@@ -316,8 +306,6 @@ class TrainingLoop:
         bar.report(f"step {step}/{self.iters}  loss {train_loss:.3f}  lr {lr:.2e}  tok/s {tokens_per_second:.0f}  peak {peak:.2f} GB")
 
     def summary(self) -> dict:
-        import mlx.core as mx
-
         val = self.state.val_losses
         return {
             "steps": self.state.step,
@@ -339,9 +327,6 @@ class TrainingLoop:
 
 def write_adapter(run_dir: Path, model, adapter_config: dict, checkpoints, state, tcfg) -> Path:
     """adapter/: the best checkpoint's weights when early stopping is on, else the last step's."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-
     use_best = int(tcfg.early_stopping.patience) > 0 and checkpoints.best_weights().is_file()
     adapter_dir = run_dir / "adapter"
     with contracts.atomic_dir(adapter_dir) as tmp:
@@ -355,11 +340,6 @@ def write_adapter(run_dir: Path, model, adapter_config: dict, checkpoints, state
 
 
 def plot_losses(metrics_path: Path, out: Path, experiment: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [orjson.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     train = [(r["step"], r["loss"]) for r in rows if r["type"] == "train"]
     val = [(r["step"], r["val_loss"]) for r in rows if r["type"] == "val"]
@@ -387,9 +367,6 @@ EXPERIMENT_COLUMNS = (
 
 
 def write_experiment_row(experiment: str, tcfg, summary: dict, adapter_dir: Path) -> None:
-    import csv
-    import io
-
     row = {
         "schema_version": contracts.schema_version("experiment_row"),
         "experiment": experiment,
@@ -401,7 +378,7 @@ def write_experiment_row(experiment: str, tcfg, summary: dict, adapter_dir: Path
         "adapter_sha256": hashing.sha256_file(adapter_dir / "adapters.safetensors"),
     }
     contracts.validate(row, "experiment_row", where="runs/experiments.csv")
-    path = paths.RUNS_DIR / "experiments.csv"
+    path = paths.EXPERIMENTS_CSV
     rows = []
     if path.is_file():
         rows = [r for r in csv.DictReader(io.StringIO(path.read_text())) if r.get("experiment") != experiment]
@@ -411,7 +388,3 @@ def write_experiment_row(experiment: str, tcfg, summary: dict, adapter_dir: Path
     writer.writeheader()
     writer.writerows(sorted(rows, key=lambda r: r["experiment"]))
     contracts.write_bytes_atomic(path, buffer.getvalue().encode())
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""train, part 2: what makes a run resumable. Checkpoints hold the trainable weights, the optimizer
+"""train's checkpoints: what makes a run resumable. Checkpoints hold the trainable weights, the optimizer
 state (moments, step, schedule position), MLX's RNG state and the loop's counters; metrics.jsonl is
 cut back to the checkpoint on resume, so a resumed run's files equal an uninterrupted run's.
 """
@@ -10,10 +10,13 @@ import logging
 import shutil
 from pathlib import Path
 
-import orjson
-
 from pipeline import contracts, hashing, paths
 from pipeline.errors import PipelineError
+from pipeline.manifest import output_entry
+
+import mlx.core as mx
+import orjson
+from mlx.utils import tree_flatten, tree_unflatten
 
 log = logging.getLogger("train")
 KEEP_CHECKPOINTS = 2
@@ -34,7 +37,7 @@ def fingerprint(model_manifest: dict, catalog: dict, adapter_config: dict, train
     """What a checkpoint must match to be resumed: the model, the data, the adapter shape, the settings."""
     settings = {k: v for k, v in train_config.items() if k not in ("resume", "steps_per_report")}
     return {
-        "model": model_manifest["outputs"][0]["sha256"],
+        "model": output_entry(model_manifest, "model")["sha256"],
         "data": hashing.sha256_json({s: catalog["splits"][s]["sha256"] for s in ("train", "valid")}),
         "adapter": hashing.sha256_json(adapter_config),
         "settings": hashing.sha256_json(settings),
@@ -76,9 +79,6 @@ class Checkpoints:
         return LoopState()
 
     def _load(self, saved: dict, model, optimizer) -> LoopState:
-        import mlx.core as mx
-        from mlx.utils import tree_unflatten
-
         folder = self.folder / saved["path"]
         model.load_weights(list(mx.load(str(folder / "adapters.safetensors")).items()), strict=False)
         arrays = mx.load(str(folder / "optimizer.safetensors"))
@@ -91,9 +91,6 @@ class Checkpoints:
         return state
 
     def save(self, model, optimizer, state: LoopState) -> None:
-        import mlx.core as mx
-        from mlx.utils import tree_flatten
-
         name = f"step-{state.step:07d}"
         with contracts.atomic_dir(self.folder / name) as tmp:
             mx.save_safetensors(str(tmp / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
@@ -106,9 +103,6 @@ class Checkpoints:
             shutil.rmtree(old, ignore_errors=True)
 
     def save_best(self, model, step: int) -> None:
-        import mlx.core as mx
-        from mlx.utils import tree_flatten
-
         with contracts.atomic_dir(self.folder / "best") as tmp:
             mx.save_safetensors(str(tmp / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
             (tmp / "best.json").write_bytes(orjson.dumps({"step": step}))

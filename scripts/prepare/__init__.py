@@ -10,30 +10,27 @@ data/tool_schemas.json when the data declares tools, and last data/prepare.manif
 
 from __future__ import annotations
 
-import io
 import logging
 import random
-import re
 import shutil
-import sys
 from pathlib import Path
 
-import orjson
-
 import pipeline  # noqa: F401  (loads the fast BLAS before MLX)
-import prepare_quality as quality
-import prepare_records as records_mod
-from pipeline import cli, config, contracts, hashing, paths
+from pipeline import cli, config, contracts, hashing, paths, stages
 from pipeline.errors import PipelineError
-from pipeline.manifest import StageRun, file_entry, output_path
+from pipeline.manifest import StageRun, file_entry, output_entry, output_path
+from pipeline.paths import SPLITS
+
+import orjson
+from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
+
+from llm import chat_template
+from prepare import quality
+from prepare import records as records_mod
+from prepare import sources as sources_mod
 
 log = logging.getLogger("prepare")
 
-SPLITS = ("train", "valid", "test")
-SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "valid", "validation": "valid", "val": "valid", "dev": "valid", "test": "test", "testing": "test"}
-TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
-DOCUMENT_SUFFIXES = (".txt", ".md")
-BUILTIN_DATASETS = ("tool-calls",)
 
 
 def build_parser():
@@ -42,20 +39,20 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return cli.run_stage("prepare", args, run, sections=("data", "prepare"))
+    return cli.run_stage("prepare", args, run)
 
 
 def run(cfg) -> dict:
     stage = StageRun("prepare", {"data": config.section(cfg, "data"), "prepare": config.section(cfg, "prepare")})
-    model_manifest = contracts.read_json(paths.MODEL_MANIFEST, "run_manifest")
+    model_manifest = stages.read_manifest("model")
     tokenizer = load_tokenizer(output_path(model_manifest, "model"))
-    template = records_mod.resolve_template(cfg.prepare.template, getattr(tokenizer, "chat_template", None))
+    template = chat_template.resolve_template(cfg.prepare.template, getattr(tokenizer, "chat_template", None))
     skipped: list[dict] = []  # malformed lines dropped under prepare.on_error=skip, for the report
-    sources = [read_source(s, cfg, tokenizer, skipped) for s in source_list(cfg.data.source)]
+    sources = [sources_mod.read_source(s, cfg, tokenizer, skipped) for s in sources_mod.source_list(cfg.data.source)]
     kind = records_mod.output_kind(s["kind"] for s in sources)
     render_as_text = kind != "text" and template["origin"] != "model" and not getattr(tokenizer, "chat_template", None)
     splits = assign_splits(sources, cfg)
-    special = special_tokens(tokenizer)
+    special = chat_template.special_tokens(tokenizer)
     cleaned, report = clean_splits(splits, kind, template, special, tokenizer, cfg)
     report["skipped_lines"] = skipped
     if render_as_text:
@@ -65,222 +62,6 @@ def run(cfg) -> dict:
     outputs = write_outputs(stage, cfg, cleaned, kind, template, sources, report, tool_schemas, model_manifest)
     log.info("prepared %s: %s", kind, ", ".join(f"{n} {len(cleaned[n])}" for n in SPLITS))
     return outputs
-
-
-# --- sources -----------------------------------------------------------------------------------
-
-
-def source_list(source) -> list[str]:
-    items = [source] if isinstance(source, str) else list(source)
-    if not items:
-        raise PipelineError("no data source given", where="data.source", fix="set data.source to a file, a folder or builtin:tool-calls")
-    return [str(s) for s in items]
-
-
-def read_source(source: str, cfg, tokenizer, skipped: list) -> dict:
-    """{"source", "path", "sha256", "bytes", "format", "kind", "splits": {split|None: records}, "raw": [...]}."""
-    if source.startswith("builtin:"):
-        return builtin_source(source.removeprefix("builtin:"), cfg)
-    path = paths.resolve(source)
-    if path.is_file():
-        raw = {split_of(path): read_file(path, cfg, tokenizer, skipped)}
-        info = {"path": paths.display(path), "sha256": hashing.sha256_file(path), "bytes": path.stat().st_size}
-    elif path.is_dir():
-        raw = read_folder(path, cfg, tokenizer, skipped)
-        info = {"path": paths.display(path), "sha256": hashing.sha256_tree(path), "bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file())}
-    elif re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source) and not source.startswith("."):
-        raw = read_hub_dataset(source)
-        info = {"path": f"hub:{source}", "sha256": hashing.sha256_json({"hub": source}), "bytes": 0}
-    else:
-        raise PipelineError(f"data source '{source}' does not exist", where="data.source", fix="give an existing file or folder, builtin:tool-calls, or a hub dataset id")
-    return normalize_source(source, info, raw, cfg)
-
-
-def normalize_source(source: str, info: dict, raw: dict, cfg) -> dict:
-    field_map = dict(cfg.data.field_map)
-    mapped = {split: records_mod.apply_field_map(recs, field_map) for split, recs in raw.items()}
-    every = [r for recs in mapped.values() for r in recs]
-    if not every:
-        raise PipelineError("the source holds no records", where=info["path"], fix="check the path, or the file's content")
-    fmt = cfg.data.format if cfg.data.format != "auto" else records_mod.detect_format(every, info["path"])
-    if fmt not in records_mod.INPUT_FORMATS:
-        raise PipelineError(f"unknown data.format '{fmt}'", where="data.format", fix="use auto, " + ", ".join(records_mod.INPUT_FORMATS))
-    splits, kind = {}, None
-    for split, recs in mapped.items():
-        kind, splits[split] = records_mod.normalize(recs, fmt, info["path"]) if recs else (kind, [])
-    kind = kind or {"text": "text", "completions": "completions"}.get(fmt, "messages")
-    log.info("read %s: %d records, format %s", info["path"], len(every), fmt)
-    presence = quality.field_presence(every)
-    return {"source": source, **info, "format": fmt, "kind": kind, "splits": splits, "raw": every, "field_presence": presence, "tool_schemas": None}
-
-
-def builtin_source(name: str, cfg) -> dict:
-    if name not in BUILTIN_DATASETS:
-        raise PipelineError(f"no builtin dataset named '{name}'", where="data.source", fix="builtin datasets: " + ", ".join(f"builtin:{n}" for n in BUILTIN_DATASETS))
-    import toolcalls_dataset
-
-    splits = toolcalls_dataset.generate(seed=cfg.data.seed)
-    info = {"path": f"builtin:{name}", "sha256": hashing.sha256_json(splits), "bytes": len(orjson.dumps(splits))}
-    source = normalize_source(f"builtin:{name}", info, splits, cfg)
-    source["tool_schemas"] = toolcalls_dataset.tool_schemas()
-    return source
-
-
-def split_of(path: Path) -> str | None:
-    """The split a file's name says it is (train.jsonl, validation.csv ...), or None."""
-    stem = path.name.split(".")[0].lower()
-    return SPLIT_ALIASES.get(stem)
-
-
-def read_folder(folder: Path, cfg, tokenizer, skipped: list) -> dict:
-    if (folder / "dataset_dict.json").is_file() or (folder / "dataset_info.json").is_file():
-        return read_saved_hf_dataset(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in TABLE_SUFFIXES + DOCUMENT_SUFFIXES)
-    if not files:
-        raise PipelineError("no data files in the folder", where=paths.display(folder), fix="supported: " + " ".join(TABLE_SUFFIXES + DOCUMENT_SUFFIXES))
-    grouped: dict = {}
-    for path in files:
-        grouped.setdefault(split_of(path), []).extend(read_file(path, cfg, tokenizer, skipped))
-    return grouped
-
-
-def read_file(path: Path, cfg, tokenizer, skipped: list) -> list[dict]:
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        return read_parquet(path)
-    text = read_utf8(path)
-    if suffix == ".jsonl":
-        return read_jsonl(text, path, cfg.prepare.on_error, skipped)
-    if suffix == ".json":
-        return read_json_array(text, path)
-    if suffix in (".csv", ".tsv"):
-        return read_delimited(text, path, "\t" if suffix == ".tsv" else ",")
-    if suffix in DOCUMENT_SUFFIXES:
-        return [{"text": chunk} for chunk in chunk_document(text, tokenizer, cfg.prepare.chunk_tokens)]
-    raise PipelineError(f"unsupported file type {suffix}", where=paths.display(path), fix="supported: " + " ".join(TABLE_SUFFIXES + DOCUMENT_SUFFIXES))
-
-
-def read_utf8(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise PipelineError(
-            f"not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})",
-            where=f"{paths.display(path)}:{line}",
-            fix="re-save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 in > out`",
-        ) from None
-    return text.removeprefix("\ufeff").replace("\r\n", "\n")
-
-
-def read_jsonl(text: str, path: Path, on_error: str, skipped: list) -> list[dict]:
-    out = []
-    for line_no, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            record = orjson.loads(line)
-            if not isinstance(record, dict):
-                raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-        except (orjson.JSONDecodeError, ValueError) as exc:
-            if on_error == "skip":
-                skipped.append({"where": f"{paths.display(path)}:{line_no}", "error": str(exc).splitlines()[0]})
-                continue
-            raise PipelineError(
-                f"malformed JSON line ({str(exc).splitlines()[0]}): {line[:120]!r}",
-                where=f"{paths.display(path)}:{line_no}",
-                fix="fix that line, or set prepare.on_error=skip to drop bad lines (they are counted in the report)",
-            ) from None
-        out.append(record)
-    return out
-
-
-
-def read_json_array(text: str, path: Path) -> list[dict]:
-    try:
-        data = orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
-        raise PipelineError(f"not valid JSON: {exc}", where=paths.display(path), fix="fix the file (a JSON array of objects, or JSONL)") from None
-    if isinstance(data, dict):
-        lists = [v for v in data.values() if isinstance(v, list)]
-        data = lists[0] if len(lists) == 1 else data
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise PipelineError("expected a JSON array of objects", where=paths.display(path), fix="write the records as [{...}, {...}] or as JSONL")
-    return data
-
-
-def read_delimited(text: str, path: Path, delimiter: str) -> list[dict]:
-    import pyarrow.csv as pacsv
-
-    try:
-        table = pacsv.read_csv(
-            io.BytesIO(text.encode("utf-8")),
-            parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-            convert_options=pacsv.ConvertOptions(strings_can_be_null=False),
-        )
-    except Exception as exc:  # pyarrow raises ArrowInvalid with the row in its message
-        raise PipelineError(f"cannot parse: {str(exc).splitlines()[0]}", where=paths.display(path), fix="check quoting and the number of columns") from None
-    return table.to_pylist()
-
-
-def read_parquet(path: Path) -> list[dict]:
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.read_table(path).to_pylist()
-    except Exception as exc:
-        raise PipelineError(f"cannot read Parquet: {str(exc).splitlines()[0]}", where=paths.display(path), fix="check the file") from None
-
-
-def read_saved_hf_dataset(folder: Path) -> dict:
-    import datasets
-
-    loaded = datasets.load_from_disk(str(folder))
-    if isinstance(loaded, datasets.DatasetDict):
-        return {SPLIT_ALIASES.get(name, None): ds.to_list() for name, ds in loaded.items()}
-    return {None: loaded.to_list()}
-
-
-def read_hub_dataset(name: str) -> dict:
-    import datasets
-
-    try:
-        loaded = datasets.load_dataset(name)
-    except Exception as exc:  # offline, missing or gated datasets raise many different types
-        raise PipelineError(
-            f"cannot load hub dataset {name} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
-            where="data.source",
-            fix="when offline, save it once with `datasets` (save_to_disk) and point data.source at that folder",
-        ) from None
-    return {SPLIT_ALIASES.get(split): ds.to_list() for split, ds in loaded.items()}
-
-
-def chunk_document(text: str, tokenizer, budget: int) -> list[str]:
-    """Split a document at paragraph, then line, then token boundaries into chunks of <= budget tokens."""
-    pieces = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
-    pieces = [q for p in pieces for q in split_to_budget(p, tokenizer, budget)]
-    lengths = quality.token_lengths(tokenizer, pieces)
-    chunks, current, used = [], [], 0
-    for piece, length in zip(pieces, lengths):
-        if current and used + length > budget:
-            chunks.append("\n\n".join(current))
-            current, used = [], 0
-        current.append(piece)
-        used += int(length) + 2
-    if current:
-        chunks.append("\n\n".join(current))
-    return chunks
-
-
-def split_to_budget(paragraph: str, tokenizer, budget: int) -> list[str]:
-    if int(quality.token_lengths(tokenizer, [paragraph])[0]) <= budget:
-        return [paragraph]
-    lines = [line for line in paragraph.split("\n") if line.strip()]
-    if len(lines) > 1:
-        return [q for line in lines for q in split_to_budget(line, tokenizer, budget)]
-    ids = tokenizer.encode(paragraph)
-    return [tokenizer.decode(ids[i : i + budget]) for i in range(0, len(ids), budget)]
 
 
 # --- splits ------------------------------------------------------------------------------------
@@ -318,15 +99,11 @@ def assign_splits(sources: list[dict], cfg) -> dict[str, list[tuple[dict, dict]]
 # --- cleaning ----------------------------------------------------------------------------------
 
 
-def special_tokens(tokenizer) -> dict:
-    return {"bos_token": getattr(tokenizer, "bos_token", "") or "", "eos_token": getattr(tokenizer, "eos_token", "") or ""}
-
-
 def training_text(record: dict, kind: str, template: dict, special: dict) -> str:
     if kind == "text":
         return record["text"]
     messages = record["messages"] if kind == "messages" else records_mod.completions_to_messages(record)["messages"]
-    return records_mod.render_chat(template, messages, special, tools=record.get("tools"))
+    return chat_template.render_chat(template, messages, special, tools=record.get("tools"))
 
 
 def render_text(record: dict, kind: str, template: dict, special: dict) -> dict:
@@ -448,7 +225,7 @@ def write_outputs(stage, cfg, cleaned, kind, template, sources, report, tool_sch
         {"role": "source", "path": s["path"], "sha256": s["sha256"], "bytes": s["bytes"]} for s in sources
     ]
     outputs = [file_entry(name.split(".")[0], paths.DATA_DIR / name) for name in final]
-    stage.finish(paths.DATA_DIR / "prepare.manifest.json", inputs, outputs, {"format": kind, "records": {n: len(cleaned[n]) for n in SPLITS}})
+    stage.finish(paths.PREPARE_MANIFEST, inputs, outputs, {"format": kind, "records": {n: len(cleaned[n]) for n in SPLITS}})
     return {name: paths.DATA_DIR / name for name in final}
 
 
@@ -509,7 +286,7 @@ def data_contract(cfg, kind, template, sources, tool_schemas, model_manifest) ->
         ],
         "splits": {name: f"data/{name}.jsonl" for name in SPLITS},
         "tool_schemas": "data/tool_schemas.json" if tool_schemas else None,
-        "tokenizer": {"model": output_path(model_manifest, "model").name, "sha256": model_manifest["outputs"][0]["sha256"]},
+        "tokenizer": {"model": output_path(model_manifest, "model").name, "sha256": output_entry(model_manifest, "model")["sha256"]},
         "config": {"data": config.section(cfg, "data"), "prepare": config.section(cfg, "prepare")},
     }
 
@@ -561,10 +338,4 @@ def report_markdown(report: dict, catalog: dict) -> str:
 
 
 def load_tokenizer(model_dir: Path):
-    from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
-
     return mlx_load_tokenizer(model_dir)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

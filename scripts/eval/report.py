@@ -1,4 +1,4 @@
-"""eval, part 2: report.md with its charts (PNG) for one experiment, and eval_out/summary.md across experiments.
+"""eval's report: report.md with its charts (PNG) for one experiment, and eval_out/summary.md across experiments.
 
 The first screen of report.md answers "did fine-tuning help, by how much, and what ships"; the
 table, charts, training facts and side-by-side examples follow.
@@ -9,9 +9,13 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from pipeline import contracts, paths
+
+import matplotlib
 import orjson
 
-from pipeline import contracts, paths
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
 
 METRIC_COLUMNS = ("exact_match", "normalized_match", "chrf", "json_valid", "schema_valid", "tool_match", "call_f1")
 LABELS = {"exact_match": "exact", "normalized_match": "normalized", "chrf": "chrF", "json_valid": "JSON valid", "schema_valid": "schema valid",
@@ -174,9 +178,6 @@ def settings(policy: dict) -> list[str]:
 
 
 def write_charts(out_dir: Path, metrics: dict, run_dir: Path) -> list[tuple[str, str]]:
-    import matplotlib
-
-    matplotlib.use("Agg")
     charts = [("task_metric.png", f"{metrics['task_metric']} per artifact"), ("size_vs_quality.png", "size vs quality")]
     ok = [a for a in metrics["artifacts"] if a["status"] == "ok" and _value(a, metrics["task_metric"]) is not None]
     _bar_chart(out_dir / "task_metric.png", ok, metrics["task_metric"])
@@ -187,8 +188,6 @@ def write_charts(out_dir: Path, metrics: dict, run_dir: Path) -> list[tuple[str,
 
 
 def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
     fig.tight_layout()
     with contracts.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
@@ -196,8 +195,6 @@ def _save(fig, path: Path) -> None:
 
 
 def _bar_chart(path: Path, ok: list[dict], task: str) -> None:
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(ok) + 1.4))
     names = [a["id"].split("/", 1)[-1] for a in ok]
     values = [_value(a, task) for a in ok]
@@ -212,8 +209,6 @@ def _bar_chart(path: Path, ok: list[dict], task: str) -> None:
 
 
 def _size_chart(path: Path, ok: list[dict], task: str) -> None:
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for a in sorted(ok, key=lambda a: a["bytes"]):
         ax.scatter(a["bytes"] / 1e6, _value(a, task), s=40, label=a["id"].split("/", 1)[-1])
@@ -227,8 +222,6 @@ def _size_chart(path: Path, ok: list[dict], task: str) -> None:
 
 
 def _loss_chart(path: Path, metrics_path: Path) -> bool:
-    import matplotlib.pyplot as plt
-
     if not metrics_path.is_file():
         return False
     rows = [orjson.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -13,19 +13,31 @@ perplexity on the test split is recorded against the float GGUF's.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import re
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pipeline  # noqa: F401  (loads the fast BLAS before MLX)
-from pipeline import cli, config, contracts, paths
+from pipeline import cli, config, contracts, disk, paths, splits, stages
+from pipeline.compare import first_difference
 from pipeline.errors import PipelineError
 from pipeline.manifest import StageRun, file_entry, output_path
+
+import mlx.core as mx
+import orjson
+from mlx_lm import load
+from mlx_lm.convert import mixed_quant_predicate_builder
+from mlx_lm.generate import generate_step
+from mlx_lm.tokenizer_utils import load as load_tokenizer
+from mlx_lm.utils import quantize_model, save
+
+from llm import gguf_header, hf_to_gguf, llama_runner, tokens
+from quantize import docker, ollama
 
 log = logging.getLogger("quantize")
 
@@ -58,22 +70,21 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return cli.run_stage("quantize", args, run, sections=("experiments", "quantize"))
+    return cli.run_stage("quantize", args, run)
 
 
 def run(cfg) -> Path:
-    import gguf_export
-
     qcfg = cfg.quantize
     experiment = cfg.experiments.name
-    run_dir = paths.RUNS_DIR / experiment
+    run_dir = paths.run_dir(experiment)
     stage = StageRun("quantize", {"quantize": config.section(cfg, "quantize")}, experiment=experiment)
     mlx_quants = [parse_mlx_spec(s, qcfg.group_size) for s in qcfg.mlx]
-    gguf_export.check_quantization_types(list(qcfg.gguf_types), where="config quantize.gguf_types")
+    hf_to_gguf.check_quantization_types(list(qcfg.gguf_types), where="config quantize.gguf_types")
     served = served_type(qcfg)
-    fuse_manifest = read_fuse_manifest(run_dir)
+    fuse_manifest = stages.read_manifest("fuse", experiment)
+    stages.read_manifest("prepare")
     fused_dir = output_path(fuse_manifest, "fused")
-    contract = contracts.read_json(paths.DATA_DIR / "data_contract.json", "data_contract")
+    contract = contracts.read_json(paths.DATA_CONTRACT, "data_contract")
     check_disk_space(fused_dir, run_dir, mlx_quants, qcfg)
 
     out_dir = run_dir / "quantized"
@@ -100,8 +111,8 @@ def run(cfg) -> Path:
     details["seconds"] = timings
 
     artifacts = update_artifacts(run_dir, experiment, out_dir, mlx_quants, float_tag, served, cfg)
-    outputs = [file_entry("quantized", out_dir), file_entry("artifacts", run_dir / "artifacts.json")]
-    inputs = [file_entry("fused", fused_dir), file_entry("data_contract", paths.DATA_DIR / "data_contract.json")]
+    outputs = [file_entry("quantized", out_dir), file_entry("artifacts", paths.artifacts_file(experiment))]
+    inputs = [file_entry("fused", fused_dir), file_entry("data_contract", paths.DATA_CONTRACT)]
     stage.finish(run_dir / "quantize.manifest.json", inputs, outputs, details)
     log.info("wrote %d artifacts to %s", len(artifacts) - 3, paths.display(out_dir))
     return out_dir
@@ -134,36 +145,22 @@ def served_type(qcfg) -> str | None:
     )
 
 
-def read_fuse_manifest(run_dir: Path) -> dict:
-    path = run_dir / "fuse.manifest.json"
-    if not path.is_file():
-        raise PipelineError(f"experiment '{run_dir.name}' has no fused model", where=paths.display(path), fix=f"run `make fuse EXP={run_dir.name}` first")
-    manifest = contracts.read_json(path, "run_manifest")
-    if not (output_path(manifest, "fused") / "config.json").is_file():
-        raise PipelineError("the fused model is missing", where=paths.display(output_path(manifest, "fused")), fix=f"re-run `make fuse EXP={run_dir.name}`")
-    return manifest
-
-
 def check_disk_space(fused_dir: Path, run_dir: Path, mlx_quants, qcfg) -> None:
     """Estimate what this run writes (from the parameter count) and refuse before writing anything."""
-    import json
-
     fused_bytes = sum(p.stat().st_size for p in fused_dir.glob("*.safetensors"))
-    dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(json.loads((fused_dir / "config.json").read_text()).get("torch_dtype"), 4)
+    fused_config = orjson.loads((fused_dir / "config.json").read_bytes())
+    dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(fused_config.get("torch_dtype"), 4)
     params = fused_bytes / dtype_bytes
     bits = [(q.bits or 6) + 1 for q in mlx_quants]
     bits += [16 if qcfg.gguf_float != "float32" else 32] + [_nominal_bits(t) for t in qcfg.gguf_types]
     if qcfg.docker.enabled:
         bits.append(max(bits[-1:] or [16]))
-    needed = int(params * sum(bits) / 8 * 1.1) + 50_000_000
-    run_dir.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(run_dir).free
-    if free < needed:
-        raise PipelineError(
-            f"the quantized files need about {needed / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free",
-            where=paths.display(run_dir),
-            fix="free some disk space or make fewer files (quantize.mlx, quantize.gguf_types)",
-        )
+    disk.require_free_space(
+        run_dir,
+        int(params * sum(bits) / 8),
+        what="the quantized files",
+        fix="free some disk space or make fewer files (quantize.mlx, quantize.gguf_types)",
+    )
 
 
 def _nominal_bits(type_name: str) -> int:
@@ -184,10 +181,6 @@ class timed:
 
 
 def write_mlx_quantized(fused_dir: Path, out_dir: Path, quant: MlxQuantization) -> None:
-    from mlx_lm import load
-    from mlx_lm.convert import mixed_quant_predicate_builder
-    from mlx_lm.utils import quantize_model, save
-
     model, tokenizer, model_config = load(str(fused_dir), return_config=True)
     predicate = mixed_quant_predicate_builder(quant.recipe, model, quant.group_size) if quant.recipe else None
     model, model_config = quantize_model(model, model_config, quant.group_size, quant.bits, mode=quant.mode, quant_predicate=predicate)
@@ -202,36 +195,22 @@ def gguf_file_name(experiment: str, tag: str) -> str:
 
 
 def write_ggufs(fused_dir: Path, out_dir: Path, experiment: str, qcfg, contract: dict, float_tag: str, timings: dict) -> dict[str, Path]:
-    import gguf_export
-
     float_path = out_dir / gguf_file_name(experiment, float_tag)
     with timed(timings, f"gguf-{float_tag}"):
-        gguf_export.write_gguf(fused_dir, float_path, float_type=qcfg.gguf_float, chat_template=contract["template"]["source"], name=experiment)
+        hf_to_gguf.write_gguf(fused_dir, float_path, float_type=qcfg.gguf_float, chat_template=contract["template"]["source"], name=experiment)
     files = {float_tag: float_path}
     for type_name in qcfg.gguf_types:
         files[type_name] = out_dir / gguf_file_name(experiment, type_name)
         with timed(timings, f"gguf-{type_name}"):
-            gguf_export.quantize_gguf(float_path, files[type_name], type_name, threads=os.cpu_count() or 1)
+            hf_to_gguf.quantize_gguf(float_path, files[type_name], type_name, threads=os.cpu_count() or 1)
     return files
 
 
-def read_test_split(contract: dict, count: int) -> list[dict]:
-    import orjson
-
-    lines = paths.resolve(contract["splits"]["test"]).read_text(encoding="utf-8").splitlines()
-    return [orjson.loads(line) for line in (lines if count < 0 else lines[:count])]
-
-
 def load_fused_tokenizer(fused_dir: Path):
-    from mlx_lm.tokenizer_utils import load as load_tokenizer
-
     return load_tokenizer(fused_dir)
 
 
 def mlx_greedy(model, prompt: list[int], max_tokens: int, stop_ids: set[int]) -> list[int]:
-    import mlx.core as mx
-    from mlx_lm.generate import generate_step
-
     tokens = []
     for token, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens):
         tokens.append(int(token))
@@ -240,20 +219,10 @@ def mlx_greedy(model, prompt: list[int], max_tokens: int, stop_ids: set[int]) ->
     return tokens
 
 
-def check_prompts(contract: dict, tokenizer, count: int) -> list[list[int]]:
-    from train_data import prompt_and_reference
-
-    return [prompt_and_reference(r, contract["format"], tokenizer)[0] for r in read_test_split(contract, count)]
-
-
 def export_check(fused_dir: Path, float_gguf: Path, contract: dict, qcfg) -> dict:
     """Greedy tokens of the fused MLX model vs the float GGUF in llama.cpp, prompt by prompt."""
-    from mlx_lm import load
-
-    import llama_runner
-
     model, tokenizer = load(str(fused_dir))
-    prompts = check_prompts(contract, tokenizer, qcfg.check_prompts)
+    prompts = tokens.check_prompts(contract, tokenizer, qcfg.check_prompts)
     stop_ids = set(tokenizer.eos_token_ids)
     llm = llama_runner.open_llama(float_gguf, n_ctx=max(map(len, prompts), default=1) + qcfg.check_max_tokens + 8)
     results = []
@@ -279,26 +248,20 @@ def export_check(fused_dir: Path, float_gguf: Path, contract: dict, qcfg) -> dic
 
 def _compare_tokens(index: int, prompt, llama_prompt, expected, got, tokenizer) -> dict:
     if list(llama_prompt) != list(prompt):
-        position = _first_difference(prompt, llama_prompt)
+        position = first_difference(prompt, llama_prompt)
         return {"prompt": index, "match": False, "first_difference": f"prompt token {position}", "detail": "llama.cpp tokenizes the prompt differently", "mlx": tokenizer.decode(expected), "llama_cpp": tokenizer.decode(got)}
     if expected == got:
         return {"prompt": index, "match": True, "first_difference": None, "detail": f"{len(got)} tokens", "mlx": tokenizer.decode(expected), "llama_cpp": tokenizer.decode(got)}
-    position = _first_difference(expected, got)
+    position = first_difference(expected, got)
     detail = f"MLX {expected[position:position + 1]} vs llama.cpp {got[position:position + 1]}"
     return {"prompt": index, "match": False, "first_difference": f"generated token {position}", "detail": detail, "mlx": tokenizer.decode(expected), "llama_cpp": tokenizer.decode(got)}
 
 
-def _first_difference(a, b) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
 def perplexity_table(ggufs: dict[str, Path], float_tag: str, fused_dir: Path, contract: dict, qcfg) -> dict:
     """Perplexity of each GGUF on the same test tokens (loss on the trained tokens only), and its change vs float."""
-    import llama_runner
-    from train_data import encode
-
-    tokenizer = load_fused_tokenizer(fused_dir)  # fuse saved the contract's chat template with it
-    items = [encode(r, contract["format"], tokenizer, mask_prompt=True) for r in read_test_split(contract, qcfg.perplexity_records)]
+    tokenizer = load_fused_tokenizer(fused_dir)
+    records = splits.read_split(contract, "test", qcfg.perplexity_records)
+    items = [tokens.encode(r, contract, tokenizer, mask_prompt=True) for r in records]
     items = [(ids, mask) for ids, mask in items if mask[1:].sum() > 0]
     if not items:
         return {"records": 0, "note": "no scored tokens in the test split"}
@@ -314,10 +277,8 @@ def perplexity_table(ggufs: dict[str, Path], float_tag: str, fused_dir: Path, co
 def served_answer(gguf_path: Path, fused_dir: Path, contract: dict) -> dict:
     """The served GGUF, loaded fresh in llama.cpp, answers the first test prompt."""
     tokenizer = load_fused_tokenizer(fused_dir)
-    prompt = check_prompts(contract, tokenizer, 1)
+    prompt = tokens.check_prompts(contract, tokenizer, 1)
     prompt = prompt[0] if prompt else tokenizer.encode("Hello")
-    import llama_runner
-
     llm = llama_runner.open_llama(gguf_path, n_ctx=len(prompt) + 72)
     answer = tokenizer.decode(llama_runner.greedy(llm, prompt, 64, set(tokenizer.eos_token_ids)))
     log.info("llama.cpp %s answers: %s", gguf_path.name, answer.strip()[:200])
@@ -327,25 +288,21 @@ def served_answer(gguf_path: Path, fused_dir: Path, contract: dict) -> dict:
 def write_modelfile(out_dir: Path, gguf_path: Path, contract: dict, fused_dir: Path, qcfg) -> dict:
     """An Ollama Modelfile whose Go TEMPLATE is derived from the contract's Jinja template and
     checked to render the same text on sample conversations before it is written."""
-    import ollama_export
-
     template = contract["template"]["source"]
     eos = load_fused_tokenizer(fused_dir).eos_token
-    spec = ollama_export.infer_template_spec(template, eos_token=eos)
-    go_template = ollama_export.go_template(spec)
+    spec = ollama.infer_template_spec(template, eos_token=eos)
+    go_template = ollama.go_template(spec)
     system = spec.default_system if qcfg.ollama.system == "auto" else (qcfg.ollama.system or None)
-    stops = ollama_export.stop_tokens(spec, eos)
-    ollama_export.check_modelfile_template(template, go_template, system, sample_conversations(contract), eos_token=eos)
+    stops = ollama.stop_tokens(spec, eos)
+    ollama.check_modelfile_template(template, go_template, system, sample_conversations(contract), eos_token=eos)
     num_ctx = min(qcfg.ollama.num_ctx, _gguf_context(gguf_path))
-    text = ollama_export.modelfile_text(gguf_path.name, spec, stops=stops, num_ctx=num_ctx, system=system, parameters={"temperature": 0})
+    text = ollama.modelfile_text(gguf_path.name, spec, stops=stops, num_ctx=num_ctx, system=system, parameters={"temperature": 0})
     contracts.write_bytes_atomic(out_dir / "Modelfile", text.encode("utf-8"))
     return {"file": "Modelfile", "from": gguf_path.name, "stops": stops, "num_ctx": num_ctx, "system": system}
 
 
 def _gguf_context(gguf_path: Path) -> int:
-    import gguf_export
-
-    return int(gguf_export.read_header(gguf_path)["context_length"] or 2048)
+    return int(gguf_header.read_header(gguf_path)["context_length"] or 2048)
 
 
 def sample_conversations(contract: dict) -> list[list[dict]]:
@@ -358,23 +315,19 @@ def sample_conversations(contract: dict) -> list[list[dict]]:
     ]
     conversations = [multi_turn, multi_turn[1:]]
     if contract["format"] == "messages":
-        for record in read_test_split(contract, 3):
+        for record in splits.read_split(contract, "test", 3):
             conversations.append(record["messages"][:-1] if record["messages"][-1]["role"] == "assistant" else record["messages"])
     return conversations
 
 
 def write_docker_image(out_dir: Path, gguf_path: Path, contract: dict, experiment: str, qcfg, created: str) -> dict:
     """The OCI tarball, dated by the fused model it comes from so that a re-run writes the same bytes."""
-    import datetime as dt
-
-    import docker_export
-
     reference = qcfg.docker.reference
     if reference == "auto":
         reference = f"ai/{experiment.lower()}:{gguf_path.stem.rsplit('-', 1)[-1].lower()}"
     tar_path = out_dir / f"{gguf_path.stem}.docker.tar"
-    result = docker_export.write_model_image(gguf_path, contract["template"]["source"], tar_path, reference=reference, created=dt.datetime.fromisoformat(created))
-    problems = docker_export.validate_oci_layout(tar_path)
+    result = docker.write_model_image(gguf_path, contract["template"]["source"], tar_path, reference=reference, created=dt.datetime.fromisoformat(created))
+    problems = docker.validate_oci_layout(tar_path)
     if problems:
         raise PipelineError(f"the Docker model image is not a valid OCI layout: {problems[0]}", where=paths.display(tar_path), fix="report it with the quantize log")
     return {"file": tar_path.name, "reference": reference, "manifest_digest": result.get("manifest_digest")}
@@ -382,7 +335,7 @@ def write_docker_image(out_dir: Path, gguf_path: Path, contract: dict, experimen
 
 def update_artifacts(run_dir: Path, experiment: str, out_dir: Path, mlx_quants, float_tag: str, served: str | None, cfg) -> list[dict]:
     """Replace this stage's entries in artifacts.json, keeping fuse's (base → adapter → fused)."""
-    path = run_dir / "artifacts.json"
+    path = paths.artifacts_file(experiment)
     existing = contracts.read_json(path, "artifacts")["artifacts"]
     entries = [a for a in existing if a["stage"] != "quantize"]
     slice_ = {"quantize": config.section(cfg, "quantize")}
@@ -411,7 +364,3 @@ def update_artifacts(run_dir: Path, experiment: str, out_dir: Path, mlx_quants, 
                 add("docker", "oci-image-layout", docker_tar, ids[served])
     contracts.write_json(path, {"experiment": experiment, "artifacts": entries}, "artifacts")
     return entries
-
-
-if __name__ == "__main__":
-    sys.exit(main())

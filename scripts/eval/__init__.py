@@ -17,15 +17,29 @@ import gc
 import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import pipeline  # noqa: F401  (loads the fast BLAS before MLX)
-from pipeline import cli, config, contracts, paths, runtime
+from pipeline import cli, config, contracts, paths, runtime, splits, stages
 from pipeline.errors import PipelineError
 from pipeline.log import ItemProgress
 from pipeline.manifest import StageRun, file_entry
+
+import mlx.core as mx
+import numpy as np
+import orjson
+from mlx_lm import load
+from mlx_lm.generate import batch_generate
+from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.sample_utils import make_sampler
+from mlx_lm.tokenizer_utils import load as load_mlx_tokenizer
+from mlx_lm.utils import dequantize_model
+
+from eval import metrics as eval_metrics
+from eval import report as eval_report
+from llm import llama_runner, tokens
+from llm.llama_runner import shared_prefix_length
 
 log = logging.getLogger("eval")
 
@@ -38,22 +52,20 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return cli.run_stage("eval", args, run, sections=("experiments", "eval"))
+    return cli.run_stage("eval", args, run)
 
 
 def run(cfg) -> Path:
-    import eval_metrics
-    import eval_report
-
     ecfg = cfg.eval
     experiment = cfg.experiments.name
-    run_dir, out_dir = paths.RUNS_DIR / experiment, paths.EVAL_DIR / experiment
+    run_dir, out_dir = paths.run_dir(experiment), paths.eval_dir(experiment)
     stage = StageRun("eval", {"eval": config.section(cfg, "eval")}, experiment=experiment)
-    artifacts = read_artifacts(run_dir)
-    contract = contracts.read_json(paths.DATA_DIR / "data_contract.json", "data_contract")
+    artifacts = read_artifacts(experiment)
+    stages.read_manifest("prepare")
+    contract = contracts.read_json(paths.DATA_CONTRACT, "data_contract")
     plugins = eval_metrics.load_plugins(ecfg.plugins)
     task_metric = resolve_task_metric(ecfg.task_metric, contract, plugins)
-    records = read_test_records(contract, ecfg.records)
+    records = splits.read_split(contract, "test", ecfg.records)
     selected = [a for a in artifacts if a["kind"] in ecfg.artifacts and a["kind"] in SCORED_KINDS]
 
     tokenizer = load_tokenizer(artifacts)
@@ -85,24 +97,26 @@ def run(cfg) -> Path:
         contracts.write_json(tmp / "metrics.json", metrics, "eval_metrics")
         contracts.write_json(tmp / "generation_policy.json", policy, "generation_policy")
         eval_report.write_report(tmp, experiment, metrics, policy, run_dir, contract)
-    eval_report.write_summary(paths.EVAL_DIR, paths.RUNS_DIR / "experiments.csv")
-    inputs = [file_entry("artifacts", run_dir / "artifacts.json"), file_entry("data_contract", paths.DATA_DIR / "data_contract.json")]
+    eval_report.write_summary(paths.EVAL_DIR, paths.EXPERIMENTS_CSV)
+    inputs = [file_entry("artifacts", paths.artifacts_file(experiment)), file_entry("data_contract", paths.DATA_CONTRACT)]
     outputs = [file_entry(p.stem, p) for p in sorted(out_dir.iterdir()) if p.is_file()]
-    stage.finish(out_dir / "eval.manifest.json", inputs, outputs, {"task_metric": task_metric, "ship": policy["ship"], "skipped": skipped})
+    stage.finish(stages.get("eval").manifest_path(experiment), inputs, outputs, {"task_metric": task_metric, "ship": policy["ship"], "skipped": skipped})
     log.info("report: %s", paths.display(out_dir / "report.md"))
     return out_dir
 
 
-def read_artifacts(run_dir: Path) -> list[dict]:
-    path = run_dir / "artifacts.json"
+def read_artifacts(experiment: str) -> list[dict]:
+    path = paths.artifacts_file(experiment)
     if not path.is_file():
-        raise PipelineError(f"experiment '{run_dir.name}' has no artifacts to score", where=paths.display(path), fix=f"run `make fuse EXP={run_dir.name}` (and `make quantize`) first")
+        raise PipelineError(
+            f"experiment '{experiment}' has no artifacts to score",
+            where=paths.display(path),
+            fix=f"run `{stages.make_command('fuse', experiment)}` (and `{stages.make_command('quantize', experiment)}`) first",
+        )
     return contracts.read_json(path, "artifacts")["artifacts"]
 
 
 def resolve_task_metric(name: str, contract: dict, plugins: dict) -> str:
-    import eval_metrics
-
     available = [m for m in eval_metrics.BUILTIN if m not in eval_metrics.TOOL_METRICS or contract.get("tool_schemas")] + list(plugins)
     if name == "auto":
         return "call_f1" if contract.get("tool_schemas") else "normalized_match"
@@ -111,44 +125,28 @@ def resolve_task_metric(name: str, contract: dict, plugins: dict) -> str:
     return name
 
 
-def read_test_records(contract: dict, count: int) -> list[dict]:
-    import orjson
-
-    path = paths.resolve(contract["splits"]["test"])
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.is_file() else []
-    return [orjson.loads(line) for line in (lines if count < 0 else lines[:count])]
-
-
 def read_tool_schemas(contract: dict) -> dict | None:
-    import orjson
-
     if not contract.get("tool_schemas"):
         return None
     return orjson.loads(paths.resolve(contract["tool_schemas"]).read_bytes())
 
 
 def load_tokenizer(artifacts: list[dict]):
-    """The fine-tuned model's tokenizer (fuse saved the contract's chat template with it)."""
-    from mlx_lm.tokenizer_utils import load as load_tokenizer
-
+    """The fine-tuned model's tokenizer (its chat template is not used: prompts are rendered with the contract's)."""
     by_kind = {a["kind"]: a for a in artifacts}
-    return load_tokenizer(paths.resolve((by_kind.get("fused") or by_kind["base"])["path"]))
+    return load_mlx_tokenizer(paths.resolve((by_kind.get("fused") or by_kind["base"])["path"]))
 
 
 def prompts_and_references(records, contract, tokenizer) -> tuple[list[list[int]], list[str]]:
-    from train_data import prompt_and_reference
-
-    pairs = [prompt_and_reference(r, contract["format"], tokenizer) for r in records]
+    pairs = [tokens.prompt_and_reference(r, contract, tokenizer) for r in records]
     return [p for p, _ in pairs], [r for _, r in pairs]
 
 
 def loss_items_for(records, contract, tokenizer) -> dict[int, tuple]:
     """{record index: (token ids, loss mask)} for the records with at least one scored token."""
-    from train_data import encode
-
     items = {}
     for index, record in enumerate(records):
-        ids, mask = encode(record, contract["format"], tokenizer, mask_prompt=True)
+        ids, mask = tokens.encode(record, contract, tokenizer, mask_prompt=True)
         ids, mask = ids[: contract["max_seq_length"]], mask[: contract["max_seq_length"]]
         if mask[1:].sum() > 0:
             items[index] = (ids, mask)
@@ -177,9 +175,6 @@ def load_mlx(artifact: dict, artifacts: list[dict]):
     """The MLX model behind an artifact. On CPU a quantized model runs with its weights dequantized:
     the same values MLX's quantized kernels compute with, but through BLAS (those kernels are ~20×
     slower on CPU)."""
-    from mlx_lm import load
-    from mlx_lm.utils import dequantize_model
-
     by_id = {a["id"]: a for a in artifacts}
     if artifact["kind"] == "adapter":
         model, _ = load(str(paths.resolve(by_id[artifact["parent"]]["path"])), adapter_path=str(paths.resolve(artifact["path"])))
@@ -194,8 +189,6 @@ def load_mlx(artifact: dict, artifacts: list[dict]):
 def score_mlx(artifact, artifacts, prompts, loss_items, tokenizer, ecfg) -> dict:
     """Loss and answers, eval.batch_size prompts at a time: the loss pass over prompt + reference keeps
     each prompt's KV cache, and generation starts from it instead of computing the prompt again."""
-    import mlx.core as mx
-
     model = load_mlx(artifact, artifacts)
     total, count, seconds, generated = 0.0, 0, 0.0, []
     for first in range(0, len(prompts), ecfg.batch_size):
@@ -233,12 +226,6 @@ def mlx_nll(model, items, batch_size: int, keep: dict[int, int] | None = None) -
     batch, and the output layer is applied only where a token is scored: on CPU, where MLX's exp
     is slow, that is most of the cost.
     """
-    import mlx.core as mx
-    import numpy as np
-    from mlx_lm.models.cache import KVCache, make_prompt_cache
-
-    from llama_runner import shared_prefix_length
-
     if not items:
         return 0.0, 0, {}
     prefix = shared_prefix_length(items)
@@ -273,9 +260,6 @@ def mlx_nll(model, items, batch_size: int, keep: dict[int, int] | None = None) -
 
 def _row_cache(cache, row: int, length: int) -> list:
     """One row's first `length` positions of a batch KV cache, as a batch-1 cache of its own."""
-    import mlx.core as mx
-    from mlx_lm.models.cache import KVCache
-
     copies = []
     for layer in cache:
         keys, values = layer.keys_and_values()
@@ -287,9 +271,6 @@ def _row_cache(cache, row: int, length: int) -> list:
 
 
 def _prefix_cache(model, prefix_ids):
-    import mlx.core as mx
-    from mlx_lm.models.cache import make_prompt_cache
-
     cache = make_prompt_cache(model)
     model.model(mx.array([list(map(int, prefix_ids))]), cache=cache)
     mx.eval([c.keys_and_values() for c in cache])
@@ -298,9 +279,6 @@ def _prefix_cache(model, prefix_ids):
 
 def _tiled_cache(cache, batch: int):
     """The batch-1 prefix cache repeated for `batch` rows (each layer's keys and values)."""
-    import mlx.core as mx
-    from mlx_lm.models.cache import KVCache
-
     tiled = []
     for layer in cache:
         keys, values = layer.keys_and_values()
@@ -319,11 +297,6 @@ def _output_layer(model, hidden):
 def mlx_generate(model, tokenizer, prompts, ecfg, prompt_caches=None) -> list[list[int]]:
     """Batched answers. Given every prompt's KV cache (all but its last token), only the last token is
     fed; otherwise the prompts' common prefix (the system prompt) is computed once and shared."""
-    import mlx.core as mx
-    from mlx_lm.generate import batch_generate
-    from mlx_lm.models.cache import make_prompt_cache
-    from mlx_lm.sample_utils import make_sampler
-
     shared = len(os.path.commonprefix(prompts)) - 1 if len(prompts) > 1 else 0
     caches = None
     if prompt_caches and all(c is not None for c in prompt_caches):
@@ -347,8 +320,6 @@ def mlx_generate(model, tokenizer, prompts, ecfg, prompt_caches=None) -> list[li
 
 
 def score_gguf(path: Path, prompts, loss_items, tokenizer, ecfg) -> dict:
-    import llama_runner
-
     loss = llama_runner.perplexity(path, list(loss_items.values()))["loss"] if loss_items else float("nan")
     stop_ids = set(tokenizer.eos_token_ids)
     start = time.monotonic()
@@ -448,13 +419,7 @@ def generation_policy(experiment, results, contract, tokenizer, ecfg, task_metri
 
 
 def write_generations(path: Path, prompts, references, answers: dict[str, list[str]], tokenizer) -> None:
-    import orjson
-
     with contracts.atomic_path(path) as tmp, open(tmp, "wb") as f:
         for index, (prompt, reference) in enumerate(zip(prompts, references)):
             row = {"index": index, "prompt": tokenizer.decode(prompt), "reference": reference, "outputs": {aid: texts[index] for aid, texts in answers.items()}}
             f.write(orjson.dumps(row) + b"\n")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""eval, part 1: task metrics on generated answers, each in points (0–100, higher is better).
+"""eval's task metrics on generated answers, each in points (0–100, higher is better).
 
 Built in: exact_match, normalized_match (JSON compared as parsed values, text compared lowercased
 with spacing and punctuation folded), chrf (sacrebleu's corpus chrF), json_valid and, when the data
@@ -22,6 +22,9 @@ from collections.abc import Callable
 
 from pipeline import paths
 from pipeline.errors import PipelineError
+
+import sacrebleu
+from jsonschema import Draft202012Validator
 
 BUILTIN = ("exact_match", "normalized_match", "chrf", "json_valid", "schema_valid", "tool_match", "call_f1")
 TOOL_METRICS = ("schema_valid", "tool_match", "call_f1")  # measured when the data declares tool schemas
@@ -48,8 +51,6 @@ def normalized_equal(prediction: str, reference: str) -> bool:
 
 
 def schema_validators(tool_schemas: dict | None) -> dict:
-    from jsonschema import Draft202012Validator
-
     return {name: Draft202012Validator(schema) for name, schema in (tool_schemas or {}).items()}
 
 
@@ -114,8 +115,6 @@ def load_plugins(names) -> dict[str, Callable | Exception]:
 
 def score(predictions: list[str], references: list[str], records: list[dict], tool_schemas: dict | None, plugins: dict) -> dict:
     """{metric: {"value": points, "status": "ok"} or {"value": None, "status": "failed", "error": ...}}."""
-    import sacrebleu
-
     n = len(predictions)
 
     def mean(flags) -> float:

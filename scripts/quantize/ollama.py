@@ -1,4 +1,4 @@
-"""quantize, Ollama part: a Modelfile whose Go TEMPLATE comes from the chat template prepare used.
+"""quantize's Ollama export: a Modelfile whose Go TEMPLATE comes from the chat template prepare used.
 
 Ollama formats a chat with a Go text/template over .Messages, not with the Jinja chat template the
 model was trained on. infer_template_spec renders probe conversations through the Jinja template
@@ -22,9 +22,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import gotemplate
+from pipeline.compare import first_difference
 from pipeline.errors import PipelineError
-from prepare_records import compile_template
+
+from jinja2 import TemplateError
+
+from llm import chat_template
+from quantize import gotemplate
 
 ROLES = ("system", "user", "assistant")
 EOS_PROBE = "ZQEOSPROBEQZ"
@@ -61,15 +65,13 @@ class TemplateSpec:
 # --- from the Jinja template to a spec -----------------------------------------------------------
 
 
-def render_jinja(chat_template: str, messages: list[dict], *, add_generation_prompt: bool, bos_token: str = "", eos_token: str | None = None) -> str:
-    """The chat template rendered as prepare renders it; eos_token None renders a probe that must not appear."""
-    from jinja2 import TemplateError
-
+def render_jinja(template_source: str, messages: list[dict], *, add_generation_prompt: bool, bos_token: str = "", eos_token: str | None = None) -> str:
+    """The chat template rendered as every stage renders it; eos_token None renders a probe that must not appear."""
     special = {"bos_token": bos_token, "eos_token": EOS_PROBE if eos_token is None else eos_token}
     try:
-        text = compile_template(chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
+        text = chat_template.render(template_source, messages, add_generation_prompt=add_generation_prompt, **special)
     except TemplateError as exc:
-        raise PipelineError(f"the chat template fails on a {'/'.join(m['role'] for m in messages)} conversation: {exc}", where="prepare.template", fix=INEXPRESSIBLE_FIX) from None
+        raise PipelineError(f"the chat template fails on a {'/'.join(m['role'] for m in messages)} conversation: {exc}", where="prepare.template", fix=INEXPRESSIBLE_FIX) from exc
     if EOS_PROBE in text:
         raise PipelineError(
             "the chat template writes eos_token but none was given", where="quantize.ollama",
@@ -156,13 +158,9 @@ def _verify(spec: TemplateSpec, render) -> None:
     for messages, prompt in conversations:
         expected, got = render(messages, prompt), spec.render(messages, prompt)
         if expected != got:
-            at = _first_difference(expected, got)
+            at = first_difference(expected, got)
             roles = "/".join(m["role"] for m in messages) + ("+prompt" if prompt else "")
             raise _inexpressible(f"rebuilt from per-role pieces, a {roles} conversation differs at character {at} ({expected[at:at + 30]!r} vs {got[at:at + 30]!r})")
-
-
-def _first_difference(a: str, b: str) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 # --- the Go template and the Modelfile -----------------------------------------------------------
@@ -261,7 +259,7 @@ def render_go(template: str, messages: list[dict], system: str | None) -> str:
     try:
         return gotemplate.render(template, data)
     except gotemplate.GoTemplateError as exc:
-        raise PipelineError(f"the Ollama template does not execute: {exc}", where="ollama_export", fix="this is a bug in go_template") from None
+        raise PipelineError(f"the Ollama template does not execute: {exc}", where="ollama_export", fix="this is a bug in go_template") from exc
 
 
 def check_modelfile_template(chat_template: str, go_tmpl: str, system: str | None, conversations: list[list[dict]], *, bos_token: str = "", eos_token: str | None = None) -> None:
@@ -278,7 +276,7 @@ def check_modelfile_template(chat_template: str, go_tmpl: str, system: str | Non
             expected = expected[: expected.rindex(sent[-1]["content"]) + len(sent[-1]["content"])]
         got = render_go(go_tmpl, messages, system)
         if got != expected:
-            at = _first_difference(expected, got)
+            at = first_difference(expected, got)
             raise PipelineError(
                 f"the Ollama template renders conversation {n} differently from the chat template at character {at}: "
                 f"Jinja {expected[at:at + 40]!r}, Go {got[at:at + 40]!r}",

@@ -10,15 +10,15 @@ import math
 import os
 from pathlib import Path
 
+import llama_cpp
 import numpy as np
+from llama_cpp import Llama, _internals
 
 # llama.cpp logs every tensor it loads or quantizes; show its errors only, unless debugging.
 logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
 
 
 def open_llama(gguf_path: Path, n_ctx: int):
-    from llama_cpp import Llama
-
     return Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=512, n_threads=os.cpu_count() or 1, verbose=False, seed=0)
 
 
@@ -38,8 +38,6 @@ def greedy(llm, prompt: list[int], max_tokens: int, stop_ids: set[int]) -> list[
 
 def max_sequences() -> int:
     """How many prompts one llama.cpp context can hold besides the shared prefix's sequence."""
-    import llama_cpp
-
     return llama_cpp.llama_max_parallel_sequences() - 1
 
 
@@ -84,9 +82,6 @@ class Sequences:
         self.n_ctx, self.n_batch = n_ctx + 64, max(512, len(self.prefix), batch_tokens, n_seq)
 
     def __enter__(self):
-        import llama_cpp
-        from llama_cpp import _internals
-
         self.model = _internals.LlamaModel(path_model=str(self.gguf_path), params=llama_cpp.llama_model_default_params(), verbose=False)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx, params.n_batch, params.n_ubatch = self.n_ctx, self.n_batch, 512

@@ -1,5 +1,6 @@
 """GGUF files from an MLX/HF model folder, written with the `gguf` library the way llama.cpp's own
-converter writes them, and quantized with llama.cpp itself (`llama_model_quantize`).
+converter writes them (tensor names and q/k row order from llm.gguf_mapping), and quantized with
+llama.cpp itself (`llama_model_quantize`).
 
 mlx-lm's `--export-gguf` is not used: llama.cpp refuses its files (token types stored as UINT32), it
 keeps float32 weights as float32 and it knows only llama/mistral/mixtral.
@@ -9,57 +10,33 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
+import tempfile
 from pathlib import Path
-
-import numpy as np
 
 from pipeline import paths
 from pipeline.errors import PipelineError
+
+import gguf
+import llama_cpp
+import mlx.core as mx
+import numpy as np
+from tokenizers import Tokenizer
+
+from llm.gguf_mapping import PRE_TYPES, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_USER_DEFINED, byte_level_pre_tokenizer
+from llm.gguf_mapping import gguf_name, permute_qk
 
 # model_type in config.json → GGUF architecture; mistral's tensors and keys are llama's (as in llama.cpp).
 SUPPORTED_ARCHITECTURES = {"llama": "llama", "mistral": "llama"}
 FLOAT_TYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 
-_HF_TO_GGUF = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
-_LAYER_PARTS = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
 logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp prints a line per tensor it quantizes
 logging.getLogger("gguf").setLevel(logging.WARNING)
-# Candidate pre-tokenizers, tried in this order; the first that tokenizes the probe like the model wins.
-PRE_TYPES = ("smollm", "llama-bpe", "gpt-2")
 _PRE_PROBE = (
     "Hello World! 3333 33 3.14 don't I'm \n\n\t  spaces   tabs\ttabs ü ñ 日本語 🦙 <|im_start|>x "
     "'s 're 've ll ALL CAPS 1234567 x=y+z; {\"a\": [1, 2]}\r\n  indented"
 )
-
-
-def gguf_name(hf_name: str) -> str:
-    if hf_name in _HF_TO_GGUF:
-        return _HF_TO_GGUF[hf_name]
-    _, _, layer, rest = hf_name.split(".", 3)
-    part = rest.removesuffix(".weight")
-    if part not in _LAYER_PARTS:
-        raise KeyError(hf_name)
-    return f"blk.{layer}.{_LAYER_PARTS[part]}.weight"
-
-
-def permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """The q/k row order llama.cpp expects (its convert_hf_to_gguf.py applies the same permutation)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def check_architecture(model_config: dict, where: str) -> str:
@@ -90,10 +67,10 @@ def tokenizer_vocab(model_dir: Path) -> dict:
     vocab.update({content: a["id"] for content, a in added.items()})
     size = max(vocab.values()) + 1
     tokens = [f"[PAD{i}]" for i in range(size)]
-    types = [_USER_DEFINED] * size
+    types = [TOKEN_USER_DEFINED] * size
     for token, index in vocab.items():
         tokens[index] = token
-        types[index] = (_CONTROL if added[token]["special"] else _USER_DEFINED) if token in added else _NORMAL
+        types[index] = (TOKEN_CONTROL if added[token]["special"] else TOKEN_USER_DEFINED) if token in added else TOKEN_NORMAL
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     return {"tokens": tokens, "types": types, "merges": merges, "pre": detect_pre_type(model_dir / "tokenizer.json")}
 
@@ -101,10 +78,6 @@ def tokenizer_vocab(model_dir: Path) -> dict:
 def detect_pre_type(tokenizer_path: Path) -> str:
     """llama.cpp's pre-tokenizer name for this tokenizer: the candidate whose definition equals the
     tokenizer's own, else the first that splits a probe text identically."""
-    from tokenizers import Tokenizer
-
-    from model import byte_level_pre_tokenizer
-
     original = Tokenizer.from_file(str(tokenizer_path))
     own = json.loads(original.to_str()).get("pre_tokenizer")
     candidates = {pre: Tokenizer.from_str(original.to_str()) for pre in PRE_TYPES}
@@ -125,9 +98,6 @@ def detect_pre_type(tokenizer_path: Path) -> str:
 
 def write_gguf(model_dir: Path, out_path: Path, *, float_type: str, chat_template: str | None, name: str) -> dict:
     """Write the model folder as a float GGUF (F16, BF16 or F32 matrices; norms stay F32)."""
-    import gguf
-    import mlx.core as mx
-
     model_config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     arch = check_architecture(model_config, paths.display(model_dir / "config.json"))
     tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
@@ -138,7 +108,7 @@ def write_gguf(model_dir: Path, out_path: Path, *, float_type: str, chat_templat
     writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{FLOAT_TYPES[float_type]}" if float_type != "float32" else "ALL_F32"))
     _add_hyperparameters(writer, model_config, len(vocab["tokens"]))
     _add_tokenizer(writer, vocab, tokenizer_config, model_config, chat_template)
-    tensors = _add_tensors(writer, model_dir, model_config, float_type, mx)
+    tensors = _add_tensors(writer, model_dir, model_config, float_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -164,8 +134,6 @@ def _add_hyperparameters(writer, model_config: dict, vocab_size: int) -> None:
         writer.add_value_length(head_dim)
     scaling = model_config.get("rope_scaling") or {}
     if scaling.get("rope_type", scaling.get("type")) == "linear":
-        import gguf
-
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(scaling["factor"])
     elif scaling:
@@ -192,7 +160,7 @@ def _add_tokenizer(writer, vocab: dict, tokenizer_config: dict, model_config: di
         writer.add_chat_template(chat_template)
 
 
-def _add_tensors(writer, model_dir: Path, model_config: dict, float_type: str, mx) -> int:
+def _add_tensors(writer, model_dir: Path, model_config: dict, float_type: str) -> int:
     heads = model_config["num_attention_heads"]
     kv_heads = model_config.get("num_key_value_heads", heads)
     target = {"float16": np.float16, "float32": np.float32}.get(float_type)
@@ -208,9 +176,9 @@ def _add_tensors(writer, model_dir: Path, model_config: dict, float_type: str, m
             raise PipelineError(f"GGUF export does not know the tensor '{name}'", where=paths.display(model_dir), fix="set quantize.gguf_types=[]") from None
         w = np.array(weights.pop(name).astype(mx.float32))
         if name.endswith("q_proj.weight"):
-            w = permute(w, heads)
+            w = permute_qk(w, heads)
         elif name.endswith("k_proj.weight"):
-            w = permute(w, kv_heads)
+            w = permute_qk(w, kv_heads)
         writer.add_tensor(out_name, *_encode(w, target, float_type))
         count += 1
     return count
@@ -218,8 +186,6 @@ def _add_tensors(writer, model_dir: Path, model_config: dict, float_type: str, m
 
 def _encode(w: np.ndarray, target, float_type: str):
     """A tensor as the GGUF stores it: 1-D tensors (norms) in float32, matrices in the chosen float type."""
-    import gguf
-
     if w.ndim == 1 or target is np.float32:
         return (w.astype(np.float32),)
     if float_type == "bfloat16":
@@ -230,8 +196,6 @@ def _encode(w: np.ndarray, target, float_type: str):
 
 def llama_quantization_types() -> dict[str, int]:
     """Every quantization type this llama.cpp build knows, by name (Q4_K_M, Q8_0, ...)."""
-    import llama_cpp
-
     prefix = "LLAMA_FTYPE_MOSTLY_"
     return {name.removeprefix(prefix): getattr(llama_cpp, name) for name in dir(llama_cpp) if name.startswith(prefix)}
 
@@ -250,8 +214,6 @@ def check_quantization_types(names, where: str) -> None:
 def quantize_gguf(source: Path, target: Path, type_name: str, threads: int) -> None:
     """Quantize a float GGUF with llama.cpp's own quantizer; its per-tensor chatter is kept out of the
     log unless it fails (then its last lines are the error)."""
-    import llama_cpp
-
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_quantization_types()[type_name]
     params.nthread = threads
@@ -267,10 +229,6 @@ class native_output:
     """Captures what C code writes to stdout/stderr (file descriptors 1 and 2) while active."""
 
     def __enter__(self):
-        import os
-        import sys
-        import tempfile
-
         sys.stdout.flush()
         sys.stderr.flush()
         self._file = tempfile.TemporaryFile()
@@ -280,36 +238,9 @@ class native_output:
         return self
 
     def __exit__(self, *exc):
-        import os
-
         for fd, saved in zip((1, 2), self._saved):
             os.dup2(saved, fd)
             os.close(saved)
         self._file.seek(0)
         self.text = self._file.read().decode("utf-8", "replace")
         self._file.close()
-
-
-def read_header(path: Path) -> dict:
-    """What a GGUF says about itself: architecture, file type, parameter count, context length."""
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:  # gguf raises ValueError/struct errors on anything that is not a GGUF
-        raise PipelineError(f"not a readable GGUF file ({exc})", where=paths.display(path), fix="re-run `make quantize`") from None
-
-    def field(key, default=None):
-        value = reader.fields.get(key)
-        return value.contents() if value is not None else default
-
-    arch = field("general.architecture")
-    file_type = field("general.file_type")
-    names = {int(t): t.name.removeprefix("MOSTLY_") for t in gguf.LlamaFileType}
-    return {
-        "architecture": arch,
-        "file_type": names.get(file_type, str(file_type)),
-        "parameters": int(sum(int(np.prod(t.shape)) for t in reader.tensors)),
-        "context_length": field(f"{arch}.context_length"),
-        "tensors": len(reader.tensors),
-    }

@@ -1,16 +1,11 @@
-"""prepare, part 1: record formats and prompt templates.
-
-Detects a source's record format, maps custom field names, and normalizes every record into one of
-the formats mlx-lm reads: {"text"}, {"prompt", "completion"} or {"messages"[, "tools"]}. Renders
-chat records with a Jinja chat template in a sandbox, the same way transformers does.
+"""prepare's record formats: detects a source's format, maps custom field names, and normalizes every
+record into one of the formats mlx-lm reads: {"text"}, {"prompt", "completion"} or {"messages"[, "tools"]}.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable
 
-from pipeline import paths
 from pipeline.errors import PipelineError
 
 INPUT_FORMATS = ("text", "completions", "alpaca", "sharegpt", "messages")
@@ -26,7 +21,6 @@ SHAREGPT_ROLES = {
     "observation": "tool",
     "tool": "tool",
 }
-TEMPLATE_DIR = "config/templates"
 
 
 def detect_format(records: list[dict], where: str) -> str:
@@ -76,7 +70,7 @@ def normalize(records: list[dict], fmt: str, where: str) -> tuple[str, list[dict
                 f"record {index + 1} is not valid {fmt}: {_describe(exc)}",
                 where=where,
                 fix="fix the record, or set data.format / data.field_map to match your fields",
-            ) from None
+            ) from exc
     kind = {"text": "text", "completions": "completions"}.get(fmt, "messages")
     return kind, out
 
@@ -171,57 +165,3 @@ def output_kind(kinds: Iterable[str]) -> str:
 
 def completions_to_messages(record: dict) -> dict:
     return {"messages": [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]}
-
-
-# --- templates ---------------------------------------------------------------------------------
-
-
-def builtin_templates() -> list[str]:
-    return sorted(p.stem for p in (paths.ROOT / TEMPLATE_DIR).glob("*.jinja"))
-
-
-def resolve_template(choice: str, model_template: str | None) -> dict:
-    """{"id", "origin", "source"}: the model's own template, a builtin by name, or a Jinja file."""
-    if choice == "auto":
-        if model_template:
-            return {"id": "model", "origin": "model", "source": model_template}
-        choice = "chatml"
-    if choice in builtin_templates():
-        source = (paths.ROOT / TEMPLATE_DIR / f"{choice}.jinja").read_text(encoding="utf-8")
-        return {"id": choice, "origin": "builtin", "source": source}
-    path = paths.resolve(choice)
-    if path.suffix in (".jinja", ".j2") and path.is_file():
-        return {"id": paths.display(path), "origin": "file", "source": path.read_text(encoding="utf-8")}
-    raise PipelineError(
-        f"unknown template '{choice}'",
-        where="prepare.template",
-        fix=f"use auto, one of {', '.join(builtin_templates())}, or the path of a .jinja file",
-    )
-
-
-@functools.lru_cache(maxsize=8)
-def compile_template(source: str):
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.globals["raise_exception"] = raise_exception
-    env.filters["tojson"] = lambda value, indent=None: __import__("json").dumps(value, ensure_ascii=False, indent=indent)
-    try:
-        return env.from_string(source)
-    except TemplateError as exc:
-        raise PipelineError(f"the chat template does not compile: {exc}", where="prepare.template", fix="fix the Jinja syntax") from None
-
-
-def render_chat(template: dict, messages: list[dict], special: dict, tools=None, add_generation_prompt: bool = False) -> str:
-    from jinja2 import TemplateError
-
-    try:
-        return compile_template(template["source"]).render(
-            messages=messages, tools=tools, add_generation_prompt=add_generation_prompt, **special
-        )
-    except TemplateError as exc:
-        raise PipelineError(f"the chat template failed on a record: {exc}", where=f"template {template['id']}", fix="check the template or the record's roles") from None

@@ -19,6 +19,8 @@ import datetime
 import json
 import random
 import string
+import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -580,9 +582,6 @@ def _check_templates() -> None:
 
 
 def _self_check() -> None:
-    import time
-    from collections import Counter
-
     for tool in TOOLS:
         Draft202012Validator.check_schema(tool["parameters"])
     _check_templates()

@@ -1,4 +1,4 @@
-"""prepare, part 2: data quality. Duplicates, empty records, token lengths with the real tokenizer,
+"""prepare's data quality checks: duplicates, empty records, token lengths with the real tokenizer,
 control characters, secrets (detect-secrets) and train↔valid/test contamination.
 
 Columnar where it matters: regexes run over pyarrow string arrays (RE2), token counts come from the
@@ -14,6 +14,11 @@ import unicodedata
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
+from detect_secrets.core.scan import scan_line
+from detect_secrets.plugins.base import RegexBasedDetector
+from detect_secrets.plugins.keyword import DENYLIST
+from detect_secrets.settings import transient_settings
 
 CONTROL_CHARS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
 _NOISY_SECRET_PLUGINS = ("Base64HighEntropyString", "HexHighEntropyString", "IPPublicDetector")
@@ -139,10 +144,6 @@ def field_presence(raw_records: list[dict]) -> dict[str, float]:
 @functools.cache
 def _secret_plugins() -> tuple[list[str], list[str]]:
     """(plugin names used, RE2 prefilter patterns): every detect-secrets regex, made RE2-safe and looser."""
-    from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
-    from detect_secrets.plugins.base import RegexBasedDetector
-    from detect_secrets.plugins.keyword import DENYLIST
-
     names, patterns = [], ["(?i)(" + "|".join(DENYLIST) + ")"]
     for plugin in get_mapping_from_secret_type_to_class().values():
         if plugin.__name__ in _NOISY_SECRET_PLUGINS:
@@ -165,9 +166,6 @@ def find_secrets(texts: list[str]) -> dict[int, list[dict]]:
     """{record index: [{"type", "line"}]} for records holding something detect-secrets calls a secret."""
     if not texts:
         return {}
-    from detect_secrets.core.scan import scan_line
-    from detect_secrets.settings import transient_settings
-
     names, patterns = _secret_plugins()
     array = pa.array(texts, pa.large_string())
     mask = None

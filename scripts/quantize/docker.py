@@ -1,4 +1,4 @@
-"""A GGUF packed as a Docker Model Runner model: an OCI image-layout tarball for `docker model load`.
+"""quantize's Docker export: a GGUF packed as a Docker Model Runner model: an OCI image-layout tarball for `docker model load`.
 
 What the tar holds:
 
@@ -38,6 +38,8 @@ from pipeline.contracts import atomic_path
 from pipeline.errors import PipelineError
 from pipeline.hashing import sha256_file
 
+from llm.gguf_header import read_header
+
 OCI_LAYOUT_VERSION = "1.0.0"
 INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
 MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
@@ -68,7 +70,6 @@ TEMPLATE_FILE_NAME = "template.jinja"  # the name model-runner unpacks a templat
 LICENSE_FILE_NAME = "LICENSE"
 MODEL_RUNNER_MANIFEST = "manifest.json"
 
-MAX_METADATA_ARRAY = 10  # model-runner leaves longer GGUF arrays (vocabularies, merges) out of the config
 JSON_LIMIT = 16 << 20  # index, manifest and config blobs are small; keep their bytes to parse them
 CHUNK = 1 << 20
 
@@ -80,100 +81,6 @@ BLOB_NAME = re.compile(r"blobs/([^/]+)/([^/]+)")
 
 _PARAMETER_UNITS = [(1e15, "Q"), (1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")]
 _BYTE_UNITS = [(2**50, "Pi"), (1e15, "P"), (2**40, "Ti"), (1e12, "T"), (2**30, "Gi"), (1e9, "G"), (2**20, "Mi"), (1e6, "M"), (2**10, "Ki"), (1e3, "K")]
-
-
-# ---------------------------------------------------------------- GGUF header
-
-
-def read_gguf_header(gguf_path: Path) -> dict:
-    """Architecture, quantization, parameter count, tensor bytes, context length and the metadata
-    map (every key as a string, long arrays left out) of a GGUF, read from its header only."""
-    reader = _open_gguf(Path(gguf_path))
-    architecture = _field(reader, "general.architecture")
-    model_bytes = Path(gguf_path).stat().st_size - reader.data_offset
-    return {
-        "architecture": architecture,
-        "quantization": _quantization(reader),
-        "parameters": sum(int(t.n_elements) for t in reader.tensors),
-        "model_bytes": model_bytes,
-        "context_length": _field(reader, f"{architecture}.context_length"),
-        "metadata": _metadata_strings(reader),
-    }
-
-
-def _open_gguf(path: Path):
-    import gguf
-
-    where = paths.display(path)
-    if not path.is_file():
-        raise PipelineError("GGUF file not found", where=where, fix="run `make quantize` first, or pass the path of an existing .gguf")
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as exc:  # the reader fails with ValueError, IndexError or struct errors on non-GGUF bytes
-        raise PipelineError(
-            f"not a GGUF file ({type(exc).__name__}: {exc})",
-            where=where,
-            fix="pass a .gguf written by llama.cpp or gguf_export (it starts with the bytes 'GGUF')",
-        ) from None
-
-
-def _field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    return field.contents() if field is not None else default
-
-
-def _quantization(reader) -> str:
-    """llama.cpp's name for general.file_type (Q4_K_M, F16, ...), else the dominant tensor type."""
-    import gguf
-
-    file_type = _field(reader, "general.file_type")
-    if file_type is None:
-        return _dominant_tensor_type(reader.tensors)
-    names = {int(t): t.name.removeprefix("MOSTLY_").removeprefix("ALL_") for t in gguf.LlamaFileType}
-    return names.get(int(file_type) & ~int(gguf.LlamaFileType.GUESSED), f"file type {file_type}")
-
-
-def _dominant_tensor_type(tensors) -> str:
-    # The rule gguf-parser-go uses when a file has no general.file_type: the commonest type among
-    # the block tensors, skipping F32 (norms) when anything else is there.
-    blocks = [t for t in tensors if t.name.startswith("blk.")] or list(tensors)
-    ranked = [name for name, _ in collections.Counter(t.tensor_type.name for t in blocks).most_common()]
-    if not ranked:
-        return "unknown"
-    return ranked[1] if ranked[0] == "F32" and len(ranked) > 1 else ranked[0]
-
-
-def _metadata_strings(reader) -> dict[str, str]:
-    import gguf
-
-    out = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):  # the reader's own entries for the header (version, counts)
-            continue
-        if field.types[0] == gguf.GGUFValueType.ARRAY and len(field.data) > MAX_METADATA_ARRAY:
-            continue
-        out[key] = _value_string(field.contents(), field.types)
-    return out
-
-
-def _value_string(value, types) -> str:
-    import gguf
-
-    if types[0] != gguf.GGUFValueType.ARRAY:
-        return _scalar_string(value, types[0])
-    if len(types) != 2:  # arrays of arrays: model-runner writes nothing for them
-        return ""
-    return ", ".join(_scalar_string(item, types[1]) for item in value)
-
-
-def _scalar_string(value, value_type) -> str:
-    import gguf
-
-    if value_type in (gguf.GGUFValueType.FLOAT32, gguf.GGUFValueType.FLOAT64):
-        return f"{value:f}"  # Go's %f, as model-runner formats floats
-    if value_type == gguf.GGUFValueType.BOOL:
-        return "true" if value else "false"
-    return str(value)
 
 
 def parameters_label(count: int) -> str:
@@ -240,7 +147,7 @@ def write_model_image(
     """
     gguf_path, out_tar = Path(gguf_path), Path(out_tar)
     _check_reference(reference)
-    header = read_gguf_header(gguf_path)
+    header = read_header(gguf_path)
     created = (created or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc)
 
     layers = [gguf_layer(gguf_path)]

@@ -1,0 +1,11 @@
+"""`python -m eval` (with PYTHONPATH=scripts, as `make eval` runs it) or `python scripts/eval`."""
+
+import sys
+from pathlib import Path
+
+if not __package__:  # run as a path: put scripts/ on the path so that the package imports
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eval import main  # noqa: E402
+
+sys.exit(main())

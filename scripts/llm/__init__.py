@@ -1,0 +1,12 @@
+"""Model-level code that two or more stages use, each piece with one home.
+
+- chat_template: the one chat-template renderer (sandboxed Jinja) and the template choices
+- tokens: records as token ids with a loss mask, prompts and references, the check prompts
+- gguf_mapping: the GGUF <-> Hugging Face mapping (tensor names, q/k row order, pre-tokenizers)
+- gguf_to_hf: a llama GGUF converted to an MLX/Hugging Face folder (the model stage)
+- hf_to_gguf: a model folder written as a GGUF, and llama.cpp's quantizer (quantize)
+- gguf_header: what a GGUF file says about itself, read from its header
+- llama_runner: GGUF files run in llama.cpp (greedy answers, batched decoding, perplexity)
+"""
+
+import pipeline  # noqa: F401  (the fast BLAS is loaded before any module here imports MLX)

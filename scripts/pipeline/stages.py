@@ -1,0 +1,175 @@
+"""The stage registry: each stage's name, the config sections it reads, whether it runs per
+experiment, the stages whose outputs it reads, what it writes and its manifest.
+
+The Makefile's prerequisites, the config slicer (which sections are kept per experiment) and the
+upstream checks of every stage read this table rather than keeping lists of their own. A stage's code
+is its script (`scripts/<name>.py`) or folder (`scripts/<name>/`) and every project module those
+import, found by reading their imports, so editing a file re-runs exactly the stages that use it.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+from pathlib import Path
+
+from pipeline import contracts, paths
+from pipeline.errors import PipelineError
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    product: str  # what it makes, in words, for messages ("trained adapter")
+    sections: tuple[str, ...]  # the config sections it reads (its slices)
+    per_experiment: bool  # outputs under runs/<experiment>/ (or eval_out/<experiment>/)
+    upstream: tuple[str, ...]  # stages whose outputs it reads
+    manifest: str | None  # written last; {experiment} is filled in
+    outputs: tuple[str, ...]  # what it writes besides the manifest
+    inputs: tuple[str, ...] = ()  # files it reads besides code, config and upstream outputs (globs)
+
+    def manifest_path(self, experiment: str | None = None) -> Path:
+        return paths.ROOT / self.manifest.format(experiment=experiment)
+
+    def logged_sections(self) -> tuple[str, ...]:
+        return ("experiments", *self.sections) if self.per_experiment else self.sections
+
+
+_STAGES = (
+    Stage("doctor", "machine check", ("doctor",), False, (), None, ()),
+    Stage(
+        "model", "converted base model", ("model",), False, (), "runs/model.manifest.json",
+        ("<model.cache_dir>/<converted model>/",),
+    ),
+    Stage(
+        "prepare", "prepared data", ("data", "prepare"), False, ("model",), "data/prepare.manifest.json",
+        (
+            "data/train.jsonl", "data/valid.jsonl", "data/test.jsonl", "data/data_contract.json",
+            "data/data_catalog.json", "data/data_report.json", "data/data_report.md", "data/tool_schemas.json",
+        ),
+        inputs=("config/templates/*.jinja",),
+    ),
+    Stage(
+        "train", "trained adapter", ("train",), True, ("model", "prepare"), "runs/{experiment}/train.manifest.json",
+        (
+            "runs/{experiment}/adapter/", "runs/{experiment}/checkpoints/", "runs/{experiment}/metrics.jsonl",
+            "runs/{experiment}/loss.png", "runs/experiments.csv",
+        ),
+    ),
+    Stage(
+        "fuse", "fused model", ("fuse",), True, ("model", "prepare", "train"), "runs/{experiment}/fuse.manifest.json",
+        ("runs/{experiment}/fused/", "runs/{experiment}/artifacts.json"),
+    ),
+    Stage(
+        "quantize", "deployable files", ("quantize",), True, ("prepare", "fuse"), "runs/{experiment}/quantize.manifest.json",
+        ("runs/{experiment}/quantized/", "runs/{experiment}/artifacts.json"),
+    ),
+    Stage(
+        "eval", "eval report", ("eval",), True, ("model", "prepare", "train", "quantize"), "eval_out/{experiment}/eval.manifest.json",
+        ("eval_out/{experiment}/", "eval_out/summary.md"),
+    ),
+)
+STAGES = {stage.name: stage for stage in _STAGES}
+PIPELINE = ("model", "prepare", "train", "fuse", "quantize", "eval")  # the order `make all` runs them in
+
+
+def get(name: str) -> Stage:
+    return STAGES[name]
+
+
+def experiment_sections() -> set[str]:
+    """Config sections that belong to one experiment: each experiment keeps its own slice of them."""
+    return {section for stage in _STAGES if stage.per_experiment for section in stage.sections}
+
+
+def make_command(name: str, experiment: str | None) -> str:
+    exp = f" EXP={experiment}" if STAGES[name].per_experiment and experiment else ""
+    return f"make {name}{exp}"
+
+
+def read_manifest(name: str, experiment: str | None = None) -> dict:
+    """An upstream stage's manifest, validated, with every output it lists still on disk; otherwise one
+    line saying which `make` to run."""
+    stage = STAGES[name]
+    path = stage.manifest_path(experiment)
+    rerun = make_command(name, experiment)
+    if not path.is_file():
+        owner = f"experiment '{experiment}' has" if stage.per_experiment else "there is"
+        raise PipelineError(f"{owner} no {stage.product} yet", where=paths.display(path), fix=f"run `{rerun}` first")
+    manifest = contracts.read_json(path, "run_manifest")
+    for entry in manifest["outputs"]:
+        if not paths.resolve(entry["path"]).exists():
+            raise PipelineError(
+                f"the {entry['role']} that `{rerun}` made is missing", where=entry["path"], fix=f"run `{rerun}` again"
+            )
+    return manifest
+
+
+# --- code dependencies ---------------------------------------------------------------------------
+
+
+def code_files(name: str) -> list[Path]:
+    """The stage's own files and every project module they import, directly or not, sorted."""
+    script = paths.SCRIPTS_DIR / f"{name}.py"
+    start = [script] if script.is_file() else sorted((paths.SCRIPTS_DIR / name).glob("*.py"))
+    seen: set[Path] = set()
+    pending = list(start)
+    while pending:
+        path = pending.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        pending.extend(_local_imports(path))
+    return sorted(seen)
+
+
+@functools.cache
+def _local_imports(path: Path) -> tuple[Path, ...]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                found += _module_files(alias.name)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found += _module_files(node.module)
+            for alias in node.names:  # `from pkg import module` imports a module too
+                found += _module_files(f"{node.module}.{alias.name}", only_modules=True)
+    return tuple(found)
+
+
+def _module_files(module: str, only_modules: bool = False) -> list[Path]:
+    """The project files that importing `module` runs: each package's __init__.py on the way, then the module."""
+    parts = module.split(".")
+    files = []
+    for depth in range(1, len(parts) + 1):
+        base = paths.SCRIPTS_DIR.joinpath(*parts[:depth])
+        last = depth == len(parts)
+        if base.with_suffix(".py").is_file():
+            files.append(base.with_suffix(".py"))
+        elif (base / "__init__.py").is_file():
+            if not (last and only_modules):
+                files.append(base / "__init__.py")
+        else:
+            return [] if (depth == 1 or only_modules) else files
+    return files
+
+
+def make_include(experiment: str) -> str:
+    """Make variables <stage>_DEPS: code, config slices, extra inputs and upstream manifests of each stage."""
+    lines = ["# Written by `python -m pipeline.config slices` from scripts/pipeline/stages.py; do not edit."]
+    shared = ("config/schemas/*.json",)  # every stage validates contract files against these
+    for stage in _STAGES:
+        code = [paths.display(p) for p in code_files(stage.name)]
+        slices = [_slice_file(section, experiment) for section in stage.sections]
+        upstream = [STAGES[u].manifest.format(experiment=experiment) for u in stage.upstream]
+        globs = [f"$(wildcard {pattern})" for pattern in (*shared, *stage.inputs)]
+        lines.append(f"{stage.name}_DEPS := " + " ".join([*code, *slices, *globs, *upstream]))
+    return "\n".join(lines) + "\n"
+
+
+def _slice_file(section: str, experiment: str) -> str:
+    if section in experiment_sections():
+        return paths.display(paths.run_dir(experiment) / ".config" / f"{section}.json")
+    return paths.display(paths.CONFIG_SLICE_DIR / f"{section}.json")

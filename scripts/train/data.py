@@ -1,0 +1,77 @@
+"""train's data: the prepared splits as (token ids, loss mask) items, a resumable batch order, and the
+masked loss. The batch for global step s depends only on the seed and s, so a resumed run sees exactly
+the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from llm import tokens
+from pipeline import paths, splits
+from pipeline.errors import PipelineError
+
+
+def load_split(split: str, contract: dict, tokenizer, mask_prompt: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """[(token ids, loss mask)] for every record of a prepared split."""
+    items = []
+    for number, record in enumerate(splits.read_split(contract, split), 1):
+        try:
+            items.append(tokens.encode(record, contract, tokenizer, mask_prompt))
+        except PipelineError as exc:  # a template error: name the record
+            where = f"{contract['splits'][split]} record {number}"
+            raise PipelineError(exc.what, where=where, fix="re-run `make prepare`; check prepare.template") from exc
+    return items
+
+
+def masked_loss(model, inputs, targets, mask):
+    logits = model(inputs)
+    ce = nn.losses.cross_entropy(logits, targets) * mask
+    ntoks = mask.sum()
+    return ce.astype(mx.float32).sum() / ntoks, ntoks
+
+
+class BatchOrder:
+    """Length-sorted batches, shuffled per epoch with (seed, epoch): batch(s) is a pure function of s."""
+
+    def __init__(self, items: list[tuple[np.ndarray, np.ndarray]], batch_size: int, seed: int):
+        self.items, self.batch_size, self.seed = items, batch_size, seed
+        order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
+        self.batches = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+
+    def indices(self, step: int) -> list[int]:
+        epoch, position = divmod(step, len(self.batches))
+        permutation = np.random.default_rng([self.seed, epoch]).permutation(len(self.batches))
+        return self.batches[permutation[position]]
+
+    def batch(self, step: int, max_seq_length: int):
+        return pad([self.items[i] for i in self.indices(step)], max_seq_length)
+
+
+def pad(items, max_seq_length: int):
+    """(inputs, targets, target mask) as mx arrays, padded to a multiple of 8 and cut at max_seq_length."""
+    longest = min(max(len(ids) for ids, _ in items), max_seq_length)
+    width = min(max_seq_length, 8 * ((longest + 7) // 8))
+    tokens = np.zeros((len(items), width), np.int32)
+    masks = np.zeros((len(items), width), np.float32)
+    for row, (ids, mask) in enumerate(items):
+        n = min(len(ids), width)
+        tokens[row, :n], masks[row, :n] = ids[:n], mask[:n]
+    return mx.array(tokens[:, :-1]), mx.array(tokens[:, 1:]), mx.array(masks[:, 1:])
+
+
+def validation_loss(model, items, batch_size: int, val_batches: int, max_seq_length: int) -> float:
+    """Token-weighted mean loss over the first `val_batches` batches in fixed order (-1: all)."""
+    model.eval()
+    order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
+    batches = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    if val_batches != -1:
+        batches = batches[:val_batches]
+    total, count = mx.array(0.0), mx.array(0.0)
+    for batch in batches:
+        loss, ntoks = masked_loss(model, *pad([items[i] for i in batch], max_seq_length))
+        total, count = total + loss * ntoks, count + ntoks
+        mx.eval(total, count)
+    return (total / count).item()
