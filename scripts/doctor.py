@@ -51,7 +51,9 @@ def run(cfg) -> dict:
     slow = runtime.device_name() == "cpu" and gflops < cfg.doctor.min_gflops
     if slow or not blas["optimized"]:
         print(
-            "\n" + "!" * 78 + f"\n!! WARNING: MLX's CPU matmuls run at {gflops:.1f} GFLOP/s with the {blas['name']} BLAS.\n"
+            "\n"
+            + "!" * 78
+            + f"\n!! WARNING: MLX's CPU matmuls run at {gflops:.1f} GFLOP/s with the {blas['name']} BLAS.\n"
             "!! Training will be 10-60x slower than it should. Fix: `make setup` (installs ngsolve-openblas,\n"
             "!! which the pipeline loads automatically) and do not set PIPELINE_BLAS=reference.\n" + "!" * 78,
             file=sys.stderr,

@@ -29,7 +29,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm import load
 from mlx_lm.utils import dequantize_model, save
 
-from llm import tokens
+from lm import tokens
 
 log = logging.getLogger("fuse")
 CHECK_PROMPTS = 3  # test prompts whose logits are compared, fused vs base + adapter
@@ -67,8 +67,16 @@ def run(cfg) -> Path:
         difference = compare(tmp, prompts, reference, cfg.fuse.tolerance)
 
     entries = artifact_entries(experiment, model_manifest, adapter_dir, fused_dir, cfg)
-    contracts.write_json(paths.artifacts_file(experiment), {"experiment": experiment, "artifacts": entries}, "artifacts")
-    details = {"max_logit_difference": difference, "base_was_quantized": was_quantized, "dtype": model_config.get("torch_dtype"), "check_prompts": len(prompts), "blas": runtime.blas_summary()["name"]}
+    contracts.write_json(
+        paths.artifacts_file(experiment), {"experiment": experiment, "artifacts": entries}, "artifacts"
+    )
+    details = {
+        "max_logit_difference": difference,
+        "base_was_quantized": was_quantized,
+        "dtype": model_config.get("torch_dtype"),
+        "check_prompts": len(prompts),
+        "blas": runtime.blas_summary()["name"],
+    }
     inputs = [
         file_entry("model", paths.MODEL_MANIFEST),
         file_entry("adapter", adapter_dir),
@@ -76,7 +84,13 @@ def run(cfg) -> Path:
     ]
     outputs = [file_entry("fused", fused_dir), file_entry("artifacts", paths.artifacts_file(experiment))]
     stage.finish(stages.get("fuse").manifest_path(experiment), inputs, outputs, details)
-    log.info("fused %s into %s (max |logit difference| %.2e over %d prompts)", paths.display(adapter_dir), paths.display(fused_dir), difference, len(prompts))
+    log.info(
+        "fused %s into %s (max |logit difference| %.2e over %d prompts)",
+        paths.display(adapter_dir),
+        paths.display(fused_dir),
+        difference,
+        len(prompts),
+    )
     return fused_dir
 
 
@@ -145,13 +159,43 @@ def compare(fused_dir: Path, prompts, reference, tolerance: float) -> float:
 
 def artifact_entries(experiment: str, model_manifest: dict, adapter_dir: Path, fused_dir: Path, cfg) -> list[dict]:
     base = output_entry(model_manifest, "model")
-    base_entry = {"id": "base", "kind": "base", "format": "mlx", "path": base["path"], "bytes": base["bytes"], "sha256": base["sha256"], "parent": None, "stage": "model", "config": model_manifest["config"]}
+    base_entry = {
+        "id": "base",
+        "kind": "base",
+        "format": "mlx",
+        "path": base["path"],
+        "bytes": base["bytes"],
+        "sha256": base["sha256"],
+        "parent": None,
+        "stage": "model",
+        "config": model_manifest["config"],
+    }
     adapter = file_entry("adapter", adapter_dir)
     fused = file_entry("fused", fused_dir)
     return [
         base_entry,
-        {"id": f"{experiment}/adapter", "kind": "adapter", "format": "mlx-adapter", "path": adapter["path"], "bytes": adapter["bytes"], "sha256": adapter["sha256"], "parent": "base", "stage": "train", "config": {}},
-        {"id": f"{experiment}/fused", "kind": "fused", "format": "mlx", "path": fused["path"], "bytes": fused["bytes"], "sha256": fused["sha256"], "parent": f"{experiment}/adapter", "stage": "fuse", "config": {"fuse": config.section(cfg, "fuse")}},
+        {
+            "id": f"{experiment}/adapter",
+            "kind": "adapter",
+            "format": "mlx-adapter",
+            "path": adapter["path"],
+            "bytes": adapter["bytes"],
+            "sha256": adapter["sha256"],
+            "parent": "base",
+            "stage": "train",
+            "config": {},
+        },
+        {
+            "id": f"{experiment}/fused",
+            "kind": "fused",
+            "format": "mlx",
+            "path": fused["path"],
+            "bytes": fused["bytes"],
+            "sha256": fused["sha256"],
+            "parent": f"{experiment}/adapter",
+            "stage": "fuse",
+            "config": {"fuse": config.section(cfg, "fuse")},
+        },
     ]
 
 

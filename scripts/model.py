@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import pipeline  # noqa: F401  (loads the fast BLAS before MLX)
-from pipeline import cli, config, contracts, hashing, paths, runtime, stages
+from pipeline import cli, config, contracts, hashing, paths, runtime
 from pipeline.errors import PipelineError
 from pipeline.manifest import StageRun, file_entry
 
@@ -32,7 +32,7 @@ from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from mlx.utils import tree_flatten
 from mlx_lm import load
 
-from llm.gguf_to_hf import convert_gguf
+from lm.gguf_to_hf import convert_gguf
 
 log = logging.getLogger("model")
 
@@ -57,7 +57,9 @@ def run(cfg) -> Path:
     source = cfg.model.source
     kind, location = resolve_source(source, cfg.model.revision)
     if kind == "gguf":
-        model_dir = convert_gguf_cached(location, runtime.resolve_dtype(cfg.model.dtype), paths.resolve(cfg.model.cache_dir))
+        model_dir = convert_gguf_cached(
+            location, runtime.resolve_dtype(cfg.model.dtype), paths.resolve(cfg.model.cache_dir)
+        )
         inputs = [file_entry("source", location)]
     else:
         model_dir = location
@@ -66,7 +68,12 @@ def run(cfg) -> Path:
     details = smoke_check(model_dir)
     details.update({"source": source, "source_kind": kind})
     stage.finish(paths.MODEL_MANIFEST, inputs, [file_entry("model", model_dir)], details)
-    log.info("base model ready: %s (%s parameters, %s)", paths.display(model_dir), f"{details['parameters']:,}", details["dtype"])
+    log.info(
+        "base model ready: %s (%s parameters, %s)",
+        paths.display(model_dir),
+        f"{details['parameters']:,}",
+        details["dtype"],
+    )
     return model_dir
 
 
@@ -77,7 +84,9 @@ def resolve_source(source: str, revision: str | None) -> tuple[str, Path]:
     path = paths.resolve(source)
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise PipelineError(f"GGUF file {source} not found", where="model.source", fix="give the path of an existing .gguf file")
+            raise PipelineError(
+                f"GGUF file {source} not found", where="model.source", fix="give the path of an existing .gguf file"
+            )
         return "gguf", path
     if path.is_dir():
         return "folder", path
@@ -92,14 +101,22 @@ def resolve_source(source: str, revision: str | None) -> tuple[str, Path]:
 
 def builtin_gguf(name: str) -> Path:
     if name not in BUILTIN_MODELS:
-        raise PipelineError(f"no builtin model named '{name}'", where="model.source", fix="builtin models: " + ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS))
+        raise PipelineError(
+            f"no builtin model named '{name}'",
+            where="model.source",
+            fix="builtin models: " + ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS),
+        )
     package, filename = BUILTIN_MODELS[name]
     try:
         path = Path(str(importlib.resources.files(package) / filename))
     except ModuleNotFoundError:
         path = None
     if path is None or not path.is_file():
-        raise PipelineError(f"the package {package} that ships builtin:{name} is not installed", where="model.source", fix="run `make setup`")
+        raise PipelineError(
+            f"the package {package} that ships builtin:{name} is not installed",
+            where="model.source",
+            fix="run `make setup`",
+        )
     return path
 
 
@@ -145,11 +162,17 @@ def smoke_check(model_dir: Path) -> dict:
     try:
         model, tokenizer = load(str(model_dir))
     except Exception as exc:  # mlx-lm raises many types for a broken folder
-        raise PipelineError(f"mlx-lm cannot load the model: {exc}", where=paths.display(model_dir), fix="check model.source") from exc
+        raise PipelineError(
+            f"mlx-lm cannot load the model: {exc}", where=paths.display(model_dir), fix="check model.source"
+        ) from exc
     tokens = mx.array([tokenizer.encode("Hello")])
     logits = model(tokens)
     if not bool(mx.all(mx.isfinite(logits)).item()):
-        raise PipelineError("the model's logits are not finite", where=paths.display(model_dir), fix="the weights are corrupt: check model.source")
+        raise PipelineError(
+            "the model's logits are not finite",
+            where=paths.display(model_dir),
+            fix="the weights are corrupt: check model.source",
+        )
     params = tree_flatten(model.parameters())
     dtypes = sorted({str(v.dtype).removeprefix("mlx.core.") for _, v in params})
     model_config = read_json_file(model_dir / "config.json")
@@ -164,7 +187,6 @@ def smoke_check(model_dir: Path) -> dict:
 
 def read_json_file(path: Path) -> dict:
     return orjson.loads(path.read_bytes())
-
 
 
 if __name__ == "__main__":

@@ -5,12 +5,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import pytest
-
 import pipeline  # noqa: F401  (loads the fast BLAS before anything imports MLX)
 from pipeline import paths
 
+import pytest
+
 from helpers import REPO
+
 PROJECT_FILES = ("Makefile", "config", "scripts", "requirements.lock", "requirements.in", "pytest.ini")
 
 

@@ -32,7 +32,13 @@ def make(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
     return result
 
 
-FAST_TRAIN = ["train.iters=6", "train.steps_per_eval=3", "train.val_batches=1", "train.num_layers=2", "train.learning_rate=5e-3"]
+FAST_TRAIN = [
+    "train.iters=6",
+    "train.steps_per_eval=3",
+    "train.val_batches=1",
+    "train.num_layers=2",
+    "train.learning_rate=5e-3",
+]
 
 
 def trained(model_dir: Path, *extra: str) -> None:

@@ -5,15 +5,6 @@ from __future__ import annotations
 
 import re
 
-import orjson
-import pytest
-import yaml
-from jsonschema import Draft202012Validator
-from omegaconf.errors import ReadonlyConfigError
-
-import quantize
-from helpers import REPO, write_override
-from pipeline import paths
 from pipeline.config import (
     choices,
     default_comments,
@@ -25,15 +16,40 @@ from pipeline.config import (
 )
 from pipeline.errors import ConfigError
 
+import orjson
+import pytest
+import yaml
+from jsonschema import Draft202012Validator
+from omegaconf.errors import ReadonlyConfigError
+
+import quantize
+from helpers import REPO, write_override
+
 SCHEMA = orjson.loads((REPO / "config" / "schemas" / "config.schema.json").read_bytes())
 DEFAULTS = yaml.safe_load((REPO / "config" / "default.yaml").read_text())
 SHIPPED_YAML = sorted(REPO.glob("config/**/*.yaml"))
 ENUM_KEYS = {key: node for key, node in schema_knobs(SCHEMA).items() if choices(node)}
 EXPECTED_ENUM_KEYS = {
-    "model.dtype", "train.dtype", "fuse.dtype", "quantize.gguf_float", "data.format", "prepare.on_error",
-    "prepare.too_long", "prepare.secrets", "prepare.template", "train.fine_tune_type", "train.optimizer",
-    "train.lr_schedule", "train.resume", "quantize.on_mismatch", "quantize.mlx", "quantize.group_size",
-    "eval.artifacts", "eval.ship.kinds", "eval.ship.reference", "eval.task_metric",
+    "model.dtype",
+    "train.dtype",
+    "fuse.dtype",
+    "quantize.gguf_float",
+    "data.format",
+    "prepare.on_error",
+    "prepare.too_long",
+    "prepare.secrets",
+    "prepare.template",
+    "train.fine_tune_type",
+    "train.optimizer",
+    "train.lr_schedule",
+    "train.resume",
+    "quantize.on_mismatch",
+    "quantize.mlx",
+    "quantize.group_size",
+    "eval.artifacts",
+    "eval.ship.kinds",
+    "eval.ship.reference",
+    "eval.task_metric",
 }
 
 
@@ -151,9 +167,12 @@ def test_experiment_name_must_be_a_plain_folder_name(project, name):
 def test_every_default_knob_has_a_comment():
     lines = (REPO / "config" / "default.yaml").read_text().splitlines()
     knobs = [
-        line for line in lines
-        if line.startswith("  ") and ":" in line
-        and not line.strip().startswith("#") and not line.rstrip().endswith(":")
+        line
+        for line in lines
+        if line.startswith("  ")
+        and ":" in line
+        and not line.strip().startswith("#")
+        and not line.rstrip().endswith(":")
     ]
     undocumented = [line for line in knobs if "#" not in line]
     assert knobs and not undocumented, undocumented
@@ -241,10 +260,15 @@ def test_free_strings_must_have_their_form(project, override, message):
 
 
 def test_forms_the_stages_accept_load(project):
-    cfg = load_config([
-        "prepare.template=my/template.j2", "eval.task_metric=my_metrics:mentions_city",
-        "eval.plugins=[my_metrics:mentions_city]", "quantize.mlx=[affine, mxfp4, mixed_3_6]", "quantize.serve=float",
-    ])
+    cfg = load_config(
+        [
+            "prepare.template=my/template.j2",
+            "eval.task_metric=my_metrics:mentions_city",
+            "eval.plugins=[my_metrics:mentions_city]",
+            "quantize.mlx=[affine, mxfp4, mixed_3_6]",
+            "quantize.serve=float",
+        ]
+    )
     assert list(cfg.quantize.mlx) == ["affine", "mxfp4", "mixed_3_6"]
 
 
@@ -337,7 +361,9 @@ def test_every_schema_section_requires_all_its_keys_and_allows_no_others():
 def test_every_choice_is_named_in_the_comment_of_its_key():
     comments = default_comments(REPO / "config" / "default.yaml")
     missing = [
-        f"{key}: {choice}" for key, node in ENUM_KEYS.items() for choice in choices(node)
+        f"{key}: {choice}"
+        for key, node in ENUM_KEYS.items()
+        for choice in choices(node)
         if not re.search(rf"(?<![\w-]){re.escape(str(choice))}(?![\w-])", comments[key][1])
     ]
     assert not missing, f"choices missing from the comments in config/default.yaml: {missing}"

@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import os
 
-import pytest
-
-from helpers import REPO
 from pipeline import contracts
 from pipeline.errors import ContractError
 
+import pytest
+
+from helpers import REPO
+
 # Contract files' schemas; config.schema.json describes the config itself (tests/test_config.py).
 SCHEMAS = sorted(
-    p.name.removesuffix(".schema.json") for p in (REPO / "config" / "schemas").glob("*.schema.json") if p.name != "config.schema.json"
+    p.name.removesuffix(".schema.json")
+    for p in (REPO / "config" / "schemas").glob("*.schema.json")
+    if p.name != "config.schema.json"
 )
 
 GOOD_MANIFEST = {
@@ -22,7 +25,13 @@ GOOD_MANIFEST = {
     "config": {"model": {"dtype": "auto"}},
     "inputs": [],
     "outputs": [{"role": "model", "path": ".cache/models/x", "sha256": "a" * 64, "bytes": 1, "kind": "folder"}],
-    "environment": {"platform": "Linux-x86_64", "device": "cpu", "accelerator": "none", "blas": "openblas", "versions": {"mlx": "0"}},
+    "environment": {
+        "platform": "Linux-x86_64",
+        "device": "cpu",
+        "accelerator": "none",
+        "blas": "openblas",
+        "versions": {"mlx": "0"},
+    },
     "started_at": "2026-11-22T04:00:00+00:00",
     "wall_seconds": 1.5,
 }

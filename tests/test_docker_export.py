@@ -10,14 +10,15 @@ import json
 import tarfile
 from pathlib import Path
 
-import pytest
-
-from llm import gguf_header
-from quantize import docker as docker_export
-from fixtures.tiny_gguf import write_tiny_gguf
-from fixtures.tiny_model import CHATML_TEMPLATE
 from pipeline.errors import PipelineError
 from pipeline.hashing import sha256_file
+
+import pytest
+
+from fixtures.tiny_gguf import write_tiny_gguf
+from fixtures.tiny_model import CHATML_TEMPLATE
+from lm import gguf_header
+from quantize import docker as docker_export
 
 REFERENCE = "ai/tiny:q8_0"
 LICENSE = "MIT License\n\nPermission is hereby granted...\n"
@@ -131,7 +132,9 @@ def test_manifest_and_layer_media_types(image, tiny_gguf):
     assert gguf_layer["size"] == tiny_gguf.stat().st_size
     assert gguf_layer["annotations"]["org.opencontainers.image.title"] == tiny_gguf.name
     assert gguf_layer["annotations"]["org.cncf.model.filepath"] == tiny_gguf.name
-    assert json.loads(gguf_layer["annotations"]["org.cncf.model.file.metadata+json"])["size"] == tiny_gguf.stat().st_size
+    assert (
+        json.loads(gguf_layer["annotations"]["org.cncf.model.file.metadata+json"])["size"] == tiny_gguf.stat().st_size
+    )
 
 
 def test_template_and_license_layers_hold_the_text(image):
@@ -191,7 +194,9 @@ def test_no_template_and_no_license_gives_one_layer(tmp_path, tiny_gguf):
     out = tmp_path / "plain.tar"
     docker_export.write_model_image(tiny_gguf, None, out, reference="ai/tiny")
     assert docker_export.validate_oci_layout(out) == []
-    assert [layer["mediaType"] for layer in manifest_of(read_files(out))["layers"]] == ["application/vnd.docker.ai.gguf.v3"]
+    assert [layer["mediaType"] for layer in manifest_of(read_files(out))["layers"]] == [
+        "application/vnd.docker.ai.gguf.v3"
+    ]
 
 
 def test_same_input_and_time_give_the_same_bytes(tmp_path, tiny_gguf):

@@ -6,11 +6,12 @@ import platform
 import subprocess
 import sys
 
+from pipeline import runtime
+
 import pytest
 
 import doctor
 from helpers import REPO
-from pipeline import runtime
 
 linux_x86 = pytest.mark.skipif(
     not (sys.platform == "linux" and platform.machine() == "x86_64"), reason="OpenBLAS preloading is for Linux x86-64"
@@ -40,12 +41,17 @@ def test_cpu_default_dtype_is_float32():
 
 @linux_x86
 def test_doctor_reports_openblas_and_reference_blas_is_flagged():
-    fast = subprocess.run([sys.executable, "scripts/doctor.py", "doctor.min_gflops=20"], cwd=REPO, capture_output=True, text=True)
+    fast = subprocess.run(
+        [sys.executable, "scripts/doctor.py", "doctor.min_gflops=20"], cwd=REPO, capture_output=True, text=True
+    )
     assert fast.returncode == 0, fast.stderr
     assert "openblas" in fast.stdout and "GFLOP/s" in fast.stdout
     slow = subprocess.run(
         [sys.executable, "scripts/doctor.py", "doctor.matmul_size=256", "doctor.matmul_repeats=2"],
-        cwd=REPO, capture_output=True, text=True, env={"PIPELINE_BLAS": "reference", "PATH": "/usr/bin:/bin"},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={"PIPELINE_BLAS": "reference", "PATH": "/usr/bin:/bin"},
     )
     assert slow.returncode == 1
     assert "WARNING" in slow.stderr and "reference BLAS" in slow.stderr

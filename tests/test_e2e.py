@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 
-from quantize import docker as docker_export
+from pipeline import contracts
 from pipeline.hashing import sha256_file, sha256_tree
 
 import pytest
 
 from helpers import make
-from pipeline import contracts
+from quantize import docker as docker_export
 
 
 @pytest.mark.slow
@@ -36,7 +36,16 @@ def test_make_all_on_the_default_model_then_nothing_to_do(project):
     fuse_manifest = contracts.read_json(project / "runs" / "main" / "fuse.manifest.json", "run_manifest")
     assert fuse_manifest["details"]["max_logit_difference"] < 1e-3
     artifacts = contracts.read_json(project / "runs" / "main" / "artifacts.json", "artifacts")["artifacts"]
-    assert [a["kind"] for a in artifacts] == ["base", "adapter", "fused", "mlx-quantized", "gguf", "gguf", "ollama", "docker"]
+    assert [a["kind"] for a in artifacts] == [
+        "base",
+        "adapter",
+        "fused",
+        "mlx-quantized",
+        "gguf",
+        "gguf",
+        "ollama",
+        "docker",
+    ]
     for artifact in artifacts:
         path = project / artifact["path"]
         assert artifact["sha256"] == (sha256_tree(path) if path.is_dir() else sha256_file(path)), artifact["id"]

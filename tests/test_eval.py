@@ -3,8 +3,9 @@ loss equal to the plain one, and bad input (empty test split, failing plugin, br
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from pipeline import config, contracts, paths, splits
 
 import mlx.core as mx
 import numpy as np
@@ -12,14 +13,20 @@ import orjson
 import pytest
 
 import eval as eval_stage
-from eval import metrics as eval_metrics
 import fuse
 import quantize
+from eval import metrics as eval_metrics
 from helpers import trained
-from pipeline import config, contracts, paths, splits
 
-QUANTIZE = ["quantize.mlx=[affine-4]", "quantize.gguf_types=[Q8_0]", "quantize.check_prompts=1", "quantize.check_max_tokens=8",
-            "quantize.perplexity_records=2", "quantize.ollama.enabled=false", "quantize.docker.enabled=false"]
+QUANTIZE = [
+    "quantize.mlx=[affine-4]",
+    "quantize.gguf_types=[Q8_0]",
+    "quantize.check_prompts=1",
+    "quantize.check_max_tokens=8",
+    "quantize.perplexity_records=2",
+    "quantize.ollama.enabled=false",
+    "quantize.docker.enabled=false",
+]
 EVAL = ["eval.records=6", "eval.max_tokens=12"]
 
 
@@ -47,7 +54,15 @@ def test_eval_scores_every_artifact_and_writes_the_report(quantized_project):
     assert abs(by_kind["adapter"]["loss"] - by_kind["fused"]["loss"]) < 1e-3
     assert abs(by_kind["gguf"]["loss"] - by_kind["fused"]["loss"]) < 0.05
     assert by_kind["base"]["delta_vs_base"]["normalized_match"] == 0
-    assert set(by_kind["fused"]["metrics"]) == {"exact_match", "normalized_match", "chrf", "json_valid", "schema_valid", "tool_match", "call_f1"}
+    assert set(by_kind["fused"]["metrics"]) == {
+        "exact_match",
+        "normalized_match",
+        "chrf",
+        "json_valid",
+        "schema_valid",
+        "tool_match",
+        "call_f1",
+    }
     assert metrics["task_metric"] == "call_f1"
 
     rows = [orjson.loads(line) for line in (out_dir() / "final_generations.jsonl").read_text().splitlines()]
@@ -66,7 +81,7 @@ def test_eval_scores_every_artifact_and_writes_the_report(quantized_project):
 def test_fast_loss_equals_the_plain_masked_loss(quantized_project):
     from mlx_lm import load
 
-    from llm.llama_runner import shared_prefix_length
+    from lm.llama_runner import shared_prefix_length
     from train.data import validation_loss
 
     model, tokenizer = load(str(paths.RUNS_DIR / "main" / "fused"))
@@ -98,10 +113,14 @@ def test_empty_test_split_is_recorded_as_skipped(quantized_project):
 
 
 def test_broken_artifact_and_failing_plugin_do_not_stop_the_rest(quantized_project):
-    (paths.RUNS_DIR / "main" / "quantized" / "mlx-affine-4bit-g64" / "model.safetensors").write_bytes(b"not safetensors")
+    (paths.RUNS_DIR / "main" / "quantized" / "mlx-affine-4bit-g64" / "model.safetensors").write_bytes(
+        b"not safetensors"
+    )
     plugin = paths.ROOT / "my_metrics.py"
-    plugin.write_text("def boom(prediction, reference, record):\n    raise RuntimeError('plugin bug')\n\n"
-                      "def nonempty(prediction, reference, record):\n    return bool(prediction)\n")
+    plugin.write_text(
+        "def boom(prediction, reference, record):\n    raise RuntimeError('plugin bug')\n\n"
+        "def nonempty(prediction, reference, record):\n    return bool(prediction)\n"
+    )
     assert eval_stage.main([*EVAL, "eval.plugins=[my_metrics:boom, my_metrics:nonempty, missing_module:f]"]) == 0
     metrics = contracts.read_json(out_dir() / "metrics.json", "eval_metrics")
     by_kind = {a["kind"]: a for a in metrics["artifacts"]}
@@ -116,7 +135,11 @@ def test_broken_artifact_and_failing_plugin_do_not_stop_the_rest(quantized_proje
 
 def test_unknown_task_metric_is_one_clear_error(quantized_project, caplog):
     assert eval_stage.main([*EVAL, "eval.task_metric=bleu"]) == 2
-    assert "'eval.task_metric' must be one of" in caplog.text and "normalized_match" in caplog.text and not out_dir().exists()
+    assert (
+        "'eval.task_metric' must be one of" in caplog.text
+        and "normalized_match" in caplog.text
+        and not out_dir().exists()
+    )
 
 
 def test_missing_artifacts_is_one_clear_error(project, caplog):
@@ -125,13 +148,26 @@ def test_missing_artifacts_is_one_clear_error(project, caplog):
 
 
 def _result(artifact_id, kind, size, value):
-    return {"id": artifact_id, "kind": kind, "format": kind, "path": artifact_id, "bytes": size, "status": "ok", "metrics": {"normalized_match": {"value": value, "status": "ok"}}}
+    return {
+        "id": artifact_id,
+        "kind": kind,
+        "format": kind,
+        "path": artifact_id,
+        "bytes": size,
+        "status": "ok",
+        "metrics": {"normalized_match": {"value": value, "status": "ok"}},
+    }
 
 
 @pytest.mark.parametrize("q4_value, expected", [(79.0, "q4"), (77.5, "q8"), (60.0, "fused"), (79.0, None)])
 def test_ship_rule_picks_the_smallest_within_the_margin(q4_value, expected):
     cfg = config.load_config([])
-    results = [_result("base", "base", 500, 0.0), _result("fused", "fused", 500, 80.0), _result("q8", "gguf", 150, 78.5), _result("q4", "gguf", 90, q4_value)]
+    results = [
+        _result("base", "base", 500, 0.0),
+        _result("fused", "fused", 500, 80.0),
+        _result("q8", "gguf", 150, 78.5),
+        _result("q4", "gguf", 90, q4_value),
+    ]
     if expected == "fused":
         results[2]["metrics"]["normalized_match"]["value"] = 10.0
     if expected is None:
@@ -156,7 +192,16 @@ def test_metrics_compare_json_by_value_and_check_schemas():
     assert eval_metrics.normalized_equal('{"b": 1, "a": [1, 2]}', '{"a":[1,2],"b":1}')
     assert not eval_metrics.normalized_equal('{"a": 1}', '{"a": 2}')
     assert eval_metrics.normalized_equal("Hello,  World!", "hello world")
-    validators = eval_metrics.schema_validators({"get_weather": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"], "additionalProperties": False}})
+    validators = eval_metrics.schema_validators(
+        {
+            "get_weather": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+                "additionalProperties": False,
+            }
+        }
+    )
     assert eval_metrics.call_is_valid('{"name": "get_weather", "arguments": {"city": "Oslo"}}', validators)
     assert not eval_metrics.call_is_valid('{"name": "get_weather", "arguments": {"town": "Oslo"}}', validators)
     assert not eval_metrics.call_is_valid('{"name": "nope", "arguments": {}}', validators)
@@ -170,13 +215,39 @@ def test_call_f1_credits_the_right_tool_and_each_right_argument():
     reference = '{"name": "create_event", "arguments": {"title": "Book club", "date": "2026-04-08", "time": "18:00"}}'
     f1 = eval_metrics.call_f1
     assert f1(reference, reference) == 1.0
-    assert f1('{"arguments": {"date": "2026-04-08", "time": "18:00", "title": "book club"}, "name": "create_event"}', reference) == 1.0
-    assert f1('{"name": "create_event", "arguments": {"title": "Book club", "date": "2026-04-08"}}', reference) == pytest.approx(0.8)  # 2 of 3 found, none wrong
-    assert f1('{"name": "create_event", "arguments": {"title": "Book club", "date": "2026-04-09", "time": "18:00"}}', reference) == pytest.approx(2 / 3)
-    assert f1('{"name": "set_timer", "arguments": {"title": "Book club", "date": "2026-04-08", "time": "18:00"}}', reference) == 0.0
+    assert (
+        f1(
+            '{"arguments": {"date": "2026-04-08", "time": "18:00", "title": "book club"}, "name": "create_event"}',
+            reference,
+        )
+        == 1.0
+    )
+    assert f1(
+        '{"name": "create_event", "arguments": {"title": "Book club", "date": "2026-04-08"}}', reference
+    ) == pytest.approx(0.8)  # 2 of 3 found, none wrong
+    assert f1(
+        '{"name": "create_event", "arguments": {"title": "Book club", "date": "2026-04-09", "time": "18:00"}}',
+        reference,
+    ) == pytest.approx(2 / 3)
+    assert (
+        f1(
+            '{"name": "set_timer", "arguments": {"title": "Book club", "date": "2026-04-08", "time": "18:00"}}',
+            reference,
+        )
+        == 0.0
+    )
     assert f1("create_event(title='Book club')", reference) == 0.0
-    assert f1('{"name": "set_timer", "arguments": {"minutes": true}}', '{"name": "set_timer", "arguments": {"minutes": 1}}') == 0.0
-    assert f1('{"name": "set_timer", "arguments": {"minutes": 5.0}}', '{"name": "set_timer", "arguments": {"minutes": 5}}') == 1.0
+    assert (
+        f1(
+            '{"name": "set_timer", "arguments": {"minutes": true}}',
+            '{"name": "set_timer", "arguments": {"minutes": 1}}',
+        )
+        == 0.0
+    )
+    assert (
+        f1('{"name": "set_timer", "arguments": {"minutes": 5.0}}', '{"name": "set_timer", "arguments": {"minutes": 5}}')
+        == 1.0
+    )
     assert eval_metrics.tool_match('{"name": "create_event", "arguments": {}}', reference)
     assert not eval_metrics.tool_match('{"name": "set_timer", "arguments": {}}', reference)
     assert f1("Hello, world", "hello world") == 1.0  # a reference that is not a call: normalized match
@@ -191,17 +262,25 @@ def test_generation_from_the_loss_pass_prompt_caches_gives_the_same_answers(quan
     records = splits.read_split(contract, "test", 8)
     prompts, _ = eval_stage.prompts_and_references(records, contract, tokenizer)
     items = eval_stage.loss_items_for(records, contract, tokenizer)
-    ecfg = OmegaConf.create({"seed": 0, "temperature": 0.0, "top_p": 1.0, "max_tokens": 10, "batch_size": 3, "loss_batch_size": 2})
+    ecfg = OmegaConf.create(
+        {"seed": 0, "temperature": 0.0, "top_p": 1.0, "max_tokens": 10, "batch_size": 3, "loss_batch_size": 2}
+    )
     keep = {k: len(prompts[j]) for k, j in enumerate(items)}
     _, _, caches = eval_stage.mlx_nll(model, list(items.values()), 2, keep)
     assert sorted(caches) == sorted(keep)
-    for k, j in enumerate(items):  # each kept cache is its own prompt's: the last token then gives the full prompt's logits
+    for k, j in enumerate(
+        items
+    ):  # each kept cache is its own prompt's: the last token then gives the full prompt's logits
         assert caches[k][0].offset == len(prompts[j]) - 1
         from_cache = model(mx.array([prompts[j][-1:]]), cache=caches[k])[0, -1]
         np.testing.assert_allclose(np.array(from_cache), np.array(model(mx.array([prompts[j]]))[0, -1]), atol=1e-4)
     _, _, caches = eval_stage.mlx_nll(model, list(items.values()), 2, keep)
     fresh = eval_stage.mlx_generate(model, tokenizer, prompts, ecfg)
-    artifact = next(a for a in contracts.read_json(paths.RUNS_DIR / "main" / "artifacts.json", "artifacts")["artifacts"] if a["kind"] == "fused")
+    artifact = next(
+        a
+        for a in contracts.read_json(paths.RUNS_DIR / "main" / "artifacts.json", "artifacts")["artifacts"]
+        if a["kind"] == "fused"
+    )
     scored = eval_stage.score_mlx(artifact, [artifact], prompts, items, tokenizer, ecfg)
     stop = set(tokenizer.eos_token_ids)
     assert scored["answers"] == [tokenizer.decode([t for t in ids if t not in stop]).strip() for ids in fresh]

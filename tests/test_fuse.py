@@ -5,17 +5,17 @@ from __future__ import annotations
 import json
 import shutil
 
+from pipeline import contracts, disk, hashing, paths
+
 import mlx.core as mx
 import numpy as np
-import pytest
 
 import fuse
 import model as model_stage
 import prepare
-import train
 from fixtures.tiny_model import build_tiny_model
 from helpers import error_line, trained
-from pipeline import contracts, disk, hashing, paths
+
 
 def base_plus_adapter_logits(base_dir, tokens):
     from mlx_lm import load
@@ -70,7 +70,9 @@ def test_quantized_base_is_dequantized_not_requantized(project, tiny_model_dir, 
     assert "quantization" not in fused_config
     tokens = list(range(5, 60))
     np.testing.assert_allclose(fused_logits(tokens), base_plus_adapter_logits(quantized, tokens), atol=1e-3)
-    assert contracts.read_json(paths.RUNS_DIR / "main" / "fuse.manifest.json", "run_manifest")["details"]["base_was_quantized"]
+    assert contracts.read_json(paths.RUNS_DIR / "main" / "fuse.manifest.json", "run_manifest")["details"][
+        "base_was_quantized"
+    ]
 
 
 def test_missing_adapter_is_a_clear_error(project, tiny_model_dir, caplog):
@@ -89,7 +91,10 @@ def test_adapter_of_another_model_is_a_clear_error(project, tiny_model_dir, tmp_
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
 
-    mx.save_safetensors(str(other / "model.safetensors"), dict(tree_flatten(llama.Model(llama.ModelArgs.from_dict(config)).parameters())))
+    mx.save_safetensors(
+        str(other / "model.safetensors"),
+        dict(tree_flatten(llama.Model(llama.ModelArgs.from_dict(config)).parameters())),
+    )
     assert model_stage.main([f"model.source={other}"]) == 0
     assert fuse.main([]) == 2
     line = error_line(caplog)

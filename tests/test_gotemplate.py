@@ -26,7 +26,10 @@ def test_text_trim_comments_and_literals(source, expected):
 
 def test_range_with_index_and_element():
     data = {"M": [{"Name": "a"}, {"Name": "b"}], "Title": "T"}
-    assert render("{{ range $i, $m := .M }}{{ $i }}={{ $m.Name }}/{{ .Name }}/{{ $.Title }} {{ end }}", data) == "0=a/a/T 1=b/b/T "
+    assert (
+        render("{{ range $i, $m := .M }}{{ $i }}={{ $m.Name }}/{{ .Name }}/{{ $.Title }} {{ end }}", data)
+        == "0=a/a/T 1=b/b/T "
+    )
     assert render("{{ range $m := .M }}{{ $m.Name }}{{ end }}", data) == "ab"
 
 
@@ -64,13 +67,22 @@ def test_with_sets_dot_and_has_else():
 
 
 def test_and_or_return_the_deciding_argument():
-    assert render('{{ and 1 0 }}|{{ and 1 2 }}|{{ or 0 "" "z" }}|{{ or 0 "" }}|{{ not "" }}|{{ ne 1 2 }}', {}) == "0|2|z||true|true"
+    assert (
+        render('{{ and 1 0 }}|{{ and 1 2 }}|{{ or 0 "" "z" }}|{{ or 0 "" }}|{{ not "" }}|{{ ne 1 2 }}', {})
+        == "0|2|z||true|true"
+    )
 
 
 def test_len_slice_index_print_printf_and_pipelines():
     data = {"M": ["a", "b", "c"], "D": {"k": "v"}}
-    assert render("{{ len .M }} {{ index .M 1 }} {{ slice .M 1 }} {{ slice .M 0 2 }} {{ index .D \"k\" }}", data) == "3 b [b c] [a b] v"
-    assert render('{{ printf "%s-%d-%q" "a" 3 "b" }}|{{ print 1 2 "a" 3 }}|{{ "x" | printf "<%s>" }}|{{ .M | len }}', data) == 'a-3-"b"|1 2a3|<x>|3'
+    assert (
+        render('{{ len .M }} {{ index .M 1 }} {{ slice .M 1 }} {{ slice .M 0 2 }} {{ index .D "k" }}', data)
+        == "3 b [b c] [a b] v"
+    )
+    assert (
+        render('{{ printf "%s-%d-%q" "a" 3 "b" }}|{{ print 1 2 "a" 3 }}|{{ "x" | printf "<%s>" }}|{{ .M | len }}', data)
+        == 'a-3-"b"|1 2a3|<x>|3'
+    )
 
 
 def test_ollamas_last_message_idiom():

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llm import hf_to_gguf as gguf_export
-from llm import llama_runner
+from lm import hf_to_gguf as gguf_export
+from lm import llama_runner
 
 PREFIX = list(range(5, 45))
 
@@ -45,7 +45,11 @@ def plain_nll(gguf_path, items) -> tuple[float, int]:
         llm.reset()
         llm.eval(ids.tolist())
         logits = np.asarray(llm.scores[: len(ids) - 1], dtype=np.float64)
-        log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+        log_probs = (
+            logits
+            - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+            - logits.max(-1, keepdims=True)
+        )
         token_nll = -log_probs[np.arange(len(ids) - 1), ids[1:]]
         total += float((token_nll * mask[1:]).sum())
         count += int(mask[1:].sum())

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from helpers import make, write_override
+import os
+import time
 
+from helpers import make, write_override
 
 # The Make tests are about what re-runs, not about the stages' work: every stage runs, briefly.
 BRIEF = """
 train: {iters: 4, steps_per_eval: 2, val_batches: 1, num_layers: 2}
-quantize: {mlx: [], gguf_types: [], check_prompts: 1, check_max_tokens: 8, perplexity_records: 2, docker: {enabled: false}}
+quantize:
+  {mlx: [], gguf_types: [], check_prompts: 1, check_max_tokens: 8, perplexity_records: 2, docker: {enabled: false}}
 eval: {records: 4, max_tokens: 8}
 """
 
@@ -41,7 +44,10 @@ def test_second_make_all_does_nothing(project, tiny_model_dir):
 
 
 def mtimes(project) -> dict[str, int]:
-    return {stage: (project / path).stat().st_mtime_ns for stage, path in (("model", "runs/model.manifest.json"), ("prepare", "data/prepare.manifest.json"))}
+    return {
+        stage: (project / path).stat().st_mtime_ns
+        for stage, path in (("model", "runs/model.manifest.json"), ("prepare", "data/prepare.manifest.json"))
+    }
 
 
 def test_changing_a_key_reruns_only_the_stages_that_read_it(project, tiny_model_dir):
@@ -74,3 +80,38 @@ def test_missing_override_file_named_on_the_command_line(project):
     result = make(project, "all", "OVERRIDE=config/nope.yaml", check=False)
     assert result.returncode != 0
     assert "override file config/nope.yaml does not exist" in result.stderr
+
+
+MANIFESTS = {
+    "model": "runs/model.manifest.json",
+    "prepare": "data/prepare.manifest.json",
+    "train": "runs/main/train.manifest.json",
+    "fuse": "runs/main/fuse.manifest.json",
+    "quantize": "runs/main/quantize.manifest.json",
+    "eval": "eval_out/main/eval.manifest.json",
+}
+
+
+def stage_mtimes(project) -> dict[str, int]:
+    return {stage: (project / path).stat().st_mtime_ns for stage, path in MANIFESTS.items()}
+
+
+def rerun_after_editing(project, source: str) -> set[str]:
+    """Touch one code file as an edit would, run `make all`, return the stages that ran again."""
+    before = stage_mtimes(project)
+    later = time.time() + 2
+    os.utime(project / source, (later, later))
+    make(project, "all")
+    after = stage_mtimes(project)
+    return {stage for stage in MANIFESTS if after[stage] != before[stage]}
+
+
+def test_editing_code_reruns_exactly_the_stages_that_use_it(project, tiny_model_dir):
+    use_tiny_model(project, tiny_model_dir)
+    make(project, "all")
+    # a shared module that quantize and eval import (and no earlier stage)
+    assert rerun_after_editing(project, "scripts/lm/llama_runner.py") == {"quantize", "eval"}
+    # a module of one stage only
+    assert rerun_after_editing(project, "scripts/eval/report.py") == {"eval"}
+    # the GGUF reader the model stage converts with: everything after it runs again
+    assert rerun_after_editing(project, "scripts/lm/gguf_to_hf.py") == set(MANIFESTS)

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 
+from pipeline import contracts, paths
+from pipeline.manifest import output_path
+
 import mlx.core as mx
 import numpy as np
 import pytest
 
 import model as model_stage
 from fixtures.tiny_gguf import write_tiny_gguf
-from pipeline import contracts, paths
-from pipeline.manifest import output_path
 
-TEXTS = ["Hello world! 12345", "json tool call: {\"name\": \"weather\"}", "  two  spaces\nand a newline"]
+TEXTS = ["Hello world! 12345", 'json tool call: {"name": "weather"}', "  two  spaces\nand a newline"]
 
 
 def convert(tmp_path, tiny_model_dir, **kwargs):
@@ -52,7 +53,13 @@ def test_q8_gguf_converts_within_quantization_error(project, tmp_path, tiny_mode
 def test_converted_folder_has_everything_mlx_lm_needs(project, tmp_path, tiny_model_dir):
     model_dir, _ = convert(tmp_path, tiny_model_dir, quantize_q8=False)
     names = {p.name for p in model_dir.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    } <= names
     tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
     assert tokenizer_config["eos_token"] == "<|im_end|>"
     assert json.loads((model_dir / "config.json").read_text())["rope_theta"] == 10000.0
@@ -61,7 +68,9 @@ def test_converted_folder_has_everything_mlx_lm_needs(project, tmp_path, tiny_mo
 def test_second_run_reuses_the_cached_conversion(project, tmp_path, tiny_model_dir, caplog):
     model_dir, _ = convert(tmp_path, tiny_model_dir, quantize_q8=False)
     stamp = (model_dir / "model.safetensors").stat().st_mtime_ns
-    assert model_stage.main([f"model.source={tmp_path / 'tiny.gguf'}", "model.cache_dir=" + str(tmp_path / "cache")]) == 0
+    assert (
+        model_stage.main([f"model.source={tmp_path / 'tiny.gguf'}", "model.cache_dir=" + str(tmp_path / "cache")]) == 0
+    )
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == stamp
 
 
@@ -121,7 +130,9 @@ def test_default_model_answers_paris_with_rope_theta_100000(project):
     model_dir = output_path(contracts.read_json(paths.MODEL_MANIFEST, "run_manifest"), "model")
     assert json.loads((model_dir / "config.json").read_text())["rope_theta"] == 100000.0
     model, tokenizer = load(str(model_dir))
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False
+    )
     answer = generate(model, tokenizer, prompt, max_tokens=30)
     assert "Paris" in answer, answer
 

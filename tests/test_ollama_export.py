@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 
+from pipeline.errors import PipelineError
+
 import pytest
 
-from quantize import ollama as oe
 from helpers import REPO
-from pipeline.errors import PipelineError
+from quantize import ollama as oe
 
 SMOLLM2 = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -17,7 +18,9 @@ SMOLLM2 = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-TEMPLATES = {name: (REPO / "config" / "templates" / f"{name}.jinja").read_text() for name in ("chatml", "alpaca", "llama-3")}
+TEMPLATES = {
+    name: (REPO / "config" / "templates" / f"{name}.jinja").read_text() for name in ("chatml", "alpaca", "llama-3")
+}
 TEMPLATES["smollm2"] = SMOLLM2
 EOS = {"chatml": "<|im_end|>", "alpaca": "</s>", "llama-3": "<|eot_id|>", "smollm2": "<|im_end|>"}
 
@@ -67,7 +70,9 @@ def test_smollm2_default_system_becomes_the_system_line_not_template_text():
     spec, go = exported("smollm2")
     assert spec.default_system == SMOLLM2_SYSTEM
     assert "SmolLM" not in go
-    assert oe.render_go(go, THREE_TURNS[1:2], None) == "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        oe.render_go(go, THREE_TURNS[1:2], None) == "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert oe.infer_template_spec(TEMPLATES["chatml"]).default_system is None
 
 
@@ -87,7 +92,9 @@ def test_bos_is_left_out_unless_given():
     assert exported("llama-3")[0].leading == ""
     spec, go = exported("llama-3", bos_token="<|begin_of_text|>")
     assert oe.render_go(go, THREE_TURNS, None).startswith("<|begin_of_text|><|start_header_id|>system")
-    oe.check_modelfile_template(TEMPLATES["llama-3"], go, None, [THREE_TURNS], bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    oe.check_modelfile_template(
+        TEMPLATES["llama-3"], go, None, [THREE_TURNS], bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"
+    )
 
 
 def test_last_assistant_message_is_left_open_for_ollama_to_continue():
@@ -120,7 +127,9 @@ def test_check_names_the_first_differing_character():
 
 def test_check_fails_when_the_default_system_prompt_is_dropped():
     spec, go = exported("smollm2")
-    oe.check_modelfile_template(SMOLLM2, go, spec.default_system, [THREE_TURNS, THREE_TURNS[1:]], eos_token="<|im_end|>")
+    oe.check_modelfile_template(
+        SMOLLM2, go, spec.default_system, [THREE_TURNS, THREE_TURNS[1:]], eos_token="<|im_end|>"
+    )
     with pytest.raises(PipelineError, match="differently") as error:
         oe.check_modelfile_template(SMOLLM2, go, None, [THREE_TURNS[1:]], eos_token="<|im_end|>")
     assert "quantize.ollama.system" in error.value.fix
@@ -167,7 +176,7 @@ def parse_modelfile(text: str) -> list[tuple[str, str]]:
         value = VALUE.match(rest)
         assert value, f"unparseable value for {name}: {rest[:40]!r}"
         commands.append((name.lower(), next(g for g in value.groups() if g is not None)))
-        rest = rest[value.end():]
+        rest = rest[value.end() :]
     return commands
 
 
@@ -175,18 +184,22 @@ def parse_modelfile(text: str) -> list[tuple[str, str]]:
 def test_modelfile_parses_back(name):
     spec, go = exported(name)
     stops = oe.stop_tokens(spec, EOS[name])
-    text = oe.modelfile_text("main-Q4_K_M.gguf", spec, stops=stops, num_ctx=4096, system=spec.default_system, parameters={"temperature": 0})
+    text = oe.modelfile_text(
+        "main-Q4_K_M.gguf", spec, stops=stops, num_ctx=4096, system=spec.default_system, parameters={"temperature": 0}
+    )
     expected = [("from", "./main-Q4_K_M.gguf"), ("template", go)]
     expected += [("system", spec.default_system)] if spec.default_system else []
     expected += [("stop", s) for s in stops] + [("num_ctx", "4096"), ("temperature", "0")]
     assert parse_modelfile(text) == expected
-    assert "\nTEMPLATE \"\"\"{{-" in text and "\nPARAMETER num_ctx 4096\n" in text
+    assert '\nTEMPLATE """{{-' in text and "\nPARAMETER num_ctx 4096\n" in text
 
 
 def test_modelfile_quotes_awkward_values():
     spec, _ = exported("chatml")
     stops = ['say "hi"', "\n\nUser:", "<|im_end|>"]
-    text = oe.modelfile_text("my model.gguf", spec, stops=stops, num_ctx=8, system='Say "yes"', parameters={"top_k": 40, "penalize": True})
+    text = oe.modelfile_text(
+        "my model.gguf", spec, stops=stops, num_ctx=8, system='Say "yes"', parameters={"top_k": 40, "penalize": True}
+    )
     commands = parse_modelfile(text)
     assert commands[0] == ("from", "./my model.gguf")
     assert ("system", 'Say "yes"') in commands

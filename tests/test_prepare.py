@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from pipeline import contracts, hashing, paths
+
 import pytest
 from jsonschema import Draft202012Validator
 
@@ -11,11 +13,18 @@ import model as model_stage
 import prepare
 from fixtures import datasets as fx
 from helpers import REPO, error_line
-from pipeline import contracts, hashing, paths
+from lm import chat_template
 
-from llm import chat_template
-
-OUTPUT_FILES = ("train.jsonl", "valid.jsonl", "test.jsonl", "data_contract.json", "data_catalog.json", "data_report.json", "data_report.md", "prepare.manifest.json")
+OUTPUT_FILES = (
+    "train.jsonl",
+    "valid.jsonl",
+    "test.jsonl",
+    "data_contract.json",
+    "data_catalog.json",
+    "data_report.json",
+    "data_report.md",
+    "prepare.manifest.json",
+)
 
 
 @pytest.fixture
@@ -35,8 +44,13 @@ def run_prepare(*overrides: str) -> int:
 
 
 def outputs() -> dict:
-    read = {name: contracts.read_json(paths.DATA_DIR / f"{name}.json", name) for name in ("data_contract", "data_catalog", "data_report")}
-    read["splits"] = {s: [json.loads(l) for l in (paths.DATA_DIR / f"{s}.jsonl").read_text().splitlines()] for s in prepare.SPLITS}
+    read = {
+        name: contracts.read_json(paths.DATA_DIR / f"{name}.json", name)
+        for name in ("data_contract", "data_catalog", "data_report")
+    }
+    read["splits"] = {
+        s: [json.loads(l) for l in (paths.DATA_DIR / f"{s}.jsonl").read_text().splitlines()] for s in prepare.SPLITS
+    }
     return read
 
 
@@ -47,7 +61,13 @@ def outputs() -> dict:
         ("sharegpt.jsonl", [], "sharegpt", "messages", 40),
         ("alpaca.json", [], "alpaca", "messages", 40),
         ("completions.csv", [], "completions", "completions", 41),
-        ("custom_columns.tsv", ["data.field_map={prompt: question, completion: answer}"], "completions", "completions", 40),
+        (
+            "custom_columns.tsv",
+            ["data.field_map={prompt: question, completion: answer}"],
+            "completions",
+            "completions",
+            40,
+        ),
         ("notes.parquet", [], "text", "text", 40),
         ("given_splits", [], "completions", "completions", 60),
         ("hf_saved", [], "messages", "messages", 40),
@@ -118,7 +138,9 @@ def test_documents_are_chunked_by_token_budget(base, files):
     assert run_prepare(f"data.source={files['journal']}", "prepare.chunk_tokens=120") == 0
     out = outputs()
     assert out["data_contract"]["format"] == "text"
-    tokenizer = load_tokenizer(paths.resolve(contracts.read_json(paths.MODEL_MANIFEST, "run_manifest")["outputs"][0]["path"]))
+    tokenizer = load_tokenizer(
+        paths.resolve(contracts.read_json(paths.MODEL_MANIFEST, "run_manifest")["outputs"][0]["path"])
+    )
     chunks = [r["text"] for s in prepare.SPLITS for r in out["splits"][s]]
     assert len(chunks) > 6  # more chunks than documents
     assert max(len(tokenizer.encode(c)) for c in chunks) <= 120
@@ -138,9 +160,16 @@ def test_planted_duplicates_secret_and_overlap_are_found(base, tmp_path):
     pairs = fx.qa_pairs(40)
     train = [{"prompt": q, "completion": a} for q, a in pairs[:30]]
     train.append(dict(train[0]))  # exact duplicate
-    train.append({"prompt": train[1]["prompt"].upper() + "  ", "completion": train[1]["completion"].upper()})  # normalized duplicate
+    train.append(
+        {"prompt": train[1]["prompt"].upper() + "  ", "completion": train[1]["completion"].upper()}
+    )  # normalized duplicate
     train.append({"prompt": "Store this for me", "completion": "Sure: AKIAIOSFODNN7EXAMPLE is your AWS key."})
-    train.append({"prompt": "Key?", "completion": "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA\n-----END RSA PRIVATE KEY-----"})
+    train.append(
+        {
+            "prompt": "Key?",
+            "completion": "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA\n-----END RSA PRIVATE KEY-----",
+        }
+    )
     test = [{"prompt": q, "completion": a} for q, a in pairs[30:38]]
     train.append(dict(test[0]))  # train/test overlap
     folder = tmp_path / "planted"
@@ -245,9 +274,13 @@ def test_empty_split_is_an_error(base, tmp_path, caplog):
     assert "split is empty" in error_line(caplog)
 
 
-@pytest.mark.parametrize("policy, expect_rc, expect_count", [("drop", 0, 40 - 5), ("truncate", 0, 40), ("fail", 2, None)])
+@pytest.mark.parametrize(
+    "policy, expect_rc, expect_count", [("drop", 0, 40 - 5), ("truncate", 0, 40), ("fail", 2, None)]
+)
 def test_too_long_policies(base, tmp_path, policy, expect_rc, expect_count):
-    texts = [f"short note {i} about {fx.CITIES[i % 12]}" for i in range(35)] + [" ".join(["very long text"] * 200) + f" {i}" for i in range(5)]
+    texts = [f"short note {i} about {fx.CITIES[i % 12]}" for i in range(35)] + [
+        " ".join(["very long text"] * 200) + f" {i}" for i in range(5)
+    ]
     path = fx.write_jsonl(tmp_path / "texts.jsonl", [{"text": t} for t in texts])
     assert run_prepare(f"data.source={path}", "data.max_seq_length=64", f"prepare.too_long={policy}") == expect_rc
     if expect_rc == 0:
@@ -282,7 +315,9 @@ def test_model_without_chat_template_gets_rendered_text(project, tiny_model_dir,
 def test_model_template_render_matches_the_tokenizer(base, files):
     from mlx_lm.utils import load_tokenizer
 
-    tokenizer = load_tokenizer(paths.resolve(contracts.read_json(paths.MODEL_MANIFEST, "run_manifest")["outputs"][0]["path"]))
+    tokenizer = load_tokenizer(
+        paths.resolve(contracts.read_json(paths.MODEL_MANIFEST, "run_manifest")["outputs"][0]["path"])
+    )
     template = chat_template.resolve_template("auto", tokenizer.chat_template)
     for record in fx.openai_messages(6):
         ours = chat_template.render_chat(template, record["messages"], chat_template.special_tokens(tokenizer))
@@ -328,12 +363,25 @@ def test_100k_records_in_under_60_seconds(project, tmp_path):
         for i in range(100_000):
             user = " ".join(rng.choice(words) for _ in range(35))
             answer = " ".join(rng.choice(words) for _ in range(35))
-            f.write(orjson.dumps({"messages": [{"role": "user", "content": f"{i} {user}"}, {"role": "assistant", "content": answer}]}) + b"\n")
+            f.write(
+                orjson.dumps(
+                    {"messages": [{"role": "user", "content": f"{i} {user}"}, {"role": "assistant", "content": answer}]}
+                )
+                + b"\n"
+            )
     assert model_stage.main([]) == 0
     start = time.monotonic()
     assert run_prepare(f"data.source={path}") == 0
     seconds = time.monotonic() - start
-    print(f"prepare: 100k records, {path.stat().st_size / 1e6:.0f} MB in {seconds:.1f} s = {100_000 / seconds:.0f} records/s")
+    print(
+        f"prepare: 100k records, {path.stat().st_size / 1e6:.0f} MB in {seconds:.1f} s = {100_000 / seconds:.0f} records/s"
+    )
     assert 40e6 < path.stat().st_size < 60e6
     assert seconds < 60
-    assert sum(contracts.read_json(paths.DATA_DIR / "data_catalog.json", "data_catalog")["splits"][s]["records"] for s in prepare.SPLITS) == 100_000
+    assert (
+        sum(
+            contracts.read_json(paths.DATA_DIR / "data_catalog.json", "data_catalog")["splits"][s]["records"]
+            for s in prepare.SPLITS
+        )
+        == 100_000
+    )

@@ -7,20 +7,26 @@ import json
 import shutil
 from pathlib import Path
 
+from pipeline import contracts, hashing, paths
+from pipeline.errors import PipelineError
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 
 import fuse
-from llm import gguf_header
-from llm import hf_to_gguf as gguf_export
 import quantize
 from helpers import trained
-from pipeline import contracts, hashing, paths
-from pipeline.errors import PipelineError
+from lm import gguf_header
+from lm import hf_to_gguf as gguf_export
 
-SMALL = ["quantize.mlx=[affine-4]", "quantize.check_prompts=2", "quantize.check_max_tokens=12", "quantize.perplexity_records=4"]
+SMALL = [
+    "quantize.mlx=[affine-4]",
+    "quantize.check_prompts=2",
+    "quantize.check_max_tokens=12",
+    "quantize.perplexity_records=4",
+]
 
 
 @pytest.fixture
@@ -72,7 +78,14 @@ def test_quantize_writes_checked_artifacts_with_lineage(fused_project):
     assert quantize.main([*SMALL, "quantize.gguf_types=[Q4_K_M, Q8_0]", "quantize.gguf_float=float32"]) == 0
     out = quantized_dir()
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["Modelfile", "main-Q4_K_M.docker.tar", "main-Q4_K_M.gguf", "main-Q8_0.gguf", "main-f32.gguf", "mlx-affine-4bit-g64"]
+    assert names == [
+        "Modelfile",
+        "main-Q4_K_M.docker.tar",
+        "main-Q4_K_M.gguf",
+        "main-Q8_0.gguf",
+        "main-f32.gguf",
+        "mlx-affine-4bit-g64",
+    ]
     assert gguf_header.read_header(out / "main-Q4_K_M.gguf")["quantization"] == "Q4_K_M"
     assert gguf_header.read_header(out / "main-Q8_0.gguf")["quantization"] == "Q8_0"
 
@@ -103,7 +116,18 @@ def test_quantize_writes_checked_artifacts_with_lineage(fused_project):
 def test_mlx_quantized_model_loads_and_is_quantized(fused_project):
     from mlx_lm import load
 
-    assert quantize.main([*SMALL, "quantize.mlx=[affine-8, mixed_3_6]", "quantize.gguf_types=[]", "quantize.ollama.enabled=false", "quantize.docker.enabled=false"]) == 0
+    assert (
+        quantize.main(
+            [
+                *SMALL,
+                "quantize.mlx=[affine-8, mixed_3_6]",
+                "quantize.gguf_types=[]",
+                "quantize.ollama.enabled=false",
+                "quantize.docker.enabled=false",
+            ]
+        )
+        == 0
+    )
     for folder, bits in (("mlx-affine-8bit-g64", 8), ("mlx-mixed_3_6-g64", None)):
         config = json.loads((quantized_dir() / folder / "config.json").read_text())
         assert "quantization" in config and (bits is None or config["quantization"]["bits"] == bits)
@@ -121,7 +145,9 @@ def test_export_check_reports_the_first_differing_token(fused_project, tiny_mode
     cfg = _quantize_cfg(["quantize.check_prompts=3", "quantize.check_max_tokens=16"])
     with pytest.raises(PipelineError, match="differs at generated token"):
         quantize.export_check(paths.RUNS_DIR / "main" / "fused", other, contract, cfg.quantize)
-    warned = quantize.export_check(paths.RUNS_DIR / "main" / "fused", other, contract, _quantize_cfg(["quantize.on_mismatch=warn"]).quantize)
+    warned = quantize.export_check(
+        paths.RUNS_DIR / "main" / "fused", other, contract, _quantize_cfg(["quantize.on_mismatch=warn"]).quantize
+    )
     assert warned["matching"] < warned["prompts"] and warned["results"][0]["first_difference"]
 
 

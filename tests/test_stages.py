@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 
+from pipeline import contracts, paths, stages
+from pipeline.errors import PipelineError
+
 import pytest
 import yaml
 
 from helpers import REPO
-from pipeline import contracts, paths, stages
-from pipeline.errors import PipelineError
 
 
 def stage_of(path) -> str | None:
@@ -29,9 +30,9 @@ def test_no_stage_imports_another_stages_code(name):
 
 def test_code_files_follow_imports_into_the_shared_packages():
     quantize = {p.relative_to(paths.SCRIPTS_DIR).as_posix() for p in stages.code_files("quantize")}
-    assert {"quantize/ollama.py", "llm/hf_to_gguf.py", "llm/gguf_mapping.py", "llm/chat_template.py"} <= quantize
+    assert {"quantize/ollama.py", "lm/hf_to_gguf.py", "lm/gguf_mapping.py", "lm/chat_template.py"} <= quantize
     model = {p.relative_to(paths.SCRIPTS_DIR).as_posix() for p in stages.code_files("model")}
-    assert "llm/gguf_to_hf.py" in model and "llm/llama_runner.py" not in model and "llm/tokens.py" not in model
+    assert "lm/gguf_to_hf.py" in model and "lm/llama_runner.py" not in model and "lm/tokens.py" not in model
 
 
 def test_makefile_targets_are_the_registry_manifests():
@@ -78,13 +79,20 @@ def test_a_deleted_output_of_an_upstream_stage_is_reported(project):
     folder = paths.run_dir("main") / "adapter"
     folder.mkdir(parents=True)
     manifest = {
-        "stage": "train", "experiment": "main", "config": {}, "inputs": [], "details": {},
+        "stage": "train",
+        "experiment": "main",
+        "config": {},
+        "inputs": [],
+        "details": {},
         "outputs": [{"role": "adapter", "path": "runs/main/adapter", "sha256": "0" * 64, "bytes": 0, "kind": "folder"}],
         "environment": {"platform": "x", "device": "cpu", "accelerator": "none", "blas": "openblas", "versions": {}},
-        "started_at": "2026-01-01T00:00:00+00:00", "wall_seconds": 1.0,
+        "started_at": "2026-01-01T00:00:00+00:00",
+        "wall_seconds": 1.0,
     }
     contracts.write_json(stages.get("train").manifest_path("main"), manifest, "run_manifest")
     assert stages.read_manifest("train", "main")["stage"] == "train"
     folder.rmdir()
-    with pytest.raises(PipelineError, match=r"runs/main/adapter: the adapter that `make train EXP=main` made is missing"):
+    with pytest.raises(
+        PipelineError, match=r"runs/main/adapter: the adapter that `make train EXP=main` made is missing"
+    ):
         stages.read_manifest("train", "main")

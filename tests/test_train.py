@@ -10,19 +10,27 @@ import subprocess
 import sys
 import time
 
+from pipeline import contracts, hashing, paths
+
 import numpy as np
 import pytest
 
 import model as model_stage
 import prepare
 import train
-from train import data as train_data
 from helpers import REPO, error_line, make, write_override
-from pipeline import contracts, hashing, paths
+from lm import tokens
+from train import data as train_data
 
-from llm import tokens
-
-FAST = ["train.iters=12", "train.steps_per_eval=4", "train.steps_per_report=2", "train.save_every=3", "train.val_batches=2", "train.num_layers=2", "train.learning_rate=1e-3"]
+FAST = [
+    "train.iters=12",
+    "train.steps_per_eval=4",
+    "train.steps_per_report=2",
+    "train.save_every=3",
+    "train.val_batches=2",
+    "train.num_layers=2",
+    "train.learning_rate=1e-3",
+]
 
 
 @pytest.fixture
@@ -85,7 +93,9 @@ def test_outputs_exist_and_validate(prepared):
     assert details["best_val_loss"] < details["first_val_loss"]
     assert manifest["environment"]["blas"] in ("openblas", "accelerate")
     rows = list(csv.DictReader(open(paths.RUNS_DIR / "experiments.csv")))
-    assert rows[0]["experiment"] == "main" and rows[0]["adapter_sha256"] == hashing.sha256_file(run_dir / "adapter" / "adapters.safetensors")
+    assert rows[0]["experiment"] == "main" and rows[0]["adapter_sha256"] == hashing.sha256_file(
+        run_dir / "adapter" / "adapters.safetensors"
+    )
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(prepared):
@@ -103,7 +113,9 @@ def test_kill_9_then_resume_gives_the_same_adapter(prepared):
     straight = adapter_bytes("straight")
 
     env = {**os.environ, "PIPELINE_ROOT": str(paths.ROOT), "PYTHONPATH": str(REPO / "scripts"), "CI": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "train", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "train", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     latest = paths.RUNS_DIR / "resumed" / "checkpoints" / "latest.json"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (latest.is_file() and json.loads(latest.read_text())["step"] >= 10):
@@ -122,7 +134,18 @@ def test_kill_9_then_resume_gives_the_same_adapter(prepared):
 
 
 def test_early_stopping_keeps_the_best_checkpoint(prepared, caplog):
-    assert train.main([*FAST, "train.iters=40", "train.learning_rate=5e-2", "train.early_stopping.patience=1", "train.early_stopping.min_delta=0.5"]) == 0
+    assert (
+        train.main(
+            [
+                *FAST,
+                "train.iters=40",
+                "train.learning_rate=5e-2",
+                "train.early_stopping.patience=1",
+                "train.early_stopping.min_delta=0.5",
+            ]
+        )
+        == 0
+    )
     manifest = contracts.read_json(paths.RUNS_DIR / "main" / "train.manifest.json", "run_manifest")
     assert manifest["details"]["stopped_early"] and manifest["details"]["steps"] < 40
     assert "early stopping" in caplog.text
@@ -132,7 +155,18 @@ def test_early_stopping_keeps_the_best_checkpoint(prepared, caplog):
 
 
 def test_diverging_loss_stops_with_a_clear_message(prepared, caplog):
-    assert train.main([*FAST, "train.learning_rate=1e30", "train.optimizer=sgd", "train.lr_schedule=constant", "train.warmup_steps=0"]) == 2
+    assert (
+        train.main(
+            [
+                *FAST,
+                "train.learning_rate=1e30",
+                "train.optimizer=sgd",
+                "train.lr_schedule=constant",
+                "train.warmup_steps=0",
+            ]
+        )
+        == 2
+    )
     line = error_line(caplog)
     assert "the training loss became" in line and "lower train.learning_rate" in line
     assert not (paths.RUNS_DIR / "main" / "train.manifest.json").exists()
@@ -168,7 +202,10 @@ def test_epochs_become_iterations_from_the_catalog(prepared):
 
 
 def test_changing_a_train_key_leaves_prepare_untouched(project, tiny_model_dir):
-    write_override(project, f"model:\n  source: {tiny_model_dir}\ntrain:\n  iters: 4\n  steps_per_eval: 2\n  val_batches: 1\n  num_layers: 2\n")
+    write_override(
+        project,
+        f"model:\n  source: {tiny_model_dir}\ntrain:\n  iters: 4\n  steps_per_eval: 2\n  val_batches: 1\n  num_layers: 2\n",
+    )
     make(project, "all")
     prepared_at = (project / "data" / "prepare.manifest.json").stat().st_mtime_ns
     trained_at = (project / "runs" / "main" / "train.manifest.json").stat().st_mtime_ns
@@ -191,7 +228,16 @@ def test_changing_a_train_key_leaves_prepare_untouched(project, tiny_model_dir):
         ["train.optimizer=muon"],
         ["train.lora.keys=[self_attn.q_proj,self_attn.v_proj]", "train.lora.dropout=0.1"],
     ],
-    ids=["dora", "full", "grad-accumulation", "grad-checkpoint", "adam-linear", "adafactor", "muon", "lora-keys-dropout"],
+    ids=[
+        "dora",
+        "full",
+        "grad-accumulation",
+        "grad-checkpoint",
+        "adam-linear",
+        "adafactor",
+        "muon",
+        "lora-keys-dropout",
+    ],
 )
 def test_training_variants_run_and_learn(prepared, variant):
     assert train.main([*FAST, "train.iters=8", *variant]) == 0
@@ -201,7 +247,10 @@ def test_training_variants_run_and_learn(prepared, variant):
 
 
 def test_each_experiment_keeps_its_own_settings(project, tiny_model_dir):
-    write_override(project, f"model:\n  source: {tiny_model_dir}\ntrain:\n  iters: 4\n  steps_per_eval: 2\n  val_batches: 1\n  num_layers: 2\n")
+    write_override(
+        project,
+        f"model:\n  source: {tiny_model_dir}\ntrain:\n  iters: 4\n  steps_per_eval: 2\n  val_batches: 1\n  num_layers: 2\n",
+    )
     make(project, "train", "EXP=a", "SET=train.learning_rate=1e-3")
     make(project, "train", "EXP=b")
     assert make(project, "-q", "train", "EXP=a", "SET=train.learning_rate=1e-3", check=False).returncode == 0

@@ -38,8 +38,8 @@ from mlx_lm.utils import dequantize_model
 
 from eval import metrics as eval_metrics
 from eval import report as eval_report
-from llm import llama_runner, tokens
-from llm.llama_runner import shared_prefix_length
+from lm import llama_runner, tokens
+from lm.llama_runner import shared_prefix_length
 
 log = logging.getLogger("eval")
 
@@ -84,7 +84,9 @@ def run(cfg) -> Path:
                 result = score_artifact(artifact, artifacts, prompts, loss_items, tokenizer, ecfg)
                 if result["status"] == "ok":
                     answers[artifact["id"]] = result.pop("answers")
-                    result["metrics"] = eval_metrics.score(answers[artifact["id"]], references, records, tool_schemas, plugins)
+                    result["metrics"] = eval_metrics.score(
+                        answers[artifact["id"]], references, records, tool_schemas, plugins
+                    )
                 results.append(result)
                 progress.advance(summary_line(result, task_metric))
         add_deltas(results, task_metric)
@@ -98,9 +100,17 @@ def run(cfg) -> Path:
         contracts.write_json(tmp / "generation_policy.json", policy, "generation_policy")
         eval_report.write_report(tmp, experiment, metrics, policy, run_dir, contract)
     eval_report.write_summary(paths.EVAL_DIR, paths.EXPERIMENTS_CSV)
-    inputs = [file_entry("artifacts", paths.artifacts_file(experiment)), file_entry("data_contract", paths.DATA_CONTRACT)]
+    inputs = [
+        file_entry("artifacts", paths.artifacts_file(experiment)),
+        file_entry("data_contract", paths.DATA_CONTRACT),
+    ]
     outputs = [file_entry(p.stem, p) for p in sorted(out_dir.iterdir()) if p.is_file()]
-    stage.finish(stages.get("eval").manifest_path(experiment), inputs, outputs, {"task_metric": task_metric, "ship": policy["ship"], "skipped": skipped})
+    stage.finish(
+        stages.get("eval").manifest_path(experiment),
+        inputs,
+        outputs,
+        {"task_metric": task_metric, "ship": policy["ship"], "skipped": skipped},
+    )
     log.info("report: %s", paths.display(out_dir / "report.md"))
     return out_dir
 
@@ -117,11 +127,17 @@ def read_artifacts(experiment: str) -> list[dict]:
 
 
 def resolve_task_metric(name: str, contract: dict, plugins: dict) -> str:
-    available = [m for m in eval_metrics.BUILTIN if m not in eval_metrics.TOOL_METRICS or contract.get("tool_schemas")] + list(plugins)
+    available = [
+        m for m in eval_metrics.BUILTIN if m not in eval_metrics.TOOL_METRICS or contract.get("tool_schemas")
+    ] + list(plugins)
     if name == "auto":
         return "call_f1" if contract.get("tool_schemas") else "normalized_match"
     if name not in available:
-        raise PipelineError(f"eval.task_metric '{name}' is not measured for this data", where="config eval.task_metric", fix=f"use auto or one of: {', '.join(available)}")
+        raise PipelineError(
+            f"eval.task_metric '{name}' is not measured for this data",
+            where="config eval.task_metric",
+            fix=f"use auto or one of: {', '.join(available)}",
+        )
     return name
 
 
@@ -177,7 +193,9 @@ def load_mlx(artifact: dict, artifacts: list[dict]):
     slower on CPU)."""
     by_id = {a["id"]: a for a in artifacts}
     if artifact["kind"] == "adapter":
-        model, _ = load(str(paths.resolve(by_id[artifact["parent"]]["path"])), adapter_path=str(paths.resolve(artifact["path"])))
+        model, _ = load(
+            str(paths.resolve(by_id[artifact["parent"]]["path"])), adapter_path=str(paths.resolve(artifact["path"]))
+        )
     else:
         model, _ = load(str(paths.resolve(artifact["path"])))
     if artifact["kind"] == "mlx-quantized" and runtime.device_name() == "cpu":
@@ -199,7 +217,9 @@ def score_mlx(artifact, artifacts, prompts, loss_items, tokenizer, ecfg) -> dict
         total, count = total + nll, count + tokens
         prompt_caches = {scored[k]: cache for k, cache in caches.items()}
         start = time.monotonic()
-        generated += mlx_generate(model, tokenizer, [prompts[j] for j in chunk], ecfg, [prompt_caches.get(j) for j in chunk])
+        generated += mlx_generate(
+            model, tokenizer, [prompts[j] for j in chunk], ecfg, [prompt_caches.get(j) for j in chunk]
+        )
         seconds += time.monotonic() - start
         del caches, prompt_caches
     del model
@@ -249,7 +269,9 @@ def mlx_nll(model, items, batch_size: int, keep: dict[int, int] | None = None) -
         cache = _tiled_cache(prefix_cache, len(batch)) if prefix_cache else (make_prompt_cache(model) if keep else None)
         hidden = model.model(mx.array(inputs), cache=cache)
         logits = _output_layer(model, hidden[mx.array(rows), mx.array(cols)]).astype(mx.float32)
-        nll = (mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, mx.array(targets)[:, None], axis=-1)[:, 0]).sum()
+        nll = (
+            mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, mx.array(targets)[:, None], axis=-1)[:, 0]
+        ).sum()
         total += nll.item()
         count += len(targets)
         for row, index in enumerate(indices):
@@ -264,7 +286,11 @@ def _row_cache(cache, row: int, length: int) -> list:
     for layer in cache:
         keys, values = layer.keys_and_values()
         copy_ = KVCache()
-        copy_.state = (mx.contiguous(keys[row : row + 1, :, :length]), mx.contiguous(values[row : row + 1, :, :length]), length)
+        copy_.state = (
+            mx.contiguous(keys[row : row + 1, :, :length]),
+            mx.contiguous(values[row : row + 1, :, :length]),
+            length,
+        )
         copies.append(copy_)
     mx.eval([c.keys_and_values() for c in copies])
     return copies
@@ -313,8 +339,15 @@ def mlx_generate(model, tokenizer, prompts, ecfg, prompt_caches=None) -> list[li
     mx.random.seed(ecfg.seed)
     sampler = make_sampler(temp=ecfg.temperature, top_p=ecfg.top_p)
     response = batch_generate(
-        model, tokenizer, [p[shared:] for p in prompts], prompt_caches=caches, max_tokens=ecfg.max_tokens,
-        sampler=sampler, completion_batch_size=ecfg.batch_size, prefill_batch_size=ecfg.batch_size, return_token_ids=True,
+        model,
+        tokenizer,
+        [p[shared:] for p in prompts],
+        prompt_caches=caches,
+        max_tokens=ecfg.max_tokens,
+        sampler=sampler,
+        completion_batch_size=ecfg.batch_size,
+        prefill_batch_size=ecfg.batch_size,
+        return_token_ids=True,
     )
     return [list(map(int, ids)) for ids in response.token_ids]
 
@@ -326,13 +359,22 @@ def score_gguf(path: Path, prompts, loss_items, tokenizer, ecfg) -> dict:
     if ecfg.temperature == 0:
         generated = []
         for first in range(0, len(prompts), ecfg.batch_size):
-            generated += llama_runner.greedy_batch(path, prompts[first : first + ecfg.batch_size], ecfg.max_tokens, stop_ids)
+            generated += llama_runner.greedy_batch(
+                path, prompts[first : first + ecfg.batch_size], ecfg.max_tokens, stop_ids
+            )
     else:
         llm = llama_runner.open_llama(path, n_ctx=max(map(len, prompts)) + ecfg.max_tokens + 8)
-        generated = [llama_runner.sample(llm, p, ecfg.max_tokens, stop_ids, ecfg.temperature, ecfg.top_p, ecfg.seed) for p in prompts]
+        generated = [
+            llama_runner.sample(llm, p, ecfg.max_tokens, stop_ids, ecfg.temperature, ecfg.top_p, ecfg.seed)
+            for p in prompts
+        ]
         del llm
     seconds = time.monotonic() - start
-    return {"engine": "llama.cpp", **loss_fields(loss), **answers_and_speed(generated, tokenizer, seconds, ecfg.max_tokens)}
+    return {
+        "engine": "llama.cpp",
+        **loss_fields(loss),
+        **answers_and_speed(generated, tokenizer, seconds, ecfg.max_tokens),
+    }
 
 
 def loss_fields(loss: float) -> dict:
@@ -344,7 +386,15 @@ def answers_and_speed(generated: list[list[int]], tokenizer, seconds: float, max
     answers = [tokenizer.decode([t for t in ids if t not in stop_ids]).strip() for ids in generated]
     tokens = sum(len(ids) for ids in generated)
     capped = sum(1 for ids in generated if len(ids) >= max_tokens and ids[-1] not in stop_ids)
-    return {"answers": answers, "generation": {"seconds": round(seconds, 2), "tokens": tokens, "tokens_per_second": round(tokens / seconds, 2) if seconds else None, "hit_token_cap": capped}}
+    return {
+        "answers": answers,
+        "generation": {
+            "seconds": round(seconds, 2),
+            "tokens": tokens,
+            "tokens_per_second": round(tokens / seconds, 2) if seconds else None,
+            "hit_token_cap": capped,
+        },
+    }
 
 
 def summary_line(result: dict, task_metric: str) -> str:
@@ -361,7 +411,10 @@ def add_deltas(results: list[dict], task_metric: str) -> None:
         if result["status"] != "ok" or base is None:
             result["delta_vs_base"] = None
             continue
-        deltas = {name: _difference(m["value"], base["metrics"].get(name, {}).get("value")) for name, m in result["metrics"].items()}
+        deltas = {
+            name: _difference(m["value"], base["metrics"].get(name, {}).get("value"))
+            for name, m in result["metrics"].items()
+        }
         deltas["loss"] = _difference(result["loss"], base["loss"])
         result["delta_vs_base"] = deltas
 
@@ -384,7 +437,12 @@ def metrics_document(experiment, contract, records, results, task_metric: str, s
 
 def generation_policy(experiment, results, contract, tokenizer, ecfg, task_metric: str, skipped) -> dict:
     """Which artifact to ship under eval.ship (the smallest within N points of the reference) and how to prompt it."""
-    rule = {"metric": task_metric, "reference": ecfg.ship.reference, "within_points": ecfg.ship.within_points, "prefer": "smallest"}
+    rule = {
+        "metric": task_metric,
+        "reference": ecfg.ship.reference,
+        "within_points": ecfg.ship.within_points,
+        "prefer": "smallest",
+    }
     scored = [r for r in results if r["status"] == "ok" and r["metrics"].get(task_metric, {}).get("value") is not None]
     shippable = [r for r in scored if r["kind"] in ecfg.ship.kinds]
     reference = next((r for r in scored if r["kind"] == ecfg.ship.reference), None)
@@ -396,7 +454,14 @@ def generation_policy(experiment, results, contract, tokenizer, ecfg, task_metri
         candidates = [r for r in shippable if r["metrics"][task_metric]["value"] >= floor]
         if candidates:
             best = min(candidates, key=lambda r: (r["bytes"], -r["metrics"][task_metric]["value"]))
-            ship = {"id": best["id"], "kind": best["kind"], "format": best["format"], "path": best["path"], "bytes": best["bytes"], "task_metric": best["metrics"][task_metric]["value"]}
+            ship = {
+                "id": best["id"],
+                "kind": best["kind"],
+                "format": best["format"],
+                "path": best["path"],
+                "bytes": best["bytes"],
+                "task_metric": best["metrics"][task_metric]["value"],
+            }
             reason = f"smallest artifact with {task_metric} >= {floor:.2f} ({ecfg.ship.reference} {reference['metrics'][task_metric]['value']:.2f} - {ecfg.ship.within_points})"
         else:
             reason = f"no shippable artifact within {ecfg.ship.within_points} points of the {ecfg.ship.reference} model"
@@ -421,5 +486,10 @@ def generation_policy(experiment, results, contract, tokenizer, ecfg, task_metri
 def write_generations(path: Path, prompts, references, answers: dict[str, list[str]], tokenizer) -> None:
     with contracts.atomic_path(path) as tmp, open(tmp, "wb") as f:
         for index, (prompt, reference) in enumerate(zip(prompts, references)):
-            row = {"index": index, "prompt": tokenizer.decode(prompt), "reference": reference, "outputs": {aid: texts[index] for aid, texts in answers.items()}}
+            row = {
+                "index": index,
+                "prompt": tokenizer.decode(prompt),
+                "reference": reference,
+                "outputs": {aid: texts[index] for aid, texts in answers.items()},
+            }
             f.write(orjson.dumps(row) + b"\n")

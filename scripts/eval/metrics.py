@@ -105,7 +105,11 @@ def load_plugins(names) -> dict[str, Callable | Exception]:
     for name in names:
         module_name, _, function_name = name.partition(":")
         if not module_name or not function_name:
-            raise PipelineError(f"metric plugin '{name}' is not module:function", where="config eval.plugins", fix="name it like my_metrics:keyword_hit")
+            raise PipelineError(
+                f"metric plugin '{name}' is not module:function",
+                where="config eval.plugins",
+                fix="name it like my_metrics:keyword_hit",
+            )
         try:
             plugins[name] = getattr(importlib.import_module(module_name), function_name)
         except (ImportError, AttributeError) as exc:
@@ -113,7 +117,9 @@ def load_plugins(names) -> dict[str, Callable | Exception]:
     return plugins
 
 
-def score(predictions: list[str], references: list[str], records: list[dict], tool_schemas: dict | None, plugins: dict) -> dict:
+def score(
+    predictions: list[str], references: list[str], records: list[dict], tool_schemas: dict | None, plugins: dict
+) -> dict:
     """{metric: {"value": points, "status": "ok"} or {"value": None, "status": "failed", "error": ...}}."""
     n = len(predictions)
 

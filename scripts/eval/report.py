@@ -18,8 +18,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
 
 METRIC_COLUMNS = ("exact_match", "normalized_match", "chrf", "json_valid", "schema_valid", "tool_match", "call_f1")
-LABELS = {"exact_match": "exact", "normalized_match": "normalized", "chrf": "chrF", "json_valid": "JSON valid", "schema_valid": "schema valid",
-          "tool_match": "right tool", "call_f1": "call F1"}
+LABELS = {
+    "exact_match": "exact",
+    "normalized_match": "normalized",
+    "chrf": "chrF",
+    "json_valid": "JSON valid",
+    "schema_valid": "schema valid",
+    "tool_match": "right tool",
+    "call_f1": "call F1",
+}
 MEANINGS = {
     "exact_match": "the answer is the reference, character for character",
     "normalized_match": "the answer equals the reference as JSON values, or as text with case, spacing and punctuation folded",
@@ -34,7 +41,11 @@ MEANINGS = {
 def write_report(out_dir: Path, experiment: str, metrics: dict, policy: dict, run_dir: Path, contract: dict) -> None:
     lines = [f"# Eval: {experiment}", ""]
     if metrics["status"] == "skipped":
-        lines += [f"**Skipped:** {metrics['reason']}.", "", "Add records to the test split (data.splits.test, or a test file) and run `make eval` again."]
+        lines += [
+            f"**Skipped:** {metrics['reason']}.",
+            "",
+            "Add records to the test split (data.splits.test, or a test file) and run `make eval` again.",
+        ]
     else:
         ok = [a for a in metrics["artifacts"] if a["status"] == "ok"]
         charts = write_charts(out_dir, metrics, run_dir)
@@ -67,10 +78,15 @@ def verdict(metrics: dict, policy: dict) -> list[str]:
             f"fine-tuned ({tuned['kind']}) {after:.1f} ({gain:+.1f} points); test loss {base['loss']:.3f} → {tuned['loss']:.3f}."
         )
     else:
-        lines.append("**Did fine-tuning help?** Not measured: the base or the fine-tuned model could not be scored (see Failures).")
+        lines.append(
+            "**Did fine-tuning help?** Not measured: the base or the fine-tuned model could not be scored (see Failures)."
+        )
     ship = policy["ship"]
     if ship:
-        lines += ["", f"**Ship:** `{ship['path']}` ({ship['format']}, {human_bytes(ship['bytes'])}, {task} {ship['task_metric']:.1f}): {policy['reason']}."]
+        lines += [
+            "",
+            f"**Ship:** `{ship['path']}` ({ship['format']}, {human_bytes(ship['bytes'])}, {task} {ship['task_metric']:.1f}): {policy['reason']}.",
+        ]
     else:
         lines += ["", f"**Ship:** nothing qualifies: {policy['reason']}."]
     return lines
@@ -80,20 +96,35 @@ def metric_table(metrics: dict) -> list[str]:
     task = metrics["task_metric"]
     extra = sorted({m for a in metrics["artifacts"] for m in (a.get("metrics") or {})} - set(METRIC_COLUMNS))
     columns = [m for m in METRIC_COLUMNS if any(m in (a.get("metrics") or {}) for a in metrics["artifacts"])] + extra
-    header = ["artifact", "size", "test loss", "perplexity", *[LABELS.get(c, c) for c in columns], f"Δ {LABELS.get(task, task)} vs base", "tok/s"]
+    header = [
+        "artifact",
+        "size",
+        "test loss",
+        "perplexity",
+        *[LABELS.get(c, c) for c in columns],
+        f"Δ {LABELS.get(task, task)} vs base",
+        "tok/s",
+    ]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for a in metrics["artifacts"]:
         if a["status"] != "ok":
-            rows.append(f"| {a['id']} | {human_bytes(a['bytes'])} | failed | " + " | ".join([""] * (len(header) - 3)) + " |")
+            rows.append(
+                f"| {a['id']} | {human_bytes(a['bytes'])} | failed | " + " | ".join([""] * (len(header) - 3)) + " |"
+            )
             continue
         values = [_fmt(_value(a, c)) if a["metrics"].get(c, {}).get("status") == "ok" else "failed" for c in columns]
         delta = (a.get("delta_vs_base") or {}).get(task)
         rows.append(
             f"| {a['id']} | {human_bytes(a['bytes'])} | {_fmt(a['loss'], 4)} | {_fmt(a['perplexity'], 3)} | "
-            + " | ".join(values) + f" | {'' if delta is None else f'{delta:+.1f}'} | {_fmt(a['generation']['tokens_per_second'])} |"
+            + " | ".join(values)
+            + f" | {'' if delta is None else f'{delta:+.1f}'} | {_fmt(a['generation']['tokens_per_second'])} |"
         )
     meaning = f" {LABELS.get(task, task)}: {MEANINGS[task]}." if task in MEANINGS else ""
-    return [f"Metrics in points (0–100, higher is better) on {metrics['test_records']} test records; loss and perplexity on the answer tokens.{meaning}", "", *rows]
+    return [
+        f"Metrics in points (0–100, higher is better) on {metrics['test_records']} test records; loss and perplexity on the answer tokens.{meaning}",
+        "",
+        *rows,
+    ]
 
 
 def _fmt(value, digits: int = 1) -> str:
@@ -113,7 +144,9 @@ def training_facts(run_dir: Path, contract: dict) -> list[str]:
     train_path, model_path = run_dir / "train.manifest.json", paths.MODEL_MANIFEST
     if model_path.is_file():
         model = contracts.read_json(model_path, "run_manifest")
-        lines.append(f"- Base model: `{model['config']['model']['source']}` ({model['details'].get('parameters', 0) / 1e6:.0f}M parameters, {model['details'].get('dtype')})")
+        lines.append(
+            f"- Base model: `{model['config']['model']['source']}` ({model['details'].get('parameters', 0) / 1e6:.0f}M parameters, {model['details'].get('dtype')})"
+        )
     sources = ", ".join(f"`{s['source']}` ({s['records']} records)" for s in contract["sources"])
     lines.append(f"- Data: {sources}; format {contract['format']}, chat template `{contract['template']['id']}`")
     if train_path.is_file():
@@ -124,11 +157,15 @@ def training_facts(run_dir: Path, contract: dict) -> list[str]:
             f"lr {t['learning_rate']:g} {t['lr_schedule']}, {d.get('trained_tokens')} trained tokens in {train['wall_seconds']:.0f} s"
         )
         if d.get("first_val_loss") is not None:
-            lines.append(f"- Validation loss {d['first_val_loss']:.3f} → {d['best_val_loss']:.3f} (best at step {d.get('best_step')}){', stopped early' if d.get('stopped_early') else ''}")
+            lines.append(
+                f"- Validation loss {d['first_val_loss']:.3f} → {d['best_val_loss']:.3f} (best at step {d.get('best_step')}){', stopped early' if d.get('stopped_early') else ''}"
+            )
     return lines
 
 
-def examples(generations_path: Path, ok: list[dict], policy: dict, metrics: dict, count: int | None = None) -> list[str]:
+def examples(
+    generations_path: Path, ok: list[dict], policy: dict, metrics: dict, count: int | None = None
+) -> list[str]:
     by_kind = {a["kind"]: a["id"] for a in ok}
     base_id = by_kind.get("base")
     tuned_id = (policy["ship"] or {}).get("id") or by_kind.get("fused")
@@ -198,7 +235,9 @@ def _bar_chart(path: Path, ok: list[dict], task: str) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(ok) + 1.4))
     names = [a["id"].split("/", 1)[-1] for a in ok]
     values = [_value(a, task) for a in ok]
-    colors = ["#999999" if a["kind"] == "base" else "#2a7ab9" if a["kind"] in ("adapter", "fused") else "#e08a1e" for a in ok]
+    colors = [
+        "#999999" if a["kind"] == "base" else "#2a7ab9" if a["kind"] in ("adapter", "fused") else "#e08a1e" for a in ok
+    ]
     ax.barh(names[::-1], values[::-1], color=colors[::-1])
     for y, v in enumerate(values[::-1]):
         ax.text(v + 1, y, f"{v:.1f}", va="center", fontsize=8)
@@ -246,7 +285,14 @@ def write_summary(eval_dir: Path, experiments_csv: Path) -> None:
     """eval_out/summary.md: one row per experiment in runs/experiments.csv, with its eval results when present."""
     rows = list(csv.DictReader(experiments_csv.open(encoding="utf-8"))) if experiments_csv.is_file() else []
     header = "| experiment | type | rank | lr | steps | best val loss | task metric | base | fine-tuned | Δ | ships |"
-    lines = ["# Experiments", "", f"From `{paths.display(experiments_csv)}` and each experiment's `eval_out/<experiment>/metrics.json`.", "", header, "|" + "---|" * (header.count("|") - 1)]
+    lines = [
+        "# Experiments",
+        "",
+        f"From `{paths.display(experiments_csv)}` and each experiment's `eval_out/<experiment>/metrics.json`.",
+        "",
+        header,
+        "|" + "---|" * (header.count("|") - 1),
+    ]
     for row in rows:
         lines.append(_summary_row(row, eval_dir / row["experiment"]))
     eval_dir.mkdir(parents=True, exist_ok=True)
@@ -263,7 +309,11 @@ def _summary_row(row: dict, out_dir: Path) -> str:
         by_kind = {a["kind"]: a for a in metrics["artifacts"] if a["status"] == "ok"}
         b, t = by_kind.get("base"), by_kind.get("fused") or by_kind.get("adapter")
         if b and t and _value(b, task) is not None and _value(t, task) is not None:
-            base, tuned, delta = f"{_value(b, task):.1f}", f"{_value(t, task):.1f}", f"{_value(t, task) - _value(b, task):+.1f}"
+            base, tuned, delta = (
+                f"{_value(b, task):.1f}",
+                f"{_value(t, task):.1f}",
+                f"{_value(t, task) - _value(b, task):+.1f}",
+            )
         ship = f"`{policy['ship']['id']}`" if policy["ship"] else "nothing"
     best = row.get("best_val_loss") or ""
     best = f"{float(best):.3f}" if best else "–"

@@ -6,11 +6,11 @@ import argparse
 import logging
 from collections.abc import Callable
 
-from omegaconf import DictConfig
-
 from pipeline import config, stages
 from pipeline.errors import PipelineError
 from pipeline.log import setup_logging
+
+from omegaconf import DictConfig
 
 
 def stage_parser(name: str, doc: str) -> argparse.ArgumentParser:

@@ -22,26 +22,36 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import NamedTuple
 
+from pipeline import contracts, paths, stages
+from pipeline.contracts import write_text_if_changed
+from pipeline.errors import ConfigError, PipelineError
+
 import orjson
 import yaml
 from jsonschema import ValidationError
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline import contracts, paths, stages
-from pipeline.contracts import write_text_if_changed
-from pipeline.errors import ConfigError, PipelineError
-
 _EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _SCHEMA_NAME = "config"
 _SPLITS_TOLERANCE = 1e-6
 _KNOB_LINE = re.compile(r"(?P<indent> *)(?P<key>[A-Za-z_][\w-]*):(?P<rest>.*)")
 _SCHEMA_TYPE_NAMES = {
-    "boolean": "a boolean", "integer": "an integer", "number": "a number", "string": "a string",
-    "array": "a list", "object": "a mapping", "null": "null",
+    "boolean": "a boolean",
+    "integer": "an integer",
+    "number": "a number",
+    "string": "a string",
+    "array": "a list",
+    "object": "a mapping",
+    "null": "null",
 }
 _PYTHON_TYPE_NAMES = {
-    bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping",
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    dict: "a mapping",
 }
 _RANGE_KEYWORDS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
 
@@ -606,8 +616,10 @@ def _table(rows: Sequence[Sequence[str]], widths: Sequence[int]) -> str:
     """Columns padded to `widths`; a longer cell wraps onto the next lines of its column (keys never wrap)."""
     lines = []
     for row in rows:
-        cells = [[cell] if column == 0 else textwrap.wrap(cell, width) or [""]
-                 for column, (cell, width) in enumerate(zip(row, widths))]
+        cells = [
+            [cell] if column == 0 else textwrap.wrap(cell, width) or [""]
+            for column, (cell, width) in enumerate(zip(row, widths))
+        ]
         for parts in zip_longest(*cells, fillvalue=""):
             lines.append("  ".join(part.ljust(width) for part, width in zip(parts, widths)).rstrip())
     return "\n".join(lines) + "\n"

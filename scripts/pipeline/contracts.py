@@ -15,11 +15,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import orjson
-from jsonschema import Draft202012Validator, FormatChecker
-
 from pipeline import paths
 from pipeline.errors import ContractError
+
+import orjson
+from jsonschema import Draft202012Validator, FormatChecker
 
 _JSON_OPTIONS = orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY
 
@@ -70,7 +70,9 @@ def read_json(path: str | Path, schema_name: str) -> dict:
     try:
         obj = orjson.loads(path.read_bytes())
     except FileNotFoundError:
-        raise ContractError("file not found", where=where, fix="run the stage that makes it (see `make help`)") from None
+        raise ContractError(
+            "file not found", where=where, fix="run the stage that makes it (see `make help`)"
+        ) from None
     except orjson.JSONDecodeError as exc:
         raise ContractError(f"not valid JSON: {exc}", where=where, fix="re-run the stage that writes it") from exc
     validate(obj, schema_name, where=where)

@@ -45,8 +45,15 @@ class StepProgress:
     def __enter__(self):
         if interactive():
             self._progress = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TextColumn("tok/s {task.fields[tps]}"),
-                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), transient=False,
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"),
+                TextColumn("tok/s {task.fields[tps]}"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                transient=False,
             )
             self._progress.start()
             self._task = self._progress.add_task("train", total=self.total, completed=self.start, loss="-", tps="-")
@@ -76,7 +83,9 @@ class ItemProgress:
 
     def __enter__(self):
         if interactive():
-            self._progress = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            self._progress = Progress(
+                TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+            )
             self._progress.start()
             self._task = self._progress.add_task(self.label, total=self.total)
         return self

@@ -16,7 +16,13 @@ def file_entry(role: str, path: str | Path) -> dict:
     if path.is_dir():
         size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
         return {"role": role, "path": paths.display(path), "sha256": sha256_tree(path), "bytes": size, "kind": "folder"}
-    return {"role": role, "path": paths.display(path), "sha256": sha256_file(path), "bytes": path.stat().st_size, "kind": "file"}
+    return {
+        "role": role,
+        "path": paths.display(path),
+        "sha256": sha256_file(path),
+        "bytes": path.stat().st_size,
+        "kind": "file",
+    }
 
 
 class StageRun:
@@ -27,7 +33,9 @@ class StageRun:
         self.started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         self._start = time.monotonic()
 
-    def finish(self, manifest_path: str | Path, inputs: list[dict], outputs: list[dict], details: dict | None = None) -> dict:
+    def finish(
+        self, manifest_path: str | Path, inputs: list[dict], outputs: list[dict], details: dict | None = None
+    ) -> dict:
         manifest = {
             "stage": self.stage,
             "experiment": self.experiment,

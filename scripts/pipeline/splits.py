@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import orjson
-
 from pipeline import paths
 from pipeline.errors import ContractError
+
+import orjson
 
 
 def read_split(contract: dict, split: str, limit: int = -1) -> list[dict]:

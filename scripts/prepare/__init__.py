@@ -24,13 +24,12 @@ from pipeline.paths import SPLITS
 import orjson
 from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
 
-from llm import chat_template
+from lm import chat_template
 from prepare import quality
 from prepare import records as records_mod
 from prepare import sources as sources_mod
 
 log = logging.getLogger("prepare")
-
 
 
 def build_parser():
@@ -71,7 +70,11 @@ def assign_splits(sources: list[dict], cfg) -> dict[str, list[tuple[dict, dict]]
     """{split: [(record, raw-ish origin)]}: given splits kept, the rest shuffled with data.seed and cut by ratio."""
     ratios = {name: float(cfg.data.splits[name]) for name in SPLITS}
     if any(r < 0 for r in ratios.values()) or sum(ratios.values()) <= 0:
-        raise PipelineError("split ratios must be >= 0 and not all 0", where="data.splits", fix="e.g. {train: 0.8, valid: 0.1, test: 0.1}")
+        raise PipelineError(
+            "split ratios must be >= 0 and not all 0",
+            where="data.splits",
+            fix="e.g. {train: 0.8, valid: 0.1, test: 0.1}",
+        )
     given: dict[str, list[dict]] = {name: [] for name in SPLITS}
     pooled: list[dict] = []
     for source in sources:
@@ -92,7 +95,11 @@ def assign_splits(sources: list[dict], cfg) -> dict[str, list[tuple[dict, dict]]
             start = end
     for name in SPLITS:
         if not given[name] and ratios[name] > 0:
-            raise PipelineError(f"the {name} split is empty", where="data.source", fix=f"add records, give a {name} file, or set data.splits.{name}=0")
+            raise PipelineError(
+                f"the {name} split is empty",
+                where="data.source",
+                fix=f"add records, give a {name} file, or set data.splits.{name}=0",
+            )
     return given
 
 
@@ -114,7 +121,9 @@ def clean_splits(splits, kind, template, special, tokenizer, cfg) -> tuple[dict,
     report = {"splits": {}}
     cleaned = {}
     for name in SPLITS:
-        recs = [records_mod.completions_to_messages(r) if kind == "messages" and "prompt" in r else r for r in splits[name]]
+        recs = [
+            records_mod.completions_to_messages(r) if kind == "messages" and "prompt" in r else r for r in splits[name]
+        ]
         cleaned[name], report["splits"][name] = clean_one_split(name, recs, kind, template, special, tokenizer, cfg)
     report["contamination"] = decontaminate(cleaned, cfg)
     for name in SPLITS:
@@ -146,7 +155,11 @@ def clean_one_split(name, recs, kind, template, special, tokenizer, cfg) -> tupl
 
 def handle_secrets(split: str, recs: list[dict], texts: list[str], policy: str) -> tuple[list[dict], dict]:
     found = quality.find_secrets(texts)
-    findings = [{"split": split, "record": i + 1, "type": f["type"], "line": f["line"]} for i, fs in sorted(found.items()) for f in fs]
+    findings = [
+        {"split": split, "record": i + 1, "type": f["type"], "line": f["line"]}
+        for i, fs in sorted(found.items())
+        for f in fs
+    ]
     if found and policy == "fail":
         first = findings[0]
         raise PipelineError(
@@ -157,7 +170,12 @@ def handle_secrets(split: str, recs: list[dict], texts: list[str], policy: str) 
     if found and policy == "redact":
         recs = [quality.redact(r, [f["value"] for f in found[i]]) if i in found else r for i, r in enumerate(recs)]
     if found:
-        log.warning("%s: %d record(s) hold secrets (%s)", split, len(found), "redacted" if policy == "redact" else "kept: prepare.secrets=warn")
+        log.warning(
+            "%s: %d record(s) hold secrets (%s)",
+            split,
+            len(found),
+            "redacted" if policy == "redact" else "kept: prepare.secrets=warn",
+        )
     return recs, {"records": len(found), "policy": policy, "findings": findings[:100]}
 
 
@@ -190,7 +208,10 @@ def truncate_text(record: dict, tokenizer, limit: int) -> dict:
 
 def decontaminate(cleaned: dict, cfg) -> dict:
     keys = {name: [quality.normalized_key(quality.prompt_side_text(r)) for r in cleaned[name]] for name in SPLITS}
-    result = {name: quality.contamination(keys["train"], keys[name], cfg.prepare.contamination_ngram) for name in ("valid", "test")}
+    result = {
+        name: quality.contamination(keys["train"], keys[name], cfg.prepare.contamination_ngram)
+        for name in ("valid", "test")
+    }
     removed = 0
     if cfg.prepare.decontaminate:
         held_out = set(keys["valid"]) | set(keys["test"])
@@ -225,7 +246,9 @@ def write_outputs(stage, cfg, cleaned, kind, template, sources, report, tool_sch
         {"role": "source", "path": s["path"], "sha256": s["sha256"], "bytes": s["bytes"]} for s in sources
     ]
     outputs = [file_entry(name.split(".")[0], paths.DATA_DIR / name) for name in final]
-    stage.finish(paths.PREPARE_MANIFEST, inputs, outputs, {"format": kind, "records": {n: len(cleaned[n]) for n in SPLITS}})
+    stage.finish(
+        paths.PREPARE_MANIFEST, inputs, outputs, {"format": kind, "records": {n: len(cleaned[n]) for n in SPLITS}}
+    )
     return {name: paths.DATA_DIR / name for name in final}
 
 
@@ -249,7 +272,10 @@ def stage_files(staging, cfg, cleaned, kind, template, sources, report, tool_sch
     contract = data_contract(cfg, kind, template, sources, tool_schemas, model_manifest)
     contracts.write_json(staging / "data_contract.json", contract, "data_contract")
     contracts.write_json(staging / "data_catalog.json", catalog, "data_catalog")
-    source_fields = [{"path": s["path"], "format": s["format"], "records": len(s["raw"]), "field_presence": s["field_presence"]} for s in sources]
+    source_fields = [
+        {"path": s["path"], "format": s["format"], "records": len(s["raw"]), "field_presence": s["field_presence"]}
+        for s in sources
+    ]
     full_report = {"format": kind, "template": template["id"], "sources": source_fields, **report}
     contracts.write_json(staging / "data_report.json", full_report, "data_report")
     (staging / "data_report.md").write_text(report_markdown(full_report, catalog), encoding="utf-8")
@@ -258,14 +284,22 @@ def stage_files(staging, cfg, cleaned, kind, template, sources, report, tool_sch
 
 RECORD_SCHEMAS = {
     "text": {"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}}},
-    "completions": {"type": "object", "required": ["prompt", "completion"], "properties": {"prompt": {"type": "string"}, "completion": {"type": "string"}}},
+    "completions": {
+        "type": "object",
+        "required": ["prompt", "completion"],
+        "properties": {"prompt": {"type": "string"}, "completion": {"type": "string"}},
+    },
     "messages": {
         "type": "object",
         "required": ["messages"],
         "properties": {
             "messages": {
                 "type": "array",
-                "items": {"type": "object", "required": ["role", "content"], "properties": {"role": {"enum": list(records_mod.ROLES)}, "content": {"type": "string"}}},
+                "items": {
+                    "type": "object",
+                    "required": ["role", "content"],
+                    "properties": {"role": {"enum": list(records_mod.ROLES)}, "content": {"type": "string"}},
+                },
             },
             "tools": {"type": "array"},
         },
@@ -278,15 +312,30 @@ def data_contract(cfg, kind, template, sources, tool_schemas, model_manifest) ->
         "format": kind,
         "record_schema": RECORD_SCHEMAS[kind],
         "field_map": dict(cfg.data.field_map),
-        "template": {"id": template["id"], "origin": template["origin"], "source": template["source"], "sha256": hashing.sha256_json(template["source"])},
+        "template": {
+            "id": template["id"],
+            "origin": template["origin"],
+            "source": template["source"],
+            "sha256": hashing.sha256_json(template["source"]),
+        },
         "max_seq_length": cfg.data.max_seq_length,
         "sources": [
-            {"source": s["source"], "path": s["path"], "sha256": s["sha256"], "bytes": s["bytes"], "format": s["format"], "records": len(s["raw"])}
+            {
+                "source": s["source"],
+                "path": s["path"],
+                "sha256": s["sha256"],
+                "bytes": s["bytes"],
+                "format": s["format"],
+                "records": len(s["raw"]),
+            }
             for s in sources
         ],
         "splits": {name: f"data/{name}.jsonl" for name in SPLITS},
         "tool_schemas": "data/tool_schemas.json" if tool_schemas else None,
-        "tokenizer": {"model": output_path(model_manifest, "model").name, "sha256": output_entry(model_manifest, "model")["sha256"]},
+        "tokenizer": {
+            "model": output_path(model_manifest, "model").name,
+            "sha256": output_entry(model_manifest, "model")["sha256"],
+        },
         "config": {"data": config.section(cfg, "data"), "prepare": config.section(cfg, "prepare")},
     }
 
@@ -302,7 +351,10 @@ def report_markdown(report: dict, catalog: dict) -> str:
     row("empty removed", lambda s: s["empty_removed"])
     row("exact duplicates removed", lambda s: s["duplicates_removed"]["exact"])
     row("normalized duplicates removed", lambda s: s["duplicates_removed"]["normalized"])
-    row(f"longer than {report['splits']['train']['too_long']['limit']} tokens", lambda s: f"{s['too_long']['records']} ({s['too_long']['policy']})")
+    row(
+        f"longer than {report['splits']['train']['too_long']['limit']} tokens",
+        lambda s: f"{s['too_long']['records']} ({s['too_long']['policy']})",
+    )
     row("records with secrets", lambda s: s["secrets"]["records"])
     row("records with control characters", lambda s: s["control_characters"])
     for stat in ("min", "median", "p95", "max", "total"):
@@ -317,15 +369,28 @@ def report_markdown(report: dict, catalog: dict) -> str:
         "",
         "## Contamination (train vs held-out)",
         "",
-        "| split | records | same as a train record | share a word {n}-gram with train |".format(n=contamination["valid"]["ngram_n"]),
+        "| split | records | same as a train record | share a word {n}-gram with train |".format(
+            n=contamination["valid"]["ngram_n"]
+        ),
         "|---|---|---|---|",
-        *[f"| {s} | {contamination[s]['records']} | {contamination[s]['exact']} | {contamination[s]['ngram']} |" for s in ("valid", "test")],
+        *[
+            f"| {s} | {contamination[s]['records']} | {contamination[s]['exact']} | {contamination[s]['ngram']} |"
+            for s in ("valid", "test")
+        ],
         "",
         f"Train records removed because they equal a held-out record: {contamination['train_records_removed']}.",
     ]
-    lines += ["", "## Sources", "", "| source | format | records | fields present (share of records) |", "|---|---|---|---|"]
     lines += [
-        f"| {s['path']} | {s['format']} | {s['records']} | " + ", ".join(f"{k} {v:.0%}" for k, v in s["field_presence"].items()) + " |"
+        "",
+        "## Sources",
+        "",
+        "| source | format | records | fields present (share of records) |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {s['path']} | {s['format']} | {s['records']} | "
+        + ", ".join(f"{k} {v:.0%}" for k, v in s["field_presence"].items())
+        + " |"
         for s in report["sources"]
     ]
     if report["skipped_lines"]:
@@ -333,7 +398,9 @@ def report_markdown(report: dict, catalog: dict) -> str:
         lines += [f"- `{s['where']}`: {s['error']}" for s in report["skipped_lines"][:50]]
     secrets = [f for s in SPLITS for f in report["splits"][s]["secrets"]["findings"]]
     if secrets:
-        lines += ["", "## Secrets found", ""] + [f"- {f['split']} record {f['record']}, line {f['line']}: {f['type']}" for f in secrets[:50]]
+        lines += ["", "## Secrets found", ""] + [
+            f"- {f['split']} record {f['record']}, line {f['line']}: {f['type']}" for f in secrets[:50]
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -51,7 +51,9 @@ def is_empty(record: dict) -> bool:
     return not any(m["content"].strip() for m in record["messages"] if m["role"] == "assistant")
 
 
-_PUNCTUATION = str.maketrans("", "", "".join(chr(c) for c in range(128) if not chr(c).isalnum() and not chr(c).isspace()))
+_PUNCTUATION = str.maketrans(
+    "", "", "".join(chr(c) for c in range(128) if not chr(c).isalnum() and not chr(c).isspace())
+)
 
 
 def normalized_key(text: str) -> str:
@@ -178,7 +180,9 @@ def find_secrets(texts: list[str]) -> dict[int, list[dict]]:
         for index in candidates:
             for line_no, line in enumerate(texts[index].splitlines(), 1):
                 for secret in scan_line(line):
-                    found.setdefault(int(index), []).append({"type": secret.type, "line": line_no, "value": secret.secret_value})
+                    found.setdefault(int(index), []).append(
+                        {"type": secret.type, "line": line_no, "value": secret.secret_value}
+                    )
     return found
 
 

@@ -164,4 +164,9 @@ def output_kind(kinds: Iterable[str]) -> str:
 
 
 def completions_to_messages(record: dict) -> dict:
-    return {"messages": [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]}
+    return {
+        "messages": [
+            {"role": "user", "content": record["prompt"]},
+            {"role": "assistant", "content": record["completion"]},
+        ]
+    }

@@ -19,9 +19,8 @@ import orjson
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from prepare import quality
+from prepare import quality, toolcalls_dataset
 from prepare import records as records_mod
-from prepare import toolcalls_dataset
 
 log = logging.getLogger("prepare")
 
@@ -40,11 +39,12 @@ DOCUMENT_SUFFIXES = (".txt", ".md")
 BUILTIN_DATASETS = ("tool-calls",)
 
 
-
 def source_list(source) -> list[str]:
     items = [source] if isinstance(source, str) else list(source)
     if not items:
-        raise PipelineError("no data source given", where="data.source", fix="set data.source to a file, a folder or builtin:tool-calls")
+        raise PipelineError(
+            "no data source given", where="data.source", fix="set data.source to a file, a folder or builtin:tool-calls"
+        )
     return [str(s) for s in items]
 
 
@@ -58,12 +58,20 @@ def read_source(source: str, cfg, tokenizer, skipped: list) -> dict:
         info = {"path": paths.display(path), "sha256": hashing.sha256_file(path), "bytes": path.stat().st_size}
     elif path.is_dir():
         raw = read_folder(path, cfg, tokenizer, skipped)
-        info = {"path": paths.display(path), "sha256": hashing.sha256_tree(path), "bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file())}
+        info = {
+            "path": paths.display(path),
+            "sha256": hashing.sha256_tree(path),
+            "bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file()),
+        }
     elif re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source) and not source.startswith("."):
         raw = read_hub_dataset(source)
         info = {"path": f"hub:{source}", "sha256": hashing.sha256_json({"hub": source}), "bytes": 0}
     else:
-        raise PipelineError(f"data source '{source}' does not exist", where="data.source", fix="give an existing file or folder, builtin:tool-calls, or a hub dataset id")
+        raise PipelineError(
+            f"data source '{source}' does not exist",
+            where="data.source",
+            fix="give an existing file or folder, builtin:tool-calls, or a hub dataset id",
+        )
     return normalize_source(source, info, raw, cfg)
 
 
@@ -72,22 +80,39 @@ def normalize_source(source: str, info: dict, raw: dict, cfg) -> dict:
     mapped = {split: records_mod.apply_field_map(recs, field_map) for split, recs in raw.items()}
     every = [r for recs in mapped.values() for r in recs]
     if not every:
-        raise PipelineError("the source holds no records", where=info["path"], fix="check the path, or the file's content")
+        raise PipelineError(
+            "the source holds no records", where=info["path"], fix="check the path, or the file's content"
+        )
     fmt = cfg.data.format if cfg.data.format != "auto" else records_mod.detect_format(every, info["path"])
     if fmt not in records_mod.INPUT_FORMATS:
-        raise PipelineError(f"unknown data.format '{fmt}'", where="data.format", fix="use auto, " + ", ".join(records_mod.INPUT_FORMATS))
+        raise PipelineError(
+            f"unknown data.format '{fmt}'", where="data.format", fix="use auto, " + ", ".join(records_mod.INPUT_FORMATS)
+        )
     splits, kind = {}, None
     for split, recs in mapped.items():
         kind, splits[split] = records_mod.normalize(recs, fmt, info["path"]) if recs else (kind, [])
     kind = kind or {"text": "text", "completions": "completions"}.get(fmt, "messages")
     log.info("read %s: %d records, format %s", info["path"], len(every), fmt)
     presence = quality.field_presence(every)
-    return {"source": source, **info, "format": fmt, "kind": kind, "splits": splits, "raw": every, "field_presence": presence, "tool_schemas": None}
+    return {
+        "source": source,
+        **info,
+        "format": fmt,
+        "kind": kind,
+        "splits": splits,
+        "raw": every,
+        "field_presence": presence,
+        "tool_schemas": None,
+    }
 
 
 def builtin_source(name: str, cfg) -> dict:
     if name not in BUILTIN_DATASETS:
-        raise PipelineError(f"no builtin dataset named '{name}'", where="data.source", fix="builtin datasets: " + ", ".join(f"builtin:{n}" for n in BUILTIN_DATASETS))
+        raise PipelineError(
+            f"no builtin dataset named '{name}'",
+            where="data.source",
+            fix="builtin datasets: " + ", ".join(f"builtin:{n}" for n in BUILTIN_DATASETS),
+        )
     splits = toolcalls_dataset.generate(seed=cfg.data.seed)
     info = {"path": f"builtin:{name}", "sha256": hashing.sha256_json(splits), "bytes": len(orjson.dumps(splits))}
     source = normalize_source(f"builtin:{name}", info, splits, cfg)
@@ -104,9 +129,15 @@ def split_of(path: Path) -> str | None:
 def read_folder(folder: Path, cfg, tokenizer, skipped: list) -> dict:
     if (folder / "dataset_dict.json").is_file() or (folder / "dataset_info.json").is_file():
         return read_saved_hf_dataset(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in TABLE_SUFFIXES + DOCUMENT_SUFFIXES)
+    files = sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in TABLE_SUFFIXES + DOCUMENT_SUFFIXES
+    )
     if not files:
-        raise PipelineError("no data files in the folder", where=paths.display(folder), fix="supported: " + " ".join(TABLE_SUFFIXES + DOCUMENT_SUFFIXES))
+        raise PipelineError(
+            "no data files in the folder",
+            where=paths.display(folder),
+            fix="supported: " + " ".join(TABLE_SUFFIXES + DOCUMENT_SUFFIXES),
+        )
     grouped: dict = {}
     for path in files:
         grouped.setdefault(split_of(path), []).extend(read_file(path, cfg, tokenizer, skipped))
@@ -126,7 +157,11 @@ def read_file(path: Path, cfg, tokenizer, skipped: list) -> list[dict]:
         return read_delimited(text, path, "\t" if suffix == ".tsv" else ",")
     if suffix in DOCUMENT_SUFFIXES:
         return [{"text": chunk} for chunk in chunk_document(text, tokenizer, cfg.prepare.chunk_tokens)]
-    raise PipelineError(f"unsupported file type {suffix}", where=paths.display(path), fix="supported: " + " ".join(TABLE_SUFFIXES + DOCUMENT_SUFFIXES))
+    raise PipelineError(
+        f"unsupported file type {suffix}",
+        where=paths.display(path),
+        fix="supported: " + " ".join(TABLE_SUFFIXES + DOCUMENT_SUFFIXES),
+    )
 
 
 def read_utf8(path: Path) -> str:
@@ -165,17 +200,22 @@ def read_jsonl(text: str, path: Path, on_error: str, skipped: list) -> list[dict
     return out
 
 
-
 def read_json_array(text: str, path: Path) -> list[dict]:
     try:
         data = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
-        raise PipelineError(f"not valid JSON: {exc}", where=paths.display(path), fix="fix the file (a JSON array of objects, or JSONL)") from exc
+        raise PipelineError(
+            f"not valid JSON: {exc}", where=paths.display(path), fix="fix the file (a JSON array of objects, or JSONL)"
+        ) from exc
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
         data = lists[0] if len(lists) == 1 else data
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise PipelineError("expected a JSON array of objects", where=paths.display(path), fix="write the records as [{...}, {...}] or as JSONL")
+        raise PipelineError(
+            "expected a JSON array of objects",
+            where=paths.display(path),
+            fix="write the records as [{...}, {...}] or as JSONL",
+        )
     return data
 
 
@@ -187,7 +227,11 @@ def read_delimited(text: str, path: Path, delimiter: str) -> list[dict]:
             convert_options=pacsv.ConvertOptions(strings_can_be_null=False),
         )
     except Exception as exc:  # pyarrow raises ArrowInvalid with the row in its message
-        raise PipelineError(f"cannot parse: {str(exc).splitlines()[0]}", where=paths.display(path), fix="check quoting and the number of columns") from exc
+        raise PipelineError(
+            f"cannot parse: {str(exc).splitlines()[0]}",
+            where=paths.display(path),
+            fix="check quoting and the number of columns",
+        ) from exc
     return table.to_pylist()
 
 
@@ -195,7 +239,9 @@ def read_parquet(path: Path) -> list[dict]:
     try:
         return pq.read_table(path).to_pylist()
     except Exception as exc:
-        raise PipelineError(f"cannot read Parquet: {str(exc).splitlines()[0]}", where=paths.display(path), fix="check the file") from exc
+        raise PipelineError(
+            f"cannot read Parquet: {str(exc).splitlines()[0]}", where=paths.display(path), fix="check the file"
+        ) from exc
 
 
 def read_saved_hf_dataset(folder: Path) -> dict:

@@ -36,7 +36,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 from mlx_lm.utils import quantize_model, save
 
-from llm import gguf_header, hf_to_gguf, llama_runner, tokens
+from lm import gguf_header, hf_to_gguf, llama_runner, tokens
 from quantize import docker, ollama
 
 log = logging.getLogger("quantize")
@@ -107,7 +107,9 @@ def run(cfg) -> Path:
                     details["ollama"] = write_modelfile(tmp, served_file, contract, fused_dir, qcfg)
             if qcfg.docker.enabled:
                 with timed(timings, "docker"):
-                    details["docker"] = write_docker_image(tmp, served_file, contract, experiment, qcfg, created=fuse_manifest["started_at"])
+                    details["docker"] = write_docker_image(
+                        tmp, served_file, contract, experiment, qcfg, created=fuse_manifest["started_at"]
+                    )
     details["seconds"] = timings
 
     artifacts = update_artifacts(run_dir, experiment, out_dir, mlx_quants, float_tag, served, cfg)
@@ -127,7 +129,9 @@ def parse_mlx_spec(spec: str, group_size: int) -> MlxQuantization:
         if bits_value in MLX_MODES[mode]:
             return MlxQuantization(spec, mode, bits_value, group_size if mode == "affine" else None)
     choices = [f"{m}-{b}" for m, bs in MLX_MODES.items() for b in bs] + list(MLX_RECIPES)
-    raise PipelineError(f"unknown MLX quantization '{spec}'", where="config quantize.mlx", fix=f"use any of: {', '.join(choices)}")
+    raise PipelineError(
+        f"unknown MLX quantization '{spec}'", where="config quantize.mlx", fix=f"use any of: {', '.join(choices)}"
+    )
 
 
 def served_type(qcfg) -> str | None:
@@ -183,7 +187,9 @@ class timed:
 def write_mlx_quantized(fused_dir: Path, out_dir: Path, quant: MlxQuantization) -> None:
     model, tokenizer, model_config = load(str(fused_dir), return_config=True)
     predicate = mixed_quant_predicate_builder(quant.recipe, model, quant.group_size) if quant.recipe else None
-    model, model_config = quantize_model(model, model_config, quant.group_size, quant.bits, mode=quant.mode, quant_predicate=predicate)
+    model, model_config = quantize_model(
+        model, model_config, quant.group_size, quant.bits, mode=quant.mode, quant_predicate=predicate
+    )
     save(out_dir, fused_dir, model, tokenizer, model_config, donate_model=False)
     template = fused_dir / "chat_template.jinja"
     if template.is_file():
@@ -194,10 +200,18 @@ def gguf_file_name(experiment: str, tag: str) -> str:
     return f"{experiment}-{tag}.gguf"
 
 
-def write_ggufs(fused_dir: Path, out_dir: Path, experiment: str, qcfg, contract: dict, float_tag: str, timings: dict) -> dict[str, Path]:
+def write_ggufs(
+    fused_dir: Path, out_dir: Path, experiment: str, qcfg, contract: dict, float_tag: str, timings: dict
+) -> dict[str, Path]:
     float_path = out_dir / gguf_file_name(experiment, float_tag)
     with timed(timings, f"gguf-{float_tag}"):
-        hf_to_gguf.write_gguf(fused_dir, float_path, float_type=qcfg.gguf_float, chat_template=contract["template"]["source"], name=experiment)
+        hf_to_gguf.write_gguf(
+            fused_dir,
+            float_path,
+            float_type=qcfg.gguf_float,
+            chat_template=contract["template"]["source"],
+            name=experiment,
+        )
     files = {float_tag: float_path}
     for type_name in qcfg.gguf_types:
         files[type_name] = out_dir / gguf_file_name(experiment, type_name)
@@ -232,7 +246,12 @@ def export_check(fused_dir: Path, float_gguf: Path, contract: dict, qcfg) -> dic
         got = llama_runner.greedy(llm, prompt, qcfg.check_max_tokens, stop_ids)
         results.append(_compare_tokens(index, prompt, llama_prompt, expected, got, tokenizer))
     mismatches = [r for r in results if not r["match"]]
-    summary = {"prompts": len(results), "matching": len(results) - len(mismatches), "max_tokens": qcfg.check_max_tokens, "results": results}
+    summary = {
+        "prompts": len(results),
+        "matching": len(results) - len(mismatches),
+        "max_tokens": qcfg.check_max_tokens,
+        "results": results,
+    }
     for r in mismatches:
         log.warning("export check: prompt %d differs at %s: %s", r["prompt"], r["first_difference"], r["detail"])
     if mismatches and qcfg.on_mismatch == "fail":
@@ -242,19 +261,45 @@ def export_check(fused_dir: Path, float_gguf: Path, contract: dict, qcfg) -> dic
             where=paths.display(float_gguf),
             fix="report it with the quantize log; set quantize.on_mismatch=warn to keep the files anyway",
         )
-    log.info("export check: %d/%d prompts token-for-token identical (MLX fused vs llama.cpp %s)", summary["matching"], len(results), float_gguf.name)
+    log.info(
+        "export check: %d/%d prompts token-for-token identical (MLX fused vs llama.cpp %s)",
+        summary["matching"],
+        len(results),
+        float_gguf.name,
+    )
     return summary
 
 
 def _compare_tokens(index: int, prompt, llama_prompt, expected, got, tokenizer) -> dict:
     if list(llama_prompt) != list(prompt):
         position = first_difference(prompt, llama_prompt)
-        return {"prompt": index, "match": False, "first_difference": f"prompt token {position}", "detail": "llama.cpp tokenizes the prompt differently", "mlx": tokenizer.decode(expected), "llama_cpp": tokenizer.decode(got)}
+        return {
+            "prompt": index,
+            "match": False,
+            "first_difference": f"prompt token {position}",
+            "detail": "llama.cpp tokenizes the prompt differently",
+            "mlx": tokenizer.decode(expected),
+            "llama_cpp": tokenizer.decode(got),
+        }
     if expected == got:
-        return {"prompt": index, "match": True, "first_difference": None, "detail": f"{len(got)} tokens", "mlx": tokenizer.decode(expected), "llama_cpp": tokenizer.decode(got)}
+        return {
+            "prompt": index,
+            "match": True,
+            "first_difference": None,
+            "detail": f"{len(got)} tokens",
+            "mlx": tokenizer.decode(expected),
+            "llama_cpp": tokenizer.decode(got),
+        }
     position = first_difference(expected, got)
-    detail = f"MLX {expected[position:position + 1]} vs llama.cpp {got[position:position + 1]}"
-    return {"prompt": index, "match": False, "first_difference": f"generated token {position}", "detail": detail, "mlx": tokenizer.decode(expected), "llama_cpp": tokenizer.decode(got)}
+    detail = f"MLX {expected[position : position + 1]} vs llama.cpp {got[position : position + 1]}"
+    return {
+        "prompt": index,
+        "match": False,
+        "first_difference": f"generated token {position}",
+        "detail": detail,
+        "mlx": tokenizer.decode(expected),
+        "llama_cpp": tokenizer.decode(got),
+    }
 
 
 def perplexity_table(ggufs: dict[str, Path], float_tag: str, fused_dir: Path, contract: dict, qcfg) -> dict:
@@ -270,7 +315,11 @@ def perplexity_table(ggufs: dict[str, Path], float_tag: str, fused_dir: Path, co
     for row in table.values():
         row["change_vs_float"] = row["perplexity"] - reference
         row["ratio_vs_float"] = row["perplexity"] / reference
-    log.info("perplexity on %d test records: %s", len(items), ", ".join(f"{t} {r['perplexity']:.4f}" for t, r in table.items()))
+    log.info(
+        "perplexity on %d test records: %s",
+        len(items),
+        ", ".join(f"{t} {r['perplexity']:.4f}" for t, r in table.items()),
+    )
     return {"records": len(items), "by_type": table}
 
 
@@ -296,7 +345,9 @@ def write_modelfile(out_dir: Path, gguf_path: Path, contract: dict, fused_dir: P
     stops = ollama.stop_tokens(spec, eos)
     ollama.check_modelfile_template(template, go_template, system, sample_conversations(contract), eos_token=eos)
     num_ctx = min(qcfg.ollama.num_ctx, _gguf_context(gguf_path))
-    text = ollama.modelfile_text(gguf_path.name, spec, stops=stops, num_ctx=num_ctx, system=system, parameters={"temperature": 0})
+    text = ollama.modelfile_text(
+        gguf_path.name, spec, stops=stops, num_ctx=num_ctx, system=system, parameters={"temperature": 0}
+    )
     contracts.write_bytes_atomic(out_dir / "Modelfile", text.encode("utf-8"))
     return {"file": "Modelfile", "from": gguf_path.name, "stops": stops, "num_ctx": num_ctx, "system": system}
 
@@ -316,7 +367,9 @@ def sample_conversations(contract: dict) -> list[list[dict]]:
     conversations = [multi_turn, multi_turn[1:]]
     if contract["format"] == "messages":
         for record in splits.read_split(contract, "test", 3):
-            conversations.append(record["messages"][:-1] if record["messages"][-1]["role"] == "assistant" else record["messages"])
+            conversations.append(
+                record["messages"][:-1] if record["messages"][-1]["role"] == "assistant" else record["messages"]
+            )
     return conversations
 
 
@@ -326,14 +379,26 @@ def write_docker_image(out_dir: Path, gguf_path: Path, contract: dict, experimen
     if reference == "auto":
         reference = f"ai/{experiment.lower()}:{gguf_path.stem.rsplit('-', 1)[-1].lower()}"
     tar_path = out_dir / f"{gguf_path.stem}.docker.tar"
-    result = docker.write_model_image(gguf_path, contract["template"]["source"], tar_path, reference=reference, created=dt.datetime.fromisoformat(created))
+    result = docker.write_model_image(
+        gguf_path,
+        contract["template"]["source"],
+        tar_path,
+        reference=reference,
+        created=dt.datetime.fromisoformat(created),
+    )
     problems = docker.validate_oci_layout(tar_path)
     if problems:
-        raise PipelineError(f"the Docker model image is not a valid OCI layout: {problems[0]}", where=paths.display(tar_path), fix="report it with the quantize log")
+        raise PipelineError(
+            f"the Docker model image is not a valid OCI layout: {problems[0]}",
+            where=paths.display(tar_path),
+            fix="report it with the quantize log",
+        )
     return {"file": tar_path.name, "reference": reference, "manifest_digest": result.get("manifest_digest")}
 
 
-def update_artifacts(run_dir: Path, experiment: str, out_dir: Path, mlx_quants, float_tag: str, served: str | None, cfg) -> list[dict]:
+def update_artifacts(
+    run_dir: Path, experiment: str, out_dir: Path, mlx_quants, float_tag: str, served: str | None, cfg
+) -> list[dict]:
     """Replace this stage's entries in artifacts.json, keeping fuse's (base → adapter → fused)."""
     path = paths.artifacts_file(experiment)
     existing = contracts.read_json(path, "artifacts")["artifacts"]
@@ -344,7 +409,19 @@ def update_artifacts(run_dir: Path, experiment: str, out_dir: Path, mlx_quants, 
     def add(kind: str, fmt: str, file: Path, parent: str) -> str:
         entry = file_entry(kind, file)
         artifact_id = f"{experiment}/{file.name}"
-        entries.append({"id": artifact_id, "kind": kind, "format": fmt, "path": entry["path"], "bytes": entry["bytes"], "sha256": entry["sha256"], "parent": parent, "stage": "quantize", "config": slice_})
+        entries.append(
+            {
+                "id": artifact_id,
+                "kind": kind,
+                "format": fmt,
+                "path": entry["path"],
+                "bytes": entry["bytes"],
+                "sha256": entry["sha256"],
+                "parent": parent,
+                "stage": "quantize",
+                "config": slice_,
+            }
+        )
         return artifact_id
 
     for quant in mlx_quants:

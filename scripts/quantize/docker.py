@@ -21,7 +21,6 @@ annotations.md).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import datetime as dt
 import hashlib
@@ -31,14 +30,14 @@ import re
 import tarfile
 from pathlib import Path
 
-import orjson
-
 from pipeline import paths
 from pipeline.contracts import atomic_path
 from pipeline.errors import PipelineError
 from pipeline.hashing import sha256_file
 
-from llm.gguf_header import read_header
+import orjson
+
+from lm.gguf_header import read_header
 
 OCI_LAYOUT_VERSION = "1.0.0"
 INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
@@ -80,7 +79,18 @@ REF_NAME = re.compile(rf"{_REF_COMPONENT}(?:/{_REF_COMPONENT})*")  # annotations
 BLOB_NAME = re.compile(r"blobs/([^/]+)/([^/]+)")
 
 _PARAMETER_UNITS = [(1e15, "Q"), (1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")]
-_BYTE_UNITS = [(2**50, "Pi"), (1e15, "P"), (2**40, "Ti"), (1e12, "T"), (2**30, "Gi"), (1e9, "G"), (2**20, "Mi"), (1e6, "M"), (2**10, "Ki"), (1e3, "K")]
+_BYTE_UNITS = [
+    (2**50, "Pi"),
+    (1e15, "P"),
+    (2**40, "Ti"),
+    (1e12, "T"),
+    (2**30, "Gi"),
+    (1e9, "G"),
+    (2**20, "Mi"),
+    (1e6, "M"),
+    (2**10, "Ki"),
+    (1e3, "K"),
+]
 
 
 def parameters_label(count: int) -> str:
@@ -160,7 +170,10 @@ def write_model_image(
     manifest_blob = bytes_blob(_json_bytes(image_manifest(config_blob, layers)), MANIFEST_MEDIA_TYPE)
 
     entries = [*layers, config_blob, manifest_blob]
-    root_files = {"oci-layout": _json_bytes({"imageLayoutVersion": OCI_LAYOUT_VERSION}), "index.json": _json_bytes(image_index(manifest_blob, reference))}
+    root_files = {
+        "oci-layout": _json_bytes({"imageLayoutVersion": OCI_LAYOUT_VERSION}),
+        "index.json": _json_bytes(image_index(manifest_blob, reference)),
+    }
     if model_runner_manifest:
         root_files[MODEL_RUNNER_MANIFEST] = manifest_blob.source
     with atomic_path(out_tar) as tmp:
@@ -390,7 +403,9 @@ def _check_oci_layout_file(check: _Check) -> None:
     if not isinstance(layout, dict) or "imageLayoutVersion" not in layout:
         check.problem("oci-layout", "not a JSON object with an imageLayoutVersion")
     elif layout["imageLayoutVersion"] != OCI_LAYOUT_VERSION:
-        check.problem("oci-layout", f"imageLayoutVersion is {layout['imageLayoutVersion']!r}, not {OCI_LAYOUT_VERSION!r}")
+        check.problem(
+            "oci-layout", f"imageLayoutVersion is {layout['imageLayoutVersion']!r}, not {OCI_LAYOUT_VERSION!r}"
+        )
 
 
 def _check_index(check: _Check) -> list[Member]:
@@ -527,7 +542,9 @@ def _check_config_fields(check: _Check, config: dict, layers: list, where: str) 
         value = config.get(key)
         if value is not None and not (isinstance(value, dict) and all(isinstance(v, str) for v in value.values())):
             check.problem(where, f"config.{key} is not a map of strings")
-    if config.get("format") == "gguf" and not any(isinstance(l, dict) and l.get("mediaType") == GGUF_MEDIA_TYPE for l in layers):
+    if config.get("format") == "gguf" and not any(
+        isinstance(l, dict) and l.get("mediaType") == GGUF_MEDIA_TYPE for l in layers
+    ):
         check.problem(where, "config.format is gguf but no layer is a GGUF")
 
 

@@ -61,7 +61,7 @@ def _split(source: str) -> list[tuple]:
         text, inner = source[pos:start], start + 2
         if trim_next:
             text = text.lstrip(SPACE)
-        if source[inner:inner + 1] == "-" and source[inner + 1:inner + 2] in tuple(SPACE):
+        if source[inner : inner + 1] == "-" and source[inner + 1 : inner + 2] in tuple(SPACE):
             text, inner = text.rstrip(SPACE), inner + 2
         items.append(("text", text, line))
         tokens, end = _lex_action(source, inner, line)
@@ -88,9 +88,11 @@ def _lex_action(source: str, pos: int, line: int) -> tuple[list[tuple[str, str]]
             return tokens, end
         token = TOKEN.match(source, pos)
         if not token:
-            raise GoTemplateError(f"line {line}: unexpected {source[pos:pos + 12]!r} in action")
+            raise GoTemplateError(f"line {line}: unexpected {source[pos : pos + 12]!r} in action")
         if token.lastgroup == "field" and source[pos - 1] == ")":
-            raise GoTemplateError(f"line {line}: a field of a parenthesized pipeline, (...){token.group()}, is not supported")
+            raise GoTemplateError(
+                f"line {line}: a field of a parenthesized pipeline, (...){token.group()}, is not supported"
+            )
         if token.lastgroup != "space":
             tokens.append((token.lastgroup, token.group()))
         pos = token.end()
@@ -140,7 +142,11 @@ class _Parser:
                 return nodes, value, line
             if word in UNSUPPORTED:
                 raise GoTemplateError(f"line {line}: {{{{{word}}}}} is not supported")
-            nodes.append(self.control(word, value[1:], line) if word in ("if", "with", "range") else ("action", _pipe(value, line)))
+            nodes.append(
+                self.control(word, value[1:], line)
+                if word in ("if", "with", "range")
+                else ("action", _pipe(value, line))
+            )
         if closed:
             raise GoTemplateError("unexpected end of template: missing {{end}}")
         return nodes, None, 0
@@ -174,9 +180,16 @@ def _pipe(tokens: list, line: int, max_vars: int = 1) -> tuple:
         split = operators[0]
         names = [t for i, t in enumerate(tokens[:split]) if i % 2 == 0]
         commas = [t for i, t in enumerate(tokens[:split]) if i % 2 == 1]
-        if not names or len(names) > max_vars or any(k != "var" or "." in n for k, n in names) or any(c != ("punct", ",") for c in commas):
-            raise GoTemplateError(f"line {line}: bad variable declaration {' '.join(t for _, t in tokens[:split + 1])}")
-        mode, tokens = tokens[split][0], tokens[split + 1:]
+        if (
+            not names
+            or len(names) > max_vars
+            or any(k != "var" or "." in n for k, n in names)
+            or any(c != ("punct", ",") for c in commas)
+        ):
+            raise GoTemplateError(
+                f"line {line}: bad variable declaration {' '.join(t for _, t in tokens[: split + 1])}"
+            )
+        mode, tokens = tokens[split][0], tokens[split + 1 :]
     commands, current, depth = [], [], 0
     for token in tokens:
         depth += {"(": 1, ")": -1}.get(token[1], 0) if token[0] == "punct" else 0
@@ -202,7 +215,7 @@ def _operands(tokens: list, line: int) -> list[tuple]:
             while depth:
                 depth += {"(": 1, ")": -1}.get(tokens[j][1], 0) if tokens[j][0] == "punct" else 0
                 j += 1
-            operands.append(("pipe", _pipe(tokens[i + 1:j - 1], line)))
+            operands.append(("pipe", _pipe(tokens[i + 1 : j - 1], line)))
             i = j
             continue
         if kind in ("string", "raw"):
@@ -415,7 +428,7 @@ def _slice(value, *bounds):
     if not isinstance(value, (str, list, tuple)) or len(bounds) > 2:
         raise GoTemplateError("slice: needs a string or a slice and at most two indexes")
     items = value.encode("utf-8") if isinstance(value, str) else value  # Go slices a string's bytes
-    start, end = (list(bounds) + [0, len(items)][len(bounds):])[:2]
+    start, end = (list(bounds) + [0, len(items)][len(bounds) :])[:2]
     if not (0 <= start <= end <= len(items)):
         raise GoTemplateError(f"slice: indexes {start}:{end} out of range for length {len(items)}")
     return items[start:end].decode("utf-8", errors="replace") if isinstance(value, str) else items[start:end]
@@ -441,7 +454,10 @@ def _printf(fmt: str, *args) -> str:
         if not queue:
             return f"%!{m.group()[1]}(MISSING)"
         value = queue.pop(0)
-        return {"q": lambda: '"' + _to_str(value).replace("\\", "\\\\").replace('"', '\\"') + '"', "d": lambda: str(int(value))}.get(m.group()[1], lambda: _to_str(value))()
+        return {
+            "q": lambda: '"' + _to_str(value).replace("\\", "\\\\").replace('"', '\\"') + '"',
+            "d": lambda: str(int(value)),
+        }.get(m.group()[1], lambda: _to_str(value))()
 
     text = re.sub(r"%.", verb, fmt)
     return text + "".join(f"%!(EXTRA {_to_str(v)})" for v in queue)

@@ -27,7 +27,7 @@ from pipeline.errors import PipelineError
 
 from jinja2 import TemplateError
 
-from llm import chat_template
+from lm import chat_template
 from quantize import gotemplate
 
 ROLES = ("system", "user", "assistant")
@@ -65,16 +65,28 @@ class TemplateSpec:
 # --- from the Jinja template to a spec -----------------------------------------------------------
 
 
-def render_jinja(template_source: str, messages: list[dict], *, add_generation_prompt: bool, bos_token: str = "", eos_token: str | None = None) -> str:
+def render_jinja(
+    template_source: str,
+    messages: list[dict],
+    *,
+    add_generation_prompt: bool,
+    bos_token: str = "",
+    eos_token: str | None = None,
+) -> str:
     """The chat template rendered as every stage renders it; eos_token None renders a probe that must not appear."""
     special = {"bos_token": bos_token, "eos_token": EOS_PROBE if eos_token is None else eos_token}
     try:
         text = chat_template.render(template_source, messages, add_generation_prompt=add_generation_prompt, **special)
     except TemplateError as exc:
-        raise PipelineError(f"the chat template fails on a {'/'.join(m['role'] for m in messages)} conversation: {exc}", where="prepare.template", fix=INEXPRESSIBLE_FIX) from exc
+        raise PipelineError(
+            f"the chat template fails on a {'/'.join(m['role'] for m in messages)} conversation: {exc}",
+            where="prepare.template",
+            fix=INEXPRESSIBLE_FIX,
+        ) from exc
     if EOS_PROBE in text:
         raise PipelineError(
-            "the chat template writes eos_token but none was given", where="quantize.ollama",
+            "the chat template writes eos_token but none was given",
+            where="quantize.ollama",
             fix="pass eos_token=<the tokenizer's eos token> to infer_template_spec and check_modelfile_template",
         )
     return text
@@ -84,9 +96,13 @@ def infer_template_spec(chat_template: str, *, bos_token: str = "", eos_token: s
     """Decompose the chat template into a TemplateSpec, verified on several conversations; PipelineError if it is not one."""
 
     def render(messages, prompt=False):
-        return render_jinja(chat_template, messages, add_generation_prompt=prompt, bos_token=bos_token, eos_token=eos_token)
+        return render_jinja(
+            chat_template, messages, add_generation_prompt=prompt, bos_token=bos_token, eos_token=eos_token
+        )
 
-    s1, u1, a1, u2, a2 = (_probe(role, n) for role, n in (("system", 1), ("user", 1), ("assistant", 1), ("user", 2), ("assistant", 2)))
+    s1, u1, a1, u2, a2 = (
+        _probe(role, n) for role, n in (("system", 1), ("user", 1), ("assistant", 1), ("user", 2), ("assistant", 2))
+    )
     p0, p1, p2, p3, _, p5 = _pieces(render([s1, u1, a1, u2, a2]), [s1, u1, a1, u2, a2])
     q0, q1 = _pieces(render([u1]), [u1])
     unprompted = render([s1, u1])
@@ -94,14 +110,16 @@ def infer_template_spec(chat_template: str, *, bos_token: str = "", eos_token: s
 
     suffixes = {"assistant": p5, "user": q1}
     prefixes = {"user": _after(p3, p5, "an assistant turn does not end the same way mid-conversation and at the end")}
-    prefixes["assistant"] = _after(p2, q1, "a user turn does not end the same way before an assistant turn and at the end")
+    prefixes["assistant"] = _after(
+        p2, q1, "a user turn does not end the same way before an assistant turn and at the end"
+    )
     suffixes["system"] = _before(p1, prefixes["user"], "a user turn after a system message starts differently")
     head = _before(q0, prefixes["user"], "the first user turn starts differently without a system message")
     leading, default_system = head, None
     if len(head) > len(p0) + len(suffixes["system"]) and head.startswith(p0) and head.endswith(suffixes["system"]):
         # The template injects a default system message. Text before it is attributed to the system
         # prefix, which is right whenever a system message comes first (always, once SYSTEM is set).
-        leading, default_system = "", head[len(p0):len(head) - len(suffixes["system"])]
+        leading, default_system = "", head[len(p0) : len(head) - len(suffixes["system"])]
     prefixes["system"] = _after(p0, leading, "the first system message starts differently")
     spec = TemplateSpec(prefixes, suffixes, generation_prompt, leading, default_system)
     _verify(spec, render)
@@ -127,17 +145,21 @@ def _pieces(text: str, probes: list[dict]) -> list[str]:
 def _after(text: str, prefix: str, why: str) -> str:
     if not text.startswith(prefix):
         raise _inexpressible(why)
-    return text[len(prefix):]
+    return text[len(prefix) :]
 
 
 def _before(text: str, suffix: str, why: str) -> str:
     if not text.endswith(suffix):
         raise _inexpressible(why)
-    return text[:len(text) - len(suffix)]
+    return text[: len(text) - len(suffix)]
 
 
 def _inexpressible(why: str) -> PipelineError:
-    return PipelineError(f"the chat template cannot be written as an Ollama template: {why}", where="prepare.template", fix=INEXPRESSIBLE_FIX)
+    return PipelineError(
+        f"the chat template cannot be written as an Ollama template: {why}",
+        where="prepare.template",
+        fix=INEXPRESSIBLE_FIX,
+    )
 
 
 def _verify(spec: TemplateSpec, render) -> None:
@@ -149,8 +171,12 @@ def _verify(spec: TemplateSpec, render) -> None:
         {"role": "user", "content": "Thanks!"},
     )
     conversations = [
-        ([first], True), ([first], False), ([system, first], True), ([system, first, answer, second], True),
-        ([first, answer, second, answer], False), ([first, answer, second], True),
+        ([first], True),
+        ([first], False),
+        ([system, first], True),
+        ([system, first, answer, second], True),
+        ([first, answer, second, answer], False),
+        ([first, answer, second], True),
         ([system, first, answer, second, answer, third], True),
     ]
     if spec.default_system is not None:  # the injected default must equal an explicit system message
@@ -160,7 +186,9 @@ def _verify(spec: TemplateSpec, render) -> None:
         if expected != got:
             at = first_difference(expected, got)
             roles = "/".join(m["role"] for m in messages) + ("+prompt" if prompt else "")
-            raise _inexpressible(f"rebuilt from per-role pieces, a {roles} conversation differs at character {at} ({expected[at:at + 30]!r} vs {got[at:at + 30]!r})")
+            raise _inexpressible(
+                f"rebuilt from per-role pieces, a {roles} conversation differs at character {at} ({expected[at : at + 30]!r} vs {got[at : at + 30]!r})"
+            )
 
 
 # --- the Go template and the Modelfile -----------------------------------------------------------
@@ -177,7 +205,9 @@ def go_template(spec: TemplateSpec) -> str:
         if role == "assistant" and suffix:  # the last assistant message stays open: Ollama continues it
             suffix = f"{{{{ if not $last }}}}{suffix}{{{{ end }}}}"
         keyword = "if" if n == 0 else "else if"
-        lines.append(f'{{{{- {keyword} eq $m.Role "{role}" }}}}{_go_text(spec.prefixes[role])}{{{{ $m.Content }}}}{suffix}')
+        lines.append(
+            f'{{{{- {keyword} eq $m.Role "{role}" }}}}{_go_text(spec.prefixes[role])}{{{{ $m.Content }}}}{suffix}'
+        )
     lines.append("{{- end }}")
     if spec.generation_prompt:
         lines.append(f'{{{{- if and $last (ne $m.Role "assistant") }}}}{_go_text(spec.generation_prompt)}{{{{ end }}}}')
@@ -207,7 +237,15 @@ def stop_tokens(spec: TemplateSpec, eos_token: str | None) -> list[str]:
     return list(dict.fromkeys(s for s in stops if s.strip()))
 
 
-def modelfile_text(gguf_filename: str, spec: TemplateSpec, *, stops: list[str], num_ctx: int, system: str | None, parameters: dict | None = None) -> str:
+def modelfile_text(
+    gguf_filename: str,
+    spec: TemplateSpec,
+    *,
+    stops: list[str],
+    num_ctx: int,
+    system: str | None,
+    parameters: dict | None = None,
+) -> str:
     """The Modelfile: FROM, TEMPLATE, SYSTEM (if any), one PARAMETER stop per token, num_ctx and the rest."""
     lines = [
         "# Generated by the quantize stage from the training chat template; ollama create NAME -f Modelfile",
@@ -219,7 +257,9 @@ def modelfile_text(gguf_filename: str, spec: TemplateSpec, *, stops: list[str], 
     params = [("stop", stop) for stop in stops] + [("num_ctx", int(num_ctx))] + list((parameters or {}).items())
     for name, value in params:
         if not re.fullmatch(r"\w+", name):
-            raise PipelineError(f"bad Modelfile parameter name {name!r}", where="quantize.ollama", fix="use letters, digits and _")
+            raise PipelineError(
+                f"bad Modelfile parameter name {name!r}", where="quantize.ollama", fix="use letters, digits and _"
+            )
         text = str(value).lower() if isinstance(value, bool) else str(value)
         lines.append(f"PARAMETER {name} {_value(text, f'the {name} parameter', quote=name == 'stop')}")
     return "\n".join(lines) + "\n"
@@ -237,7 +277,11 @@ def _checked(text: str, what: str) -> str:
     """text, if a Modelfile can carry it: Ollama ends a triple-quoted value at the first \"\"\" followed by
     whitespace, and its parser drops characters that are not printable."""
     if '"""' in text or any(not c.isprintable() and c not in "\n\r\t" for c in text):
-        raise PipelineError(f'{what} contains """ or an unprintable character, which a Modelfile cannot carry', where="quantize.ollama", fix="remove them from the text")
+        raise PipelineError(
+            f'{what} contains """ or an unprintable character, which a Modelfile cannot carry',
+            where="quantize.ollama",
+            fix="remove them from the text",
+        )
     return text
 
 
@@ -255,23 +299,46 @@ def render_go(template: str, messages: list[dict], system: str | None) -> str:
         else:
             collated.append({"Role": m["role"], "Content": m["content"]})
     system_text = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-    data = {"System": system_text, "Messages": collated, "Tools": None, "Response": "", "Think": False, "IsThinkSet": False}
+    data = {
+        "System": system_text,
+        "Messages": collated,
+        "Tools": None,
+        "Response": "",
+        "Think": False,
+        "IsThinkSet": False,
+    }
     try:
         return gotemplate.render(template, data)
     except gotemplate.GoTemplateError as exc:
-        raise PipelineError(f"the Ollama template does not execute: {exc}", where="ollama_export", fix="this is a bug in go_template") from exc
+        raise PipelineError(
+            f"the Ollama template does not execute: {exc}", where="ollama_export", fix="this is a bug in go_template"
+        ) from exc
 
 
-def check_modelfile_template(chat_template: str, go_tmpl: str, system: str | None, conversations: list[list[dict]], *, bos_token: str = "", eos_token: str | None = None) -> None:
+def check_modelfile_template(
+    chat_template: str,
+    go_tmpl: str,
+    system: str | None,
+    conversations: list[list[dict]],
+    *,
+    bos_token: str = "",
+    eos_token: str | None = None,
+) -> None:
     """Each conversation, as Ollama would send it (with SYSTEM), must render identically through both templates.
 
     A conversation ending with a user message is compared with the Jinja generation prompt; one ending with
     an assistant message with the Jinja text cut after that message's content (transformers' continue_final_message).
     """
     for n, messages in enumerate(conversations, 1):
-        sent = [{"role": "system", "content": system}, *messages] if system and messages and messages[0]["role"] != "system" else messages
+        sent = (
+            [{"role": "system", "content": system}, *messages]
+            if system and messages and messages[0]["role"] != "system"
+            else messages
+        )
         continued = sent[-1]["role"] == "assistant"
-        expected = render_jinja(chat_template, sent, add_generation_prompt=not continued, bos_token=bos_token, eos_token=eos_token)
+        expected = render_jinja(
+            chat_template, sent, add_generation_prompt=not continued, bos_token=bos_token, eos_token=eos_token
+        )
         if continued and sent[-1]["content"] in expected:
             expected = expected[: expected.rindex(sent[-1]["content"]) + len(sent[-1]["content"])]
         got = render_go(go_tmpl, messages, system)
@@ -279,7 +346,7 @@ def check_modelfile_template(chat_template: str, go_tmpl: str, system: str | Non
             at = first_difference(expected, got)
             raise PipelineError(
                 f"the Ollama template renders conversation {n} differently from the chat template at character {at}: "
-                f"Jinja {expected[at:at + 40]!r}, Go {got[at:at + 40]!r}",
+                f"Jinja {expected[at : at + 40]!r}, Go {got[at : at + 40]!r}",
                 where="quantize.ollama",
                 fix="if the difference is the template's default system prompt, set quantize.ollama.system to auto; "
                 "otherwise " + INEXPRESSIBLE_FIX,

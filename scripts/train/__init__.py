@@ -82,7 +82,9 @@ def run(cfg) -> dict:
     state = checkpoints.restore(model, optimizer, mode=tcfg.resume)
     metrics = train_state.MetricsLog(run_dir / "metrics.jsonl", keep_until=state.step)
 
-    loop = TrainingLoop(model, optimizer, tcfg, train_set, valid_set, iters, checkpoints, metrics, state, contract["max_seq_length"])
+    loop = TrainingLoop(
+        model, optimizer, tcfg, train_set, valid_set, iters, checkpoints, metrics, state, contract["max_seq_length"]
+    )
     loop.run()
 
     adapter_dir = write_adapter(run_dir, model, adapter_config, checkpoints, state, tcfg)
@@ -95,10 +97,27 @@ def run(cfg) -> dict:
         file_entry("train_split", paths.split_file("train")),
         file_entry("valid_split", paths.split_file("valid")),
     ]
-    outputs = [file_entry("adapter", adapter_dir), file_entry("metrics", metrics.path), file_entry("loss_plot", run_dir / "loss.png")]
-    details = {**summary, "iterations_planned": iters, "adapter_config": adapter_config, "blas": runtime.blas_summary()["name"], "fingerprint": fingerprint}
+    outputs = [
+        file_entry("adapter", adapter_dir),
+        file_entry("metrics", metrics.path),
+        file_entry("loss_plot", run_dir / "loss.png"),
+    ]
+    details = {
+        **summary,
+        "iterations_planned": iters,
+        "adapter_config": adapter_config,
+        "blas": runtime.blas_summary()["name"],
+        "fingerprint": fingerprint,
+    }
     stage.finish(run_dir / "train.manifest.json", inputs, outputs, details)
-    log.info("trained %s: %d steps, val loss %.3f -> %.3f, %.0f tok/s", experiment, summary["steps"], summary["first_val_loss"], summary["best_val_loss"], summary["tokens_per_second"])
+    log.info(
+        "trained %s: %d steps, val loss %.3f -> %.3f, %.0f tok/s",
+        experiment,
+        summary["steps"],
+        summary["first_val_loss"],
+        summary["best_val_loss"],
+        summary["tokens_per_second"],
+    )
     return summary
 
 
@@ -110,7 +129,9 @@ def total_iterations(tcfg, catalog: dict) -> int:
         records = catalog["splits"]["train"]["records"]
         return max(1, math.ceil(float(tcfg.epochs) * records / tcfg.batch_size))
     if tcfg.iters < 1:
-        raise PipelineError("train.iters must be at least 1", where="train.iters", fix="set train.iters or train.epochs")
+        raise PipelineError(
+            "train.iters must be at least 1", where="train.iters", fix="set train.iters or train.epochs"
+        )
     return int(tcfg.iters)
 
 
@@ -148,15 +169,29 @@ def attach_adapters(model, tcfg) -> dict:
     return {"fine_tune_type": tcfg.fine_tune_type, "num_layers": num_layers, "lora_parameters": lora_parameters}
 
 
-OPTIMIZERS = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD, "adafactor": optim.Adafactor, "muon": optim.Muon}
+OPTIMIZERS = {
+    "adam": optim.Adam,
+    "adamw": optim.AdamW,
+    "sgd": optim.SGD,
+    "adafactor": optim.Adafactor,
+    "muon": optim.Muon,
+}
 
 
 def build_optimizer(tcfg, iters: int):
     warmup = min(int(tcfg.warmup_steps), max(iters - 1, 0))
     if tcfg.lr_schedule == "constant":
-        schedule = build_schedule({"name": "cosine_decay", "arguments": [tcfg.learning_rate, 10**12], "warmup": warmup}) if warmup else tcfg.learning_rate
+        schedule = (
+            build_schedule({"name": "cosine_decay", "arguments": [tcfg.learning_rate, 10**12], "warmup": warmup})
+            if warmup
+            else tcfg.learning_rate
+        )
     elif tcfg.lr_schedule in ("cosine", "linear"):
-        name, arguments = ("cosine_decay", [tcfg.learning_rate, max(iters - warmup, 1)]) if tcfg.lr_schedule == "cosine" else ("linear_schedule", [tcfg.learning_rate, 0.0, max(iters - warmup, 1)])
+        name, arguments = (
+            ("cosine_decay", [tcfg.learning_rate, max(iters - warmup, 1)])
+            if tcfg.lr_schedule == "cosine"
+            else ("linear_schedule", [tcfg.learning_rate, 0.0, max(iters - warmup, 1)])
+        )
         schedule = build_schedule({"name": name, "arguments": arguments, "warmup": warmup})
     kwargs = {"learning_rate": schedule}
     if tcfg.optimizer == "adamw":
@@ -174,13 +209,22 @@ def memory_guard(model, tcfg, contract: dict, catalog: dict) -> None:
     report = contracts.read_json(paths.DATA_REPORT, "data_report")
     seq = min(contract["max_seq_length"], max(report["splits"][s]["tokens"]["max"] for s in ("train", "valid")) or 1)
     itemsize = 4 if runtime.resolve_dtype(tcfg.dtype) == "float32" else 2
-    trainable = weight_bytes * (n_layers / max(len(model.layers), 1)) if tcfg.fine_tune_type == "full" else weight_bytes * 0.02
+    trainable = (
+        weight_bytes * (n_layers / max(len(model.layers), 1)) if tcfg.fine_tune_type == "full" else weight_bytes * 0.02
+    )
     optimizer_bytes = trainable * 3  # gradient + two moments
     per_layer = tcfg.batch_size * seq * (hidden * 24 + heads * seq * 2) * itemsize
     activations = per_layer * (1 if tcfg.grad_checkpoint else len(model.layers))
     needed = weight_bytes + optimizer_bytes + activations
     available = runtime.available_memory_bytes()
-    log.info("memory estimate %.2f GB (weights %.2f, optimizer %.2f, activations %.2f) of %.1f GB available", needed / 1e9, weight_bytes / 1e9, optimizer_bytes / 1e9, activations / 1e9, (available or 0) / 1e9)
+    log.info(
+        "memory estimate %.2f GB (weights %.2f, optimizer %.2f, activations %.2f) of %.1f GB available",
+        needed / 1e9,
+        weight_bytes / 1e9,
+        optimizer_bytes / 1e9,
+        activations / 1e9,
+        (available or 0) / 1e9,
+    )
     if available and needed > 0.9 * available:
         hints = [f"train.batch_size={max(1, tcfg.batch_size // 2)}"]
         if not tcfg.grad_checkpoint:
@@ -199,7 +243,9 @@ def memory_guard(model, tcfg, contract: dict, catalog: dict) -> None:
 
 
 class TrainingLoop:
-    def __init__(self, model, optimizer, tcfg, train_set, valid_set, iters, checkpoints, metrics, state, max_seq_length):
+    def __init__(
+        self, model, optimizer, tcfg, train_set, valid_set, iters, checkpoints, metrics, state, max_seq_length
+    ):
         self.model, self.optimizer, self.tcfg, self.max_seq_length = model, optimizer, tcfg, max_seq_length
         self.train_set, self.valid_set, self.iters = train_set, valid_set, iters
         self.checkpoints, self.metrics, self.state = checkpoints, metrics, state
@@ -273,15 +319,23 @@ class TrainingLoop:
         return step
 
     def should_eval(self, step: int) -> bool:
-        return bool(self.valid_set) and (step == 1 or (step - 1) % self.tcfg.steps_per_eval == 0) and step - 1 != self.state.last_eval_step
+        return (
+            bool(self.valid_set)
+            and (step == 1 or (step - 1) % self.tcfg.steps_per_eval == 0)
+            and step - 1 != self.state.last_eval_step
+        )
 
     def evaluate(self, step: int) -> bool:
         """Validation loss at `step`; True when early stopping says stop."""
         tic = time.perf_counter()
-        val_loss = train_data.validation_loss(self.model, self.valid_set, self.tcfg.batch_size, self.tcfg.val_batches, self.max_seq_length)
+        val_loss = train_data.validation_loss(
+            self.model, self.valid_set, self.tcfg.batch_size, self.tcfg.val_batches, self.max_seq_length
+        )
         self.model.train()
         self.state.last_eval_step = step
-        self.metrics.write({"type": "val", "step": step, "val_loss": val_loss, "seconds": round(time.perf_counter() - tic, 3)})
+        self.metrics.write(
+            {"type": "val", "step": step, "val_loss": val_loss, "seconds": round(time.perf_counter() - tic, 3)}
+        )
         log.info("step %d  val_loss %.4f", step, val_loss)
         self.state.val_losses.append(val_loss)
         patience, min_delta = int(self.tcfg.early_stopping.patience), float(self.tcfg.early_stopping.min_delta)
@@ -292,18 +346,39 @@ class TrainingLoop:
             return False
         self.state.evals_without_gain += 1
         if patience > 0 and self.state.evals_without_gain >= patience:
-            log.info("early stopping at step %d: no improvement of %.4f for %d evaluations (best %.4f at step %d)", step, min_delta, patience, self.state.best_val_loss, self.state.best_step)
+            log.info(
+                "early stopping at step %d: no improvement of %.4f for %d evaluations (best %.4f at step %d)",
+                step,
+                min_delta,
+                patience,
+                self.state.best_val_loss,
+                self.state.best_step,
+            )
             self.state.stopped_early = True
             return True
         return False
 
     def report(self, step: int, train_loss: float, tokens_per_second: float, bar) -> None:
-        lr = float(self.optimizer.learning_rate.item()) if hasattr(self.optimizer.learning_rate, "item") else float(self.optimizer.learning_rate)
+        lr = (
+            float(self.optimizer.learning_rate.item())
+            if hasattr(self.optimizer.learning_rate, "item")
+            else float(self.optimizer.learning_rate)
+        )
         peak = mx.get_peak_memory() / 1e9
         self.last_train_loss = train_loss
-        line = {"type": "train", "step": step, "loss": train_loss, "lr": lr, "tokens_per_second": round(tokens_per_second, 1), "peak_memory_gb": round(peak, 3), "trained_tokens": self.tokens_seen}
+        line = {
+            "type": "train",
+            "step": step,
+            "loss": train_loss,
+            "lr": lr,
+            "tokens_per_second": round(tokens_per_second, 1),
+            "peak_memory_gb": round(peak, 3),
+            "trained_tokens": self.tokens_seen,
+        }
         self.metrics.write(line)
-        bar.report(f"step {step}/{self.iters}  loss {train_loss:.3f}  lr {lr:.2e}  tok/s {tokens_per_second:.0f}  peak {peak:.2f} GB")
+        bar.report(
+            f"step {step}/{self.iters}  loss {train_loss:.3f}  lr {lr:.2e}  tok/s {tokens_per_second:.0f}  peak {peak:.2f} GB"
+        )
 
     def summary(self) -> dict:
         val = self.state.val_losses
@@ -335,7 +410,9 @@ def write_adapter(run_dir: Path, model, adapter_config: dict, checkpoints, state
         else:
             mx.save_safetensors(str(tmp / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
         config_out = {**adapter_config, "from_step": state.best_step if use_best else state.step, "seed": tcfg.seed}
-        (tmp / "adapter_config.json").write_bytes(orjson.dumps(config_out, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+        (tmp / "adapter_config.json").write_bytes(
+            orjson.dumps(config_out, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+        )
     return adapter_dir
 
 
@@ -360,9 +437,22 @@ def plot_losses(metrics_path: Path, out: Path, experiment: str) -> None:
 
 
 EXPERIMENT_COLUMNS = (
-    "schema_version", "experiment", "fine_tune_type", "rank", "learning_rate", "batch_size", "steps", "stopped_early",
-    "first_val_loss", "best_val_loss", "best_step", "final_train_loss", "tokens_per_second",
-    "peak_memory_gb", "train_seconds", "adapter_sha256",
+    "schema_version",
+    "experiment",
+    "fine_tune_type",
+    "rank",
+    "learning_rate",
+    "batch_size",
+    "steps",
+    "stopped_early",
+    "first_val_loss",
+    "best_val_loss",
+    "best_step",
+    "final_train_loss",
+    "tokens_per_second",
+    "peak_memory_gb",
+    "train_seconds",
+    "adapter_sha256",
 )
 
 
@@ -374,7 +464,20 @@ def write_experiment_row(experiment: str, tcfg, summary: dict, adapter_dir: Path
         "rank": tcfg.lora.rank if tcfg.fine_tune_type != "full" else None,
         "learning_rate": float(tcfg.learning_rate),
         "batch_size": int(tcfg.batch_size),
-        **{k: summary[k] for k in ("steps", "stopped_early", "first_val_loss", "best_val_loss", "best_step", "final_train_loss", "tokens_per_second", "peak_memory_gb", "train_seconds")},
+        **{
+            k: summary[k]
+            for k in (
+                "steps",
+                "stopped_early",
+                "first_val_loss",
+                "best_val_loss",
+                "best_step",
+                "final_train_loss",
+                "tokens_per_second",
+                "peak_memory_gb",
+                "train_seconds",
+            )
+        },
         "adapter_sha256": hashing.sha256_file(adapter_dir / "adapters.safetensors"),
     }
     contracts.validate(row, "experiment_row", where="runs/experiments.csv")

@@ -5,13 +5,14 @@ the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+from pipeline import splits
+from pipeline.errors import PipelineError
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from llm import tokens
-from pipeline import paths, splits
-from pipeline.errors import PipelineError
+from lm import tokens
 
 
 def load_split(split: str, contract: dict, tokenizer, mask_prompt: bool) -> list[tuple[np.ndarray, np.ndarray]]:

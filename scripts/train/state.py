@@ -57,7 +57,11 @@ class Checkpoints:
         saved = orjson.loads(self.latest.read_bytes()) if self.latest.is_file() else None
         if mode == "never" or saved is None:
             if mode == "require":
-                raise PipelineError("train.resume=require but there is no checkpoint", where=paths.display(self.folder), fix="set train.resume=auto")
+                raise PipelineError(
+                    "train.resume=require but there is no checkpoint",
+                    where=paths.display(self.folder),
+                    fix="set train.resume=auto",
+                )
             return self._fresh()
         mismatch = [k for k in ("model", "adapter") if saved["fingerprint"][k] != self.fingerprint[k]]
         if mismatch and mode == "require":
@@ -69,8 +73,16 @@ class Checkpoints:
         if saved["fingerprint"] != self.fingerprint:
             changed = [k for k in self.fingerprint if saved["fingerprint"][k] != self.fingerprint[k]]
             if mode == "require":
-                raise PipelineError(f"the checkpoint does not match this run ({', '.join(changed)} changed)", where=paths.display(self.folder), fix="set train.resume=auto to start over")
-            log.info("checkpoints in %s are from other settings (%s changed): starting over", paths.display(self.folder), ", ".join(changed))
+                raise PipelineError(
+                    f"the checkpoint does not match this run ({', '.join(changed)} changed)",
+                    where=paths.display(self.folder),
+                    fix="set train.resume=auto to start over",
+                )
+            log.info(
+                "checkpoints in %s are from other settings (%s changed): starting over",
+                paths.display(self.folder),
+                ", ".join(changed),
+            )
             return self._fresh()
         return self._load(saved, model, optimizer)
 
@@ -98,7 +110,12 @@ class Checkpoints:
             arrays["__rng__"] = mx.random.state[0]
             mx.save_safetensors(str(tmp / "optimizer.safetensors"), arrays)
             (tmp / "state.json").write_bytes(orjson.dumps(dataclasses.asdict(state)))
-        contracts.write_bytes_atomic(self.latest, orjson.dumps({"step": state.step, "path": name, "fingerprint": self.fingerprint}, option=orjson.OPT_INDENT_2))
+        contracts.write_bytes_atomic(
+            self.latest,
+            orjson.dumps(
+                {"step": state.step, "path": name, "fingerprint": self.fingerprint}, option=orjson.OPT_INDENT_2
+            ),
+        )
         for old in sorted(self.folder.glob("step-*"))[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
 

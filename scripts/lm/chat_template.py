@@ -8,12 +8,11 @@ from __future__ import annotations
 import functools
 import json
 
-from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 from pipeline import paths
 from pipeline.errors import PipelineError
 
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 
 def builtin_templates() -> list[str]:

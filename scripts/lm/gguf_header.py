@@ -8,10 +8,10 @@ from __future__ import annotations
 import collections
 from pathlib import Path
 
-import gguf
-
 from pipeline import paths
 from pipeline.errors import PipelineError
+
+import gguf
 
 MAX_METADATA_ARRAY = 10  # longer arrays (vocabularies, merges) are left out of the metadata map, as model-runner does
 
@@ -36,7 +36,9 @@ def read_header(gguf_path: Path) -> dict:
 def _open_gguf(path: Path):
     where = paths.display(path)
     if not path.is_file():
-        raise PipelineError("GGUF file not found", where=where, fix="run `make quantize` first, or pass the path of an existing .gguf")
+        raise PipelineError(
+            "GGUF file not found", where=where, fix="run `make quantize` first, or pass the path of an existing .gguf"
+        )
     try:
         return gguf.GGUFReader(str(path))
     except Exception as exc:  # the reader fails with ValueError, IndexError or struct errors on non-GGUF bytes

@@ -1,5 +1,5 @@
 """GGUF files from an MLX/HF model folder, written with the `gguf` library the way llama.cpp's own
-converter writes them (tensor names and q/k row order from llm.gguf_mapping), and quantized with
+converter writes them (tensor names and q/k row order from lm.gguf_mapping), and quantized with
 llama.cpp itself (`llama_model_quantize`).
 
 mlx-lm's `--export-gguf` is not used: llama.cpp refuses its files (token types stored as UINT32), it
@@ -24,8 +24,15 @@ import mlx.core as mx
 import numpy as np
 from tokenizers import Tokenizer
 
-from llm.gguf_mapping import PRE_TYPES, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_USER_DEFINED, byte_level_pre_tokenizer
-from llm.gguf_mapping import gguf_name, permute_qk
+from lm.gguf_mapping import (
+    PRE_TYPES,
+    TOKEN_CONTROL,
+    TOKEN_NORMAL,
+    TOKEN_USER_DEFINED,
+    byte_level_pre_tokenizer,
+    gguf_name,
+    permute_qk,
+)
 
 # model_type in config.json → GGUF architecture; mistral's tensors and keys are llama's (as in llama.cpp).
 SUPPORTED_ARCHITECTURES = {"llama": "llama", "mistral": "llama"}
@@ -48,7 +55,9 @@ def check_architecture(model_config: dict, where: str) -> str:
             fix=f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}; set quantize.gguf_types=[] to make only MLX models",
         )
     if model_config.get("attention_bias") or model_config.get("mlp_bias"):
-        raise PipelineError("GGUF export does not support attention or MLP biases", where=where, fix="set quantize.gguf_types=[]")
+        raise PipelineError(
+            "GGUF export does not support attention or MLP biases", where=where, fix="set quantize.gguf_types=[]"
+        )
     return SUPPORTED_ARCHITECTURES[model_type]
 
 
@@ -70,7 +79,9 @@ def tokenizer_vocab(model_dir: Path) -> dict:
     types = [TOKEN_USER_DEFINED] * size
     for token, index in vocab.items():
         tokens[index] = token
-        types[index] = (TOKEN_CONTROL if added[token]["special"] else TOKEN_USER_DEFINED) if token in added else TOKEN_NORMAL
+        types[index] = (
+            (TOKEN_CONTROL if added[token]["special"] else TOKEN_USER_DEFINED) if token in added else TOKEN_NORMAL
+        )
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     return {"tokens": tokens, "types": types, "merges": merges, "pre": detect_pre_type(model_dir / "tokenizer.json")}
 
@@ -105,7 +116,9 @@ def write_gguf(model_dir: Path, out_path: Path, *, float_type: str, chat_templat
 
     writer = gguf.GGUFWriter(str(out_path), arch)
     writer.add_name(name)
-    writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{FLOAT_TYPES[float_type]}" if float_type != "float32" else "ALL_F32"))
+    writer.add_file_type(
+        getattr(gguf.LlamaFileType, f"MOSTLY_{FLOAT_TYPES[float_type]}" if float_type != "float32" else "ALL_F32")
+    )
     _add_hyperparameters(writer, model_config, len(vocab["tokens"]))
     _add_tokenizer(writer, vocab, tokenizer_config, model_config, chat_template)
     tensors = _add_tensors(writer, model_dir, model_config, float_type)
@@ -137,7 +150,11 @@ def _add_hyperparameters(writer, model_config: dict, vocab_size: int) -> None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(scaling["factor"])
     elif scaling:
-        raise PipelineError(f"GGUF export does not support rope_scaling {scaling}", where="config.json", fix="set quantize.gguf_types=[]")
+        raise PipelineError(
+            f"GGUF export does not support rope_scaling {scaling}",
+            where="config.json",
+            fix="set quantize.gguf_types=[]",
+        )
 
 
 def _add_tokenizer(writer, vocab: dict, tokenizer_config: dict, model_config: dict, chat_template: str | None) -> None:
@@ -147,7 +164,12 @@ def _add_tokenizer(writer, vocab: dict, tokenizer_config: dict, model_config: di
     writer.add_token_list(vocab["tokens"])
     writer.add_token_types(vocab["types"])
     writer.add_token_merges(vocab["merges"])
-    for key, add in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id), ("unk_token", writer.add_unk_token_id), ("pad_token", writer.add_pad_token_id)):
+    for key, add in (
+        ("bos_token", writer.add_bos_token_id),
+        ("eos_token", writer.add_eos_token_id),
+        ("unk_token", writer.add_unk_token_id),
+        ("pad_token", writer.add_pad_token_id),
+    ):
         token = tokenizer_config.get(key)
         token = token.get("content") if isinstance(token, dict) else token
         if token in token_id:
@@ -173,7 +195,11 @@ def _add_tensors(writer, model_dir: Path, model_config: dict, float_type: str) -
         try:
             out_name = gguf_name(name)
         except KeyError:
-            raise PipelineError(f"GGUF export does not know the tensor '{name}'", where=paths.display(model_dir), fix="set quantize.gguf_types=[]") from None
+            raise PipelineError(
+                f"GGUF export does not know the tensor '{name}'",
+                where=paths.display(model_dir),
+                fix="set quantize.gguf_types=[]",
+            ) from None
         w = np.array(weights.pop(name).astype(mx.float32))
         if name.endswith("q_proj.weight"):
             w = permute_qk(w, heads)
@@ -222,7 +248,11 @@ def quantize_gguf(source: Path, target: Path, type_name: str, threads: int) -> N
     logging.getLogger("quantize").debug("llama.cpp:\n%s", output.text)
     if status != 0 or not target.is_file():
         last = " / ".join(output.text.strip().splitlines()[-3:])
-        raise PipelineError(f"llama.cpp failed to quantize to {type_name} (status {status}{': ' + last if last else ''})", where=paths.display(source), fix="check the float GGUF (`make quantize -B`) and the type name")
+        raise PipelineError(
+            f"llama.cpp failed to quantize to {type_name} (status {status}{': ' + last if last else ''})",
+            where=paths.display(source),
+            fix="check the float GGUF (`make quantize -B`) and the type name",
+        )
 
 
 class native_output:

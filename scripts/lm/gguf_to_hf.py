@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline import paths
+from pipeline.errors import PipelineError
+
 import mlx.core as mx
 import orjson
 from tokenizers import AddedToken, Tokenizer, decoders, models
 
-from llm import gguf_mapping
-from pipeline import paths
-from pipeline.errors import PipelineError
+from lm import gguf_mapping
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
@@ -28,9 +29,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str) -> None:
         raise PipelineError(
             f"GGUF architecture '{arch}' is not supported",
             where=paths.display(gguf_path),
-            fix="supported architectures: "
-            + ", ".join(SUPPORTED_ARCHITECTURES)
-            + "; or give an HF/MLX model folder",
+            fix="supported architectures: " + ", ".join(SUPPORTED_ARCHITECTURES) + "; or give an HF/MLX model folder",
         )
     model_config = llama_config(metadata, tied="output.weight" not in tensors)
     weights = {gguf_mapping.hf_name(name): w for name, w in tensors.items() if gguf_mapping.hf_name(name)}
@@ -93,7 +92,9 @@ def llama_config(metadata: dict, tied: bool) -> dict:
         value = metadata.get(f"llama.{name}", default)
         if value is None:
             raise PipelineError(
-                f"the GGUF has no llama.{name}", where="model conversion", fix="the file is incomplete: use another GGUF"
+                f"the GGUF has no llama.{name}",
+                where="model conversion",
+                fix="the file is incomplete: use another GGUF",
             )
         return value
 

@@ -19,7 +19,9 @@ logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
 
 
 def open_llama(gguf_path: Path, n_ctx: int):
-    return Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=512, n_threads=os.cpu_count() or 1, verbose=False, seed=0)
+    return Llama(
+        model_path=str(gguf_path), n_ctx=n_ctx, n_batch=512, n_threads=os.cpu_count() or 1, verbose=False, seed=0
+    )
 
 
 def greedy(llm, prompt: list[int], max_tokens: int, stop_ids: set[int]) -> list[int]:
@@ -53,10 +55,14 @@ def greedy_batch(gguf_path: Path, prompts: list[list[int]], max_tokens: int, sto
         return []
     if len(prompts) > max_sequences():
         half = len(prompts) // 2
-        return greedy_batch(gguf_path, prompts[:half], max_tokens, stop_ids) + greedy_batch(gguf_path, prompts[half:], max_tokens, stop_ids)
+        return greedy_batch(gguf_path, prompts[:half], max_tokens, stop_ids) + greedy_batch(
+            gguf_path, prompts[half:], max_tokens, stop_ids
+        )
     shared = max(0, min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1))
     n_ctx = shared + sum(len(p) - shared + max_tokens + 1 for p in prompts)
-    with Sequences(gguf_path, prompts[0][:shared], len(prompts), n_ctx, max(len(p) - shared for p in prompts) * len(prompts)) as run:
+    with Sequences(
+        gguf_path, prompts[0][:shared], len(prompts), n_ctx, max(len(p) - shared for p in prompts) * len(prompts)
+    ) as run:
         pending = [(seq, prompt[shared:], shared) for seq, prompt in enumerate(prompts, start=1)]
         for seq, _, _ in pending:
             run.fork(seq)
@@ -82,7 +88,9 @@ class Sequences:
         self.n_ctx, self.n_batch = n_ctx + 64, max(512, len(self.prefix), batch_tokens, n_seq)
 
     def __enter__(self):
-        self.model = _internals.LlamaModel(path_model=str(self.gguf_path), params=llama_cpp.llama_model_default_params(), verbose=False)
+        self.model = _internals.LlamaModel(
+            path_model=str(self.gguf_path), params=llama_cpp.llama_model_default_params(), verbose=False
+        )
         params = llama_cpp.llama_context_default_params()
         params.n_ctx, params.n_batch, params.n_ubatch = self.n_ctx, self.n_batch, 512
         params.n_seq_max, params.kv_unified = self.n_seq + 1, True
@@ -126,11 +134,15 @@ class Sequences:
         return np.ctypeslib.as_array(self.ctx.get_logits_ith(row), shape=(self.n_vocab,))
 
 
-def sample(llm, prompt: list[int], max_tokens: int, stop_ids: set[int], temperature: float, top_p: float, seed: int) -> list[int]:
+def sample(
+    llm, prompt: list[int], max_tokens: int, stop_ids: set[int], temperature: float, top_p: float, seed: int
+) -> list[int]:
     """Sampled tokens (the generation policy's temperature and top_p), reproducible for a seed."""
     llm.set_seed(seed)
     tokens = []
-    for token in llm.generate(prompt, temp=temperature, top_p=top_p, top_k=0, min_p=0.0, repeat_penalty=1.0, reset=True):
+    for token in llm.generate(
+        prompt, temp=temperature, top_p=top_p, top_k=0, min_p=0.0, repeat_penalty=1.0, reset=True
+    ):
         tokens.append(int(token))
         if token in stop_ids or len(tokens) >= max_tokens:
             break

