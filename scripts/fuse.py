@@ -101,7 +101,8 @@ def load_with_adapter(base_dir: Path, adapter_dir: Path):
         raise PipelineError(
             f"the adapter does not match the base model ({str(exc).splitlines()[0][:200]})",
             where=paths.display(adapter_dir),
-            fix="train it again on this base model (`make train`), or set model.source back to the model it was trained on",
+            fix="train it again on this base model (`make train`), or set model.source back to the model it "
+            "was trained on",
         ) from exc
 
 
@@ -152,7 +153,8 @@ def compare(fused_dir: Path, prompts, reference, tolerance: float) -> float:
         raise PipelineError(
             f"the fused model's logits differ from base + adapter by {worst:.3g} (tolerance {tolerance})",
             where=paths.display(fused_dir.parent),
-            fix="fuse in higher precision (fuse.dtype=float32) or raise fuse.tolerance if a low-precision dtype is intended",
+            fix="fuse in higher precision (fuse.dtype=float32) or raise fuse.tolerance if a low-precision "
+            "dtype is intended",
         )
     return worst
 

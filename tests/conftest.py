@@ -10,6 +10,7 @@ from pipeline import paths
 
 import pytest
 
+from fixtures.tiny_model import build_tiny_model
 from helpers import REPO
 
 PROJECT_FILES = ("Makefile", "config", "scripts", "requirements.lock", "requirements.in", "pytest.ini")
@@ -17,7 +18,6 @@ PROJECT_FILES = ("Makefile", "config", "scripts", "requirements.lock", "requirem
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from fixtures.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 

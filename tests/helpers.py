@@ -6,6 +6,10 @@ import os
 import subprocess
 from pathlib import Path
 
+import model as model_stage
+import prepare
+import train
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -43,9 +47,6 @@ FAST_TRAIN = [
 
 def trained(model_dir: Path, *extra: str) -> None:
     """model → prepare → a short train run of `model_dir` in the current test project."""
-    import model as model_stage
-    import prepare
-    import train
 
     assert model_stage.main([f"model.source={model_dir}"]) == 0
     assert prepare.main([]) == 0

@@ -13,6 +13,9 @@ from pathlib import Path
 from pipeline.errors import PipelineError
 from pipeline.hashing import sha256_file
 
+import gguf
+import mlx.core as mx
+import numpy as np
 import pytest
 
 from fixtures.tiny_gguf import write_tiny_gguf
@@ -146,7 +149,6 @@ def test_template_and_license_layers_hold_the_text(image):
 
 
 def test_config_is_filled_from_the_gguf_header(image, tiny_model_dir):
-    import mlx.core as mx
 
     files = read_files(image[0])
     config_file = config_of(files)
@@ -167,7 +169,6 @@ def test_config_is_filled_from_the_gguf_header(image, tiny_model_dir):
 
 
 def test_parameter_count_is_the_tensor_element_sum(tiny_gguf, tiny_model_dir):
-    import mlx.core as mx
 
     weights = mx.load(str(tiny_model_dir / "model.safetensors"))
     header = gguf_header.read_header(tiny_gguf)
@@ -176,8 +177,6 @@ def test_parameter_count_is_the_tensor_element_sum(tiny_gguf, tiny_model_dir):
 
 
 def test_quantization_name_comes_from_general_file_type(tmp_path):
-    import gguf
-    import numpy as np
 
     path = tmp_path / "typed.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")

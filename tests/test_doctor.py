@@ -8,6 +8,7 @@ import sys
 
 from pipeline import runtime
 
+import mlx.core as mx
 import pytest
 
 import doctor
@@ -31,7 +32,6 @@ def test_matmul_reaches_100_gflops():
 
 
 def test_cpu_default_dtype_is_float32():
-    import mlx.core as mx
 
     if mx.default_device() == mx.cpu:
         assert runtime.default_dtype() == "float32"

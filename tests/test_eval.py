@@ -11,12 +11,17 @@ import mlx.core as mx
 import numpy as np
 import orjson
 import pytest
+from mlx_lm import load
+from mlx_lm.utils import dequantize_model
+from omegaconf import OmegaConf
 
 import eval as eval_stage
 import fuse
 import quantize
 from eval import metrics as eval_metrics
 from helpers import trained
+from lm.llama_runner import shared_prefix_length
+from train.data import validation_loss
 
 QUANTIZE = [
     "quantize.mlx=[affine-4]",
@@ -79,10 +84,6 @@ def test_eval_scores_every_artifact_and_writes_the_report(quantized_project):
 
 
 def test_fast_loss_equals_the_plain_masked_loss(quantized_project):
-    from mlx_lm import load
-
-    from lm.llama_runner import shared_prefix_length
-    from train.data import validation_loss
 
     model, tokenizer = load(str(paths.RUNS_DIR / "main" / "fused"))
     contract = contracts.read_json(paths.DATA_DIR / "data_contract.json", "data_contract")
@@ -93,8 +94,6 @@ def test_fast_loss_equals_the_plain_masked_loss(quantized_project):
 
 
 def test_quantized_model_dequantized_for_cpu_gives_the_same_logits(quantized_project):
-    from mlx_lm import load
-    from mlx_lm.utils import dequantize_model
 
     folder = paths.RUNS_DIR / "main" / "quantized" / "mlx-affine-4bit-g64"
     quantized, _ = load(str(folder))
@@ -254,8 +253,6 @@ def test_call_f1_credits_the_right_tool_and_each_right_argument():
 
 
 def test_generation_from_the_loss_pass_prompt_caches_gives_the_same_answers(quantized_project):
-    from mlx_lm import load
-    from omegaconf import OmegaConf
 
     model, tokenizer = load(str(paths.RUNS_DIR / "main" / "fused"))
     contract = contracts.read_json(paths.DATA_DIR / "data_contract.json", "data_contract")

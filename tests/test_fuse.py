@@ -9,6 +9,10 @@ from pipeline import contracts, disk, hashing, paths
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm import load
+from mlx_lm.models import llama
+from mlx_lm.utils import quantize_model, save
 
 import fuse
 import model as model_stage
@@ -18,14 +22,12 @@ from helpers import error_line, trained
 
 
 def base_plus_adapter_logits(base_dir, tokens):
-    from mlx_lm import load
 
     model, _ = load(str(base_dir), adapter_path=str(paths.RUNS_DIR / "main" / "adapter"))
     return np.array(model(mx.array([tokens])))
 
 
 def fused_logits(tokens):
-    from mlx_lm import load
 
     model, _ = load(str(paths.RUNS_DIR / "main" / "fused"))
     return np.array(model(mx.array([tokens])))
@@ -37,7 +39,6 @@ def test_fused_logits_equal_base_plus_adapter(project, tiny_model_dir):
     tokens = list(range(5, 60))
     fused, reference = fused_logits(tokens), base_plus_adapter_logits(tiny_model_dir, tokens)
     np.testing.assert_allclose(fused, reference, atol=1e-4)
-    from mlx_lm import load
 
     plain, _ = load(str(tiny_model_dir))
     assert np.abs(np.array(plain(mx.array([tokens]))) - fused).max() > 1e-3  # the adapter really changed something
@@ -56,8 +57,6 @@ def test_artifacts_record_lineage_and_hashes(project, tiny_model_dir):
 
 
 def test_quantized_base_is_dequantized_not_requantized(project, tiny_model_dir, tmp_path):
-    from mlx_lm import load
-    from mlx_lm.utils import quantize_model, save
 
     model, tokenizer, config = load(str(tiny_model_dir), return_config=True)
     model, config = quantize_model(model, config, group_size=32, bits=4)
@@ -88,8 +87,6 @@ def test_adapter_of_another_model_is_a_clear_error(project, tiny_model_dir, tmp_
     config = json.loads((other / "config.json").read_text())
     config.update(hidden_size=96, intermediate_size=192, head_dim=24)
     (other / "config.json").write_text(json.dumps(config))
-    from mlx.utils import tree_flatten
-    from mlx_lm.models import llama
 
     mx.save_safetensors(
         str(other / "model.safetensors"),

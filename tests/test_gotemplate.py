@@ -86,7 +86,10 @@ def test_len_slice_index_print_printf_and_pipelines():
 
 
 def test_ollamas_last_message_idiom():
-    source = "{{ range $i, $_ := .M }}{{ $last := eq (len (slice $.M $i)) 1 }}{{ . }}{{ if $last }}!{{ else }},{{ end }}{{ end }}"
+    source = (
+        "{{ range $i, $_ := .M }}{{ $last := eq (len (slice $.M $i)) 1 }}"
+        "{{ . }}{{ if $last }}!{{ else }},{{ end }}{{ end }}"
+    )
     assert render(source, {"M": ["a", "b", "c"]}) == "a,b,c!"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from llama_cpp import Llama
 
 from lm import hf_to_gguf as gguf_export
 from lm import llama_runner
@@ -37,7 +38,6 @@ def test_batched_greedy_answers_equal_one_prompt_at_a_time(tiny_gguf):
 
 def plain_nll(gguf_path, items) -> tuple[float, int]:
     """Each item evaluated from scratch, all logits kept, no prefix reuse."""
-    from llama_cpp import Llama
 
     llm = Llama(model_path=str(gguf_path), n_ctx=512, logits_all=True, verbose=False, n_threads=2)
     total, count = 0.0, 0

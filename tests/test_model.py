@@ -10,6 +10,9 @@ from pipeline.manifest import output_path
 import mlx.core as mx
 import numpy as np
 import pytest
+from llama_cpp import Llama
+from mlx_lm import generate, load
+from mlx_lm.utils import load_tokenizer
 
 import model as model_stage
 from fixtures.tiny_gguf import write_tiny_gguf
@@ -25,7 +28,6 @@ def convert(tmp_path, tiny_model_dir, **kwargs):
 
 
 def logits(model_dir, text):
-    from mlx_lm import load
 
     model, tokenizer = load(str(model_dir))
     return tokenizer.encode(text), np.array(model(mx.array([tokenizer.encode(text)])))
@@ -124,7 +126,6 @@ def test_folder_without_weights_is_rejected(project, tmp_path, caplog):
 
 @pytest.mark.slow
 def test_default_model_answers_paris_with_rope_theta_100000(project):
-    from mlx_lm import generate, load
 
     assert model_stage.main([]) == 0
     model_dir = output_path(contracts.read_json(paths.MODEL_MANIFEST, "run_manifest"), "model")
@@ -139,8 +140,6 @@ def test_default_model_answers_paris_with_rope_theta_100000(project):
 
 @pytest.mark.slow
 def test_default_tokenizer_matches_llama_cpp(project):
-    from llama_cpp import Llama
-    from mlx_lm.utils import load_tokenizer
 
     assert model_stage.main([]) == 0
     model_dir = output_path(contracts.read_json(paths.MODEL_MANIFEST, "run_manifest"), "model")

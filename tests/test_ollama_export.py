@@ -61,7 +61,8 @@ def test_chatml_prompt_is_exactly_the_chatml_text():
     expected = (
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
         "<|im_start|>assistant\n4.<|im_end|>\n<|im_start|>user\nAnd 3+3?\nShow your work.<|im_end|>\n"
-        "<|im_start|>assistant\n6, because 3+3=6.<|im_end|>\n<|im_start|>user\nThanks!<|im_end|>\n<|im_start|>assistant\n"
+        "<|im_start|>assistant\n6, because "
+        "3+3=6.<|im_end|>\n<|im_start|>user\nThanks!<|im_end|>\n<|im_start|>assistant\n"
     )
     assert oe.render_go(go, THREE_TURNS, None) == expected
 
@@ -221,7 +222,8 @@ def test_modelfile_refuses_text_it_cannot_quote(system):
     "template",
     [
         "{% for m in messages %}{{ loop.index }}. {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}",
-        "{% for m in messages | sort(attribute='role') %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}",
+        "{% for m in messages | sort(attribute='role') %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] "
+        "}}>{% endfor %}",
         "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] | upper }}{% endfor %}",
         "{% for m in messages %}{% if loop.last %}[last]{% endif %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}",
         "{{ messages[-1]['content'] }}",

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import random
+import shutil
+import time
 
 from pipeline import contracts, hashing, paths
 
+import datasets
+import huggingface_hub.constants
+import orjson
 import pytest
 from jsonschema import Draft202012Validator
+from mlx_lm.utils import load_tokenizer
 
 import model as model_stage
 import prepare
@@ -49,7 +56,8 @@ def outputs() -> dict:
         for name in ("data_contract", "data_catalog", "data_report")
     }
     read["splits"] = {
-        s: [json.loads(l) for l in (paths.DATA_DIR / f"{s}.jsonl").read_text().splitlines()] for s in prepare.SPLITS
+        s: [json.loads(line) for line in (paths.DATA_DIR / f"{s}.jsonl").read_text().splitlines()]
+        for s in prepare.SPLITS
     }
     return read
 
@@ -133,7 +141,6 @@ def test_given_splits_are_kept(base, files):
 
 
 def test_documents_are_chunked_by_token_budget(base, files):
-    from mlx_lm.utils import load_tokenizer
 
     assert run_prepare(f"data.source={files['journal']}", "prepare.chunk_tokens=120") == 0
     out = outputs()
@@ -249,8 +256,6 @@ def test_bad_records_fail_with_one_line(base, tmp_path, caplog, content, message
 
 
 def test_hub_dataset_offline_is_a_clear_error(base, monkeypatch, caplog):
-    import datasets
-    import huggingface_hub.constants
 
     # Offline mode is read when the libraries are imported, which earlier tests already did.
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
@@ -297,7 +302,6 @@ def test_named_template_is_recorded_in_the_contract(base, files):
 
 
 def test_model_without_chat_template_gets_rendered_text(project, tiny_model_dir, tmp_path, files):
-    import shutil
 
     plain = tmp_path / "plain-model"
     shutil.copytree(tiny_model_dir, plain)
@@ -313,7 +317,6 @@ def test_model_without_chat_template_gets_rendered_text(project, tiny_model_dir,
 
 
 def test_model_template_render_matches_the_tokenizer(base, files):
-    from mlx_lm.utils import load_tokenizer
 
     tokenizer = load_tokenizer(
         paths.resolve(contracts.read_json(paths.MODEL_MANIFEST, "run_manifest")["outputs"][0]["path"])
@@ -332,7 +335,6 @@ def test_unknown_template_lists_the_choices(base, files, caplog):
 
 @pytest.mark.slow
 def test_default_dataset_on_the_real_model(project):
-    import time
 
     assert model_stage.main([]) == 0
     start = time.monotonic()
@@ -351,10 +353,6 @@ def test_default_dataset_on_the_real_model(project):
 
 @pytest.mark.slow
 def test_100k_records_in_under_60_seconds(project, tmp_path):
-    import random
-    import time
-
-    import orjson
 
     rng = random.Random(0)
     words = (REPO / "README.md").read_text().split()[:400]
@@ -374,7 +372,8 @@ def test_100k_records_in_under_60_seconds(project, tmp_path):
     assert run_prepare(f"data.source={path}") == 0
     seconds = time.monotonic() - start
     print(
-        f"prepare: 100k records, {path.stat().st_size / 1e6:.0f} MB in {seconds:.1f} s = {100_000 / seconds:.0f} records/s"
+        f"prepare: 100k records, {path.stat().st_size / 1e6:.0f} MB in {seconds:.1f} s = "
+        f"{100_000 / seconds:.0f} records/s"
     )
     assert 40e6 < path.stat().st_size < 60e6
     assert seconds < 60

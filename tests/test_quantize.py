@@ -7,19 +7,22 @@ import json
 import shutil
 from pathlib import Path
 
-from pipeline import contracts, hashing, paths
+from pipeline import config, contracts, hashing, paths
 from pipeline.errors import PipelineError
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from llama_cpp import Llama
+from mlx_lm import load
 
 import fuse
 import quantize
 from helpers import trained
 from lm import gguf_header
 from lm import hf_to_gguf as gguf_export
+from quantize import docker as docker_export
 
 SMALL = [
     "quantize.mlx=[affine-4]",
@@ -41,7 +44,6 @@ def quantized_dir() -> Path:
 
 
 def llama_logits(gguf_path: Path, tokens: list[int]) -> np.ndarray:
-    from llama_cpp import Llama
 
     llm = Llama(model_path=str(gguf_path), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
     llm.eval(tokens)
@@ -49,7 +51,6 @@ def llama_logits(gguf_path: Path, tokens: list[int]) -> np.ndarray:
 
 
 def test_float32_gguf_gives_the_mlx_logits_in_llama_cpp(tiny_model_dir, tmp_path):
-    from mlx_lm import load
 
     path = tmp_path / "tiny-f32.gguf"
     info = gguf_export.write_gguf(tiny_model_dir, path, float_type="float32", chat_template="{{ x }}", name="tiny")
@@ -64,7 +65,6 @@ def test_float32_gguf_gives_the_mlx_logits_in_llama_cpp(tiny_model_dir, tmp_path
 
 def test_q_and_k_rows_must_be_permuted_for_llama_cpp(tiny_model_dir, tmp_path, monkeypatch):
     """The check above can fail: without llama.cpp's q/k row order the logits are wrong."""
-    from mlx_lm import load
 
     monkeypatch.setattr(gguf_export, "permute_qk", lambda w, n_head: w)
     path = tmp_path / "unpermuted.gguf"
@@ -108,13 +108,11 @@ def test_quantize_writes_checked_artifacts_with_lineage(fused_project):
     assert abs(table["Q8_0"]["ratio_vs_float"] - 1) < 0.05
     assert details["served_answer"]["file"] == "main-Q4_K_M.gguf"
     assert "FROM ./main-Q4_K_M.gguf" in (out / "Modelfile").read_text()
-    from quantize import docker as docker_export
 
     assert docker_export.validate_oci_layout(out / "main-Q4_K_M.docker.tar") == []
 
 
 def test_mlx_quantized_model_loads_and_is_quantized(fused_project):
-    from mlx_lm import load
 
     assert (
         quantize.main(
@@ -152,7 +150,6 @@ def test_export_check_reports_the_first_differing_token(fused_project, tiny_mode
 
 
 def _quantize_cfg(overrides):
-    from pipeline import config
 
     return config.load_config(overrides)
 

@@ -11,7 +11,10 @@ from prepare import toolcalls_dataset as ds
 
 
 def test_same_seed_same_data_across_processes():
-    code = "import hashlib, json; from prepare import toolcalls_dataset as d; print(hashlib.sha256(json.dumps(d.generate(0)).encode()).hexdigest())"
+    code = (
+        "import hashlib, json; from prepare import toolcalls_dataset as d; "
+        "print(hashlib.sha256(json.dumps(d.generate(0)).encode()).hexdigest())"
+    )
     digests = {
         subprocess.run(
             [sys.executable, "-c", code],

@@ -10,10 +10,12 @@ import subprocess
 import sys
 import time
 
-from pipeline import contracts, hashing, paths
+from pipeline import contracts, hashing, paths, runtime
 
 import numpy as np
 import pytest
+from mlx_lm.utils import load_tokenizer
+from omegaconf import OmegaConf
 
 import model as model_stage
 import prepare
@@ -46,7 +48,6 @@ def adapter_bytes(experiment="main") -> bytes:
 
 
 def test_every_assistant_turn_is_trained_and_nothing_else(tiny_model_dir):
-    from mlx_lm.utils import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_model_dir)
     messages = [
@@ -82,11 +83,11 @@ def test_outputs_exist_and_validate(prepared):
     assert train.main(FAST) == 0
     run_dir = paths.RUNS_DIR / "main"
     manifest = contracts.read_json(run_dir / "train.manifest.json", "run_manifest")
-    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for line in lines:
         contracts.validate(line, "metrics", where="metrics.jsonl")
-    assert [l["step"] for l in lines if l["type"] == "val"] == [0, 4, 8, 12]
-    assert [l["step"] for l in lines if l["type"] == "train"] == [2, 4, 6, 8, 10, 12]
+    assert [row["step"] for row in lines if row["type"] == "val"] == [0, 4, 8, 12]
+    assert [row["step"] for row in lines if row["type"] == "train"] == [2, 4, 6, 8, 10, 12]
     assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["fine_tune_type"] == "lora"
     details = manifest["details"]
@@ -128,9 +129,15 @@ def test_kill_9_then_resume_gives_the_same_adapter(prepared):
 
     assert train.main(args) == 0
     assert adapter_bytes("resumed") == straight
-    straight_val = [l for l in (paths.RUNS_DIR / "straight" / "metrics.jsonl").read_text().splitlines() if '"val"' in l]
-    resumed_val = [l for l in (paths.RUNS_DIR / "resumed" / "metrics.jsonl").read_text().splitlines() if '"val"' in l]
-    assert [json.loads(l)["val_loss"] for l in resumed_val] == [json.loads(l)["val_loss"] for l in straight_val]
+    straight_val = [
+        line for line in (paths.RUNS_DIR / "straight" / "metrics.jsonl").read_text().splitlines() if '"val"' in line
+    ]
+    resumed_val = [
+        line for line in (paths.RUNS_DIR / "resumed" / "metrics.jsonl").read_text().splitlines() if '"val"' in line
+    ]
+    assert [json.loads(line)["val_loss"] for line in resumed_val] == [
+        json.loads(line)["val_loss"] for line in straight_val
+    ]
 
 
 def test_early_stopping_keeps_the_best_checkpoint(prepared, caplog):
@@ -185,7 +192,6 @@ def test_resume_require_with_another_lora_shape_is_an_error(prepared, caplog):
 
 
 def test_memory_guard_refuses_with_a_suggestion(prepared, monkeypatch, caplog):
-    from pipeline import runtime
 
     monkeypatch.setattr(runtime, "available_memory_bytes", lambda: 10_000_000)
     assert train.main(FAST) == 2
@@ -195,7 +201,6 @@ def test_memory_guard_refuses_with_a_suggestion(prepared, monkeypatch, caplog):
 
 def test_epochs_become_iterations_from_the_catalog(prepared):
     catalog = contracts.read_json(paths.DATA_DIR / "data_catalog.json", "data_catalog")
-    from omegaconf import OmegaConf
 
     tcfg = OmegaConf.create({"epochs": 0.5, "iters": 1, "batch_size": 4})
     assert train.total_iterations(tcfg, catalog) == -(-catalog["splits"]["train"]["records"] // 8)
@@ -204,7 +209,8 @@ def test_epochs_become_iterations_from_the_catalog(prepared):
 def test_changing_a_train_key_leaves_prepare_untouched(project, tiny_model_dir):
     write_override(
         project,
-        f"model:\n  source: {tiny_model_dir}\ntrain:\n  iters: 4\n  steps_per_eval: 2\n  val_batches: 1\n  num_layers: 2\n",
+        f"model:\n  source: {tiny_model_dir}\ntrain:\n  iters: 4\n  steps_per_eval: 2\n  val_batches: 1\n  "
+        f"num_layers: 2\n",
     )
     make(project, "all")
     prepared_at = (project / "data" / "prepare.manifest.json").stat().st_mtime_ns
@@ -249,7 +255,8 @@ def test_training_variants_run_and_learn(prepared, variant):
 def test_each_experiment_keeps_its_own_settings(project, tiny_model_dir):
     write_override(
         project,
-        f"model:\n  source: {tiny_model_dir}\ntrain:\n  iters: 4\n  steps_per_eval: 2\n  val_batches: 1\n  num_layers: 2\n",
+        f"model:\n  source: {tiny_model_dir}\ntrain:\n  iters: 4\n  steps_per_eval: 2\n  val_batches: 1\n  "
+        f"num_layers: 2\n",
     )
     make(project, "train", "EXP=a", "SET=train.learning_rate=1e-3")
     make(project, "train", "EXP=b")

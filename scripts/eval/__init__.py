@@ -121,7 +121,8 @@ def read_artifacts(experiment: str) -> list[dict]:
         raise PipelineError(
             f"experiment '{experiment}' has no artifacts to score",
             where=paths.display(path),
-            fix=f"run `{stages.make_command('fuse', experiment)}` (and `{stages.make_command('quantize', experiment)}`) first",
+            fix=f"run `{stages.make_command('fuse', experiment)}` (and "
+            f"`{stages.make_command('quantize', experiment)}`) first",
         )
     return contracts.read_json(path, "artifacts")["artifacts"]
 
@@ -401,7 +402,10 @@ def summary_line(result: dict, task_metric: str) -> str:
     if result["status"] != "ok":
         return f"{result['id']}: FAILED ({result['error'][:120]})"
     metric = result["metrics"].get(task_metric, {}).get("value")
-    return f"{result['id']}: loss {result['loss']:.4f}  {task_metric} {metric}  ({result['seconds']:.0f} s, {result['generation']['tokens_per_second']} tok/s)"
+    speed = result["generation"]["tokens_per_second"]
+    return (
+        f"{result['id']}: loss {result['loss']:.4f}  {task_metric} {metric}  ({result['seconds']:.0f} s, {speed} tok/s)"
+    )
 
 
 def add_deltas(results: list[dict], task_metric: str) -> None:
@@ -462,7 +466,11 @@ def generation_policy(experiment, results, contract, tokenizer, ecfg, task_metri
                 "bytes": best["bytes"],
                 "task_metric": best["metrics"][task_metric]["value"],
             }
-            reason = f"smallest artifact with {task_metric} >= {floor:.2f} ({ecfg.ship.reference} {reference['metrics'][task_metric]['value']:.2f} - {ecfg.ship.within_points})"
+            reference_value = reference["metrics"][task_metric]["value"]
+            reason = (
+                f"smallest artifact with {task_metric} >= {floor:.2f} "
+                f"({ecfg.ship.reference} {reference_value:.2f} - {ecfg.ship.within_points})"
+            )
         else:
             reason = f"no shippable artifact within {ecfg.ship.within_points} points of the {ecfg.ship.reference} model"
     return {

@@ -29,7 +29,8 @@ LABELS = {
 }
 MEANINGS = {
     "exact_match": "the answer is the reference, character for character",
-    "normalized_match": "the answer equals the reference as JSON values, or as text with case, spacing and punctuation folded",
+    "normalized_match": "the answer equals the reference as JSON values, or as text with case, spacing and "
+    "punctuation folded",
     "chrf": "character n-gram overlap with the reference (sacrebleu chrF)",
     "json_valid": "the answer is one JSON document",
     "schema_valid": "the answer is a tool call whose arguments satisfy that tool's JSON Schema",
@@ -74,18 +75,22 @@ def verdict(metrics: dict, policy: dict) -> list[str]:
         gain = after - before
         answer = "Yes" if gain >= policy["rule"]["within_points"] else ("No" if gain <= 0 else "Barely")
         lines.append(
-            f"**Did fine-tuning help? {answer}.** {LABELS.get(task, task)} (`{task}`) on {metrics['test_records']} test prompts: base {before:.1f} → "
-            f"fine-tuned ({tuned['kind']}) {after:.1f} ({gain:+.1f} points); test loss {base['loss']:.3f} → {tuned['loss']:.3f}."
+            f"**Did fine-tuning help? {answer}.** {LABELS.get(task, task)} (`{task}`) on "
+            f"{metrics['test_records']} test prompts: base {before:.1f} → "
+            f"fine-tuned ({tuned['kind']}) {after:.1f} ({gain:+.1f} points); test loss {base['loss']:.3f} → "
+            f"{tuned['loss']:.3f}."
         )
     else:
         lines.append(
-            "**Did fine-tuning help?** Not measured: the base or the fine-tuned model could not be scored (see Failures)."
+            "**Did fine-tuning help?** Not measured: the base or the fine-tuned model could not be scored (see "
+            "Failures)."
         )
     ship = policy["ship"]
     if ship:
         lines += [
             "",
-            f"**Ship:** `{ship['path']}` ({ship['format']}, {human_bytes(ship['bytes'])}, {task} {ship['task_metric']:.1f}): {policy['reason']}.",
+            f"**Ship:** `{ship['path']}` ({ship['format']}, {human_bytes(ship['bytes'])}, {task} "
+            f"{ship['task_metric']:.1f}): {policy['reason']}.",
         ]
     else:
         lines += ["", f"**Ship:** nothing qualifies: {policy['reason']}."]
@@ -121,7 +126,8 @@ def metric_table(metrics: dict) -> list[str]:
         )
     meaning = f" {LABELS.get(task, task)}: {MEANINGS[task]}." if task in MEANINGS else ""
     return [
-        f"Metrics in points (0–100, higher is better) on {metrics['test_records']} test records; loss and perplexity on the answer tokens.{meaning}",
+        f"Metrics in points (0–100, higher is better) on {metrics['test_records']} test records; loss and "
+        f"perplexity on the answer tokens.{meaning}",
         "",
         *rows,
     ]
@@ -145,7 +151,8 @@ def training_facts(run_dir: Path, contract: dict) -> list[str]:
     if model_path.is_file():
         model = contracts.read_json(model_path, "run_manifest")
         lines.append(
-            f"- Base model: `{model['config']['model']['source']}` ({model['details'].get('parameters', 0) / 1e6:.0f}M parameters, {model['details'].get('dtype')})"
+            f"- Base model: `{model['config']['model']['source']}` "
+            f"({model['details'].get('parameters', 0) / 1e6:.0f}M parameters, {model['details'].get('dtype')})"
         )
     sources = ", ".join(f"`{s['source']}` ({s['records']} records)" for s in contract["sources"])
     lines.append(f"- Data: {sources}; format {contract['format']}, chat template `{contract['template']['id']}`")
@@ -153,12 +160,15 @@ def training_facts(run_dir: Path, contract: dict) -> list[str]:
         train = contracts.read_json(train_path, "run_manifest")
         t, d = train["config"]["train"], train["details"]
         lines.append(
-            f"- Training: {t['fine_tune_type']} (rank {t['lora']['rank']}, {t['num_layers']} layers), {d.get('steps')} steps of batch {t['batch_size']}, "
-            f"lr {t['learning_rate']:g} {t['lr_schedule']}, {d.get('trained_tokens')} trained tokens in {train['wall_seconds']:.0f} s"
+            f"- Training: {t['fine_tune_type']} (rank {t['lora']['rank']}, {t['num_layers']} layers), "
+            f"{d.get('steps')} steps of batch {t['batch_size']}, "
+            f"lr {t['learning_rate']:g} {t['lr_schedule']}, {d.get('trained_tokens')} trained tokens in "
+            f"{train['wall_seconds']:.0f} s"
         )
         if d.get("first_val_loss") is not None:
             lines.append(
-                f"- Validation loss {d['first_val_loss']:.3f} → {d['best_val_loss']:.3f} (best at step {d.get('best_step')}){', stopped early' if d.get('stopped_early') else ''}"
+                f"- Validation loss {d['first_val_loss']:.3f} → {d['best_val_loss']:.3f} (best at step "
+                f"{d.get('best_step')}){', stopped early' if d.get('stopped_early') else ''}"
             )
     return lines
 
@@ -209,7 +219,8 @@ def settings(policy: dict) -> list[str]:
     return [
         "## Generation settings",
         "",
-        f"template `{g['template_id']}` (sha256 {g['template_sha256'][:12]}…), stop tokens {', '.join(f'`{t}`' for t in g['stop_tokens'])}, "
+        f"template `{g['template_id']}` (sha256 {g['template_sha256'][:12]}…), stop tokens "
+        f"{', '.join(f'`{t}`' for t in g['stop_tokens'])}, "
         f"temperature {g['temperature']}, top_p {g['top_p']}, at most {g['max_tokens']} new tokens, seed {g['seed']}.",
     ]
 
@@ -317,4 +328,6 @@ def _summary_row(row: dict, out_dir: Path) -> str:
         ship = f"`{policy['ship']['id']}`" if policy["ship"] else "nothing"
     best = row.get("best_val_loss") or ""
     best = f"{float(best):.3f}" if best else "–"
-    return f"| {row['experiment']} | {row['fine_tune_type']} | {row.get('rank') or '–'} | {row['learning_rate']} | {row['steps']} | {best} | {task} | {base} | {tuned} | {delta} | {ship} |"
+    cells = [row["experiment"], row["fine_tune_type"], row.get("rank") or "–", row["learning_rate"], row["steps"]]
+    cells += [best, task, base, tuned, delta, ship]
+    return "| " + " | ".join(str(c) for c in cells) + " |"

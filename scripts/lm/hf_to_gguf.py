@@ -52,7 +52,8 @@ def check_architecture(model_config: dict, where: str) -> str:
         raise PipelineError(
             f"GGUF export does not support model_type '{model_type}'",
             where=where,
-            fix=f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}; set quantize.gguf_types=[] to make only MLX models",
+            fix=f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}; set quantize.gguf_types=[] to make "
+            f"only MLX models",
         )
     if model_config.get("attention_bias") or model_config.get("mlp_bias"):
         raise PipelineError(

@@ -163,7 +163,8 @@ def handle_secrets(split: str, recs: list[dict], texts: list[str], policy: str) 
     if found and policy == "fail":
         first = findings[0]
         raise PipelineError(
-            f"{len(found)} record(s) hold secrets, first: {first['type']} in {split} record {first['record']} line {first['line']}",
+            f"{len(found)} record(s) hold secrets, first: {first['type']} in {split} record {first['record']} "
+            f"line {first['line']}",
             where="data",
             fix="remove them from the source, or set prepare.secrets=redact (replace them) or warn (keep them)",
         )
@@ -187,7 +188,8 @@ def handle_too_long(split, recs, lengths, kind, tokenizer, cfg):
         return recs, lengths, stats
     if cfg.prepare.too_long == "fail":
         raise PipelineError(
-            f"{len(over)} {split} record(s) are longer than {limit} tokens (first: record {over[0] + 1}, {int(lengths[over[0]])} tokens)",
+            f"{len(over)} {split} record(s) are longer than {limit} tokens (first: record {over[0] + 1}, "
+            f"{int(lengths[over[0]])} tokens)",
             where="data.max_seq_length",
             fix="raise data.max_seq_length, or set prepare.too_long=drop or truncate",
         )
@@ -363,7 +365,8 @@ def report_markdown(report: dict, catalog: dict) -> str:
     lines = [
         "# Data report",
         "",
-        f"Format **{report['format']}**, template **{report['template']}**. Token counts use the base model's tokenizer.",
+        f"Format **{report['format']}**, template **{report['template']}**. Token counts use the base model's "
+        f"tokenizer.",
         "",
         *rows,
         "",

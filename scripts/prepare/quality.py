@@ -211,7 +211,8 @@ def word_ngrams(normalized: str, n: int) -> set[tuple[str, ...]]:
 
 
 def contamination(train_keys: list[str], eval_keys: list[str], n: int) -> dict:
-    """Given normalized prompts: how many eval records equal a train record, and how many share a word n-gram with one."""
+    """Given normalized prompts: how many eval records equal a train record, and how many share a word
+    n-gram with one."""
     train_set = set(train_keys)
     eval_grams = [word_ngrams(k, n) for k in eval_keys]
     wanted = set().union(*eval_grams) if eval_grams else set()

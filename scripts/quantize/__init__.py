@@ -257,7 +257,8 @@ def export_check(fused_dir: Path, float_gguf: Path, contract: dict, qcfg) -> dic
     if mismatches and qcfg.on_mismatch == "fail":
         first = mismatches[0]
         raise PipelineError(
-            f"the float GGUF does not answer like the fused MLX model: prompt {first['prompt']} differs at {first['first_difference']} ({first['detail']})",
+            f"the float GGUF does not answer like the fused MLX model: prompt {first['prompt']} differs at "
+            f"{first['first_difference']} ({first['detail']})",
             where=paths.display(float_gguf),
             fix="report it with the quantize log; set quantize.on_mismatch=warn to keep the files anyway",
         )

@@ -1,4 +1,5 @@
-"""quantize's Docker export: a GGUF packed as a Docker Model Runner model: an OCI image-layout tarball for `docker model load`.
+"""quantize's Docker export: a GGUF packed as a Docker Model Runner model, an OCI image-layout tarball
+for `docker model load`.
 
 What the tar holds:
 
@@ -543,7 +544,7 @@ def _check_config_fields(check: _Check, config: dict, layers: list, where: str) 
         if value is not None and not (isinstance(value, dict) and all(isinstance(v, str) for v in value.values())):
             check.problem(where, f"config.{key} is not a map of strings")
     if config.get("format") == "gguf" and not any(
-        isinstance(l, dict) and l.get("mediaType") == GGUF_MEDIA_TYPE for l in layers
+        isinstance(layer, dict) and layer.get("mediaType") == GGUF_MEDIA_TYPE for layer in layers
     ):
         check.problem(where, "config.format is gguf but no layer is a GGUF")
 

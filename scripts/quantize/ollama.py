@@ -93,7 +93,8 @@ def render_jinja(
 
 
 def infer_template_spec(chat_template: str, *, bos_token: str = "", eos_token: str | None = None) -> TemplateSpec:
-    """Decompose the chat template into a TemplateSpec, verified on several conversations; PipelineError if it is not one."""
+    """Decompose the chat template into a TemplateSpec, verified on several conversations; PipelineError
+    if it is not one."""
 
     def render(messages, prompt=False):
         return render_jinja(
@@ -187,7 +188,8 @@ def _verify(spec: TemplateSpec, render) -> None:
             at = first_difference(expected, got)
             roles = "/".join(m["role"] for m in messages) + ("+prompt" if prompt else "")
             raise _inexpressible(
-                f"rebuilt from per-role pieces, a {roles} conversation differs at character {at} ({expected[at : at + 30]!r} vs {got[at : at + 30]!r})"
+                f"rebuilt from per-role pieces, a {roles} conversation differs at character {at} "
+                f"({expected[at : at + 30]!r} vs {got[at : at + 30]!r})"
             )
 
 

@@ -275,7 +275,8 @@ class TrainingLoop:
                     raise PipelineError(
                         f"the training loss became {loss_value} at step {step}",
                         where=f"runs/{self.checkpoints.folder.parent.name}",
-                        fix=f"lower train.learning_rate (now {self.tcfg.learning_rate}); the last good checkpoint (step {self.state.step}) is kept",
+                        fix=f"lower train.learning_rate (now {self.tcfg.learning_rate}); the last good "
+                        f"checkpoint (step {self.state.step}) is kept",
                     )
                 seconds = time.perf_counter() - tic
                 losses += loss_value
@@ -377,7 +378,8 @@ class TrainingLoop:
         }
         self.metrics.write(line)
         bar.report(
-            f"step {step}/{self.iters}  loss {train_loss:.3f}  lr {lr:.2e}  tok/s {tokens_per_second:.0f}  peak {peak:.2f} GB"
+            f"step {step}/{self.iters}  loss {train_loss:.3f}  lr {lr:.2e}  tok/s {tokens_per_second:.0f}  "
+            f"peak {peak:.2f} GB"
         )
 
     def summary(self) -> dict:

@@ -66,9 +66,11 @@ class Checkpoints:
         mismatch = [k for k in ("model", "adapter") if saved["fingerprint"][k] != self.fingerprint[k]]
         if mismatch and mode == "require":
             raise PipelineError(
-                f"the checkpoint at step {saved['step']} was made with a different {' and '.join('base model' if k == 'model' else 'LoRA shape' for k in mismatch)}",
+                f"the checkpoint at step {saved['step']} was made with a different "
+                f"{' and '.join('base model' if k == 'model' else 'LoRA shape' for k in mismatch)}",
                 where=paths.display(self.folder),
-                fix="set train.resume=auto to start over (the old checkpoints are replaced), or restore the settings it was made with",
+                fix="set train.resume=auto to start over (the old checkpoints are replaced), or restore the "
+                "settings it was made with",
             )
         if saved["fingerprint"] != self.fingerprint:
             changed = [k for k in self.fingerprint if saved["fingerprint"][k] != self.fingerprint[k]]
