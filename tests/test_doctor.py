@@ -26,9 +26,10 @@ def test_openblas_is_loaded_in_process():
 
 
 @linux_x86
-def test_matmul_reaches_100_gflops():
-    # The best of three medians: a neighbour process on these shared 2-core machines can halve one.
-    assert max(doctor.matmul_gflops(1024, 10) for _ in range(3)) >= 100
+def test_matmul_is_ten_times_the_reference_blas():
+    # Reference BLAS gives ~5 GFLOP/s here and OpenBLAS ~300; 50 tells them apart even when a neighbour
+    # process on these shared 2-core machines takes half the CPU. Best of three medians.
+    assert max(doctor.matmul_gflops(1024, 10) for _ in range(3)) >= 50
 
 
 def test_cpu_default_dtype_is_float32():
