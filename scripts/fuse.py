@@ -62,13 +62,14 @@ def run(cfg) -> Path:
     if contract["template"]["origin"] != "model":
         tokenizer.chat_template = contract["template"]["source"]
     fused_dir = run_dir / "fused"
-    with contracts.atomic_dir(fused_dir) as tmp:
+    with contracts.atomic_dir(stage.staged(fused_dir)) as tmp:
         save_fused(tmp, base_dir, model, tokenizer, model_config)
-        difference = compare(tmp, prompts, reference, cfg.fuse.tolerance)
+        difference = compare(tmp, prompts, reference, cfg.fuse.tolerance, where=paths.display(fused_dir))
 
-    entries = artifact_entries(experiment, model_manifest, adapter_dir, fused_dir, cfg)
+    fused = stage.entry("fused", fused_dir)
+    entries = artifact_entries(experiment, model_manifest, adapter_dir, fused, cfg)
     contracts.write_json(
-        paths.artifacts_file(experiment), {"experiment": experiment, "artifacts": entries}, "artifacts"
+        stage.staged(paths.artifacts_file(experiment)), {"experiment": experiment, "artifacts": entries}, "artifacts"
     )
     details = {
         "max_logit_difference": difference,
@@ -82,7 +83,7 @@ def run(cfg) -> Path:
         file_entry("adapter", adapter_dir),
         file_entry("data_contract", paths.DATA_CONTRACT),
     ]
-    outputs = [file_entry("fused", fused_dir), file_entry("artifacts", paths.artifacts_file(experiment))]
+    outputs = [fused, stage.entry("artifacts", paths.artifacts_file(experiment))]
     stage.finish(stages.get("fuse").manifest_path(experiment), inputs, outputs, details)
     log.info(
         "fused %s into %s (max |logit difference| %.2e over %d prompts)",
@@ -145,21 +146,21 @@ def save_fused(folder: Path, base_dir: Path, model, tokenizer, model_config: dic
         (folder / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
 
 
-def compare(fused_dir: Path, prompts, reference, tolerance: float) -> float:
+def compare(fused_dir: Path, prompts, reference, tolerance: float, where: str) -> float:
     """Largest |logit difference| between the saved fused model and base + adapter."""
     fused_model, _ = load(str(fused_dir))
     worst = max(float(np.abs(a - b).max()) for a, b in zip(logits(fused_model, prompts), reference))
     if worst > tolerance:
         raise PipelineError(
             f"the fused model's logits differ from base + adapter by {worst:.3g} (tolerance {tolerance})",
-            where=paths.display(fused_dir.parent),
+            where=where,
             fix="fuse in higher precision (fuse.dtype=float32) or raise fuse.tolerance if a low-precision "
             "dtype is intended",
         )
     return worst
 
 
-def artifact_entries(experiment: str, model_manifest: dict, adapter_dir: Path, fused_dir: Path, cfg) -> list[dict]:
+def artifact_entries(experiment: str, model_manifest: dict, adapter_dir: Path, fused: dict, cfg) -> list[dict]:
     base = output_entry(model_manifest, "model")
     base_entry = {
         "id": "base",
@@ -173,7 +174,6 @@ def artifact_entries(experiment: str, model_manifest: dict, adapter_dir: Path, f
         "config": model_manifest["config"],
     }
     adapter = file_entry("adapter", adapter_dir)
-    fused = file_entry("fused", fused_dir)
     return [
         base_entry,
         {

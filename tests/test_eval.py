@@ -17,8 +17,10 @@ from omegaconf import OmegaConf
 
 import eval as eval_stage
 import fuse
+import prepare
 import quantize
 from eval import metrics as eval_metrics
+from fixtures import datasets as fx
 from helpers import trained
 from lm.llama_runner import shared_prefix_length
 from train.data import validation_loss
@@ -103,7 +105,10 @@ def test_quantized_model_dequantized_for_cpu_gives_the_same_logits(quantized_pro
 
 
 def test_empty_test_split_is_recorded_as_skipped(quantized_project):
-    (paths.DATA_DIR / "test.jsonl").write_text("")
+    qa = fx.write_jsonl(paths.ROOT / "qa.jsonl", [{"prompt": q, "completion": a} for q, a in fx.qa_pairs()])
+    splits = ["data.splits.train=0.9", "data.splits.valid=0.1", "data.splits.test=0"]
+    assert prepare.main([f"data.source=[{qa}]", *splits]) == 0
+    assert (paths.DATA_DIR / "test.jsonl").read_text() == ""
     assert eval_stage.main(EVAL) == 0
     metrics = contracts.read_json(out_dir() / "metrics.json", "eval_metrics")
     assert metrics["status"] == "skipped" and "no records" in metrics["reason"] and metrics["artifacts"] == []

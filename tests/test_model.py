@@ -1,10 +1,16 @@
-"""model stage: GGUF → MLX conversion (exact on a tiny GGUF), bad sources, and the real default model."""
+"""model stage: GGUF → MLX conversion (exact on a tiny GGUF), bad sources, the converter's crash isolation and
+temp-folder clean-up, and the real default model. Damaged GGUFs are in test_gguf_check.py."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import shutil
+import signal
 
-from pipeline import contracts, paths
+from pipeline import contracts, isolate, paths, runtime
+from pipeline.errors import PipelineError
 from pipeline.manifest import output_path
 
 import mlx.core as mx
@@ -15,7 +21,9 @@ from mlx_lm import generate, load
 from mlx_lm.utils import load_tokenizer
 
 import model as model_stage
-from fixtures.tiny_gguf import write_tiny_gguf
+from fixtures.tiny_gguf import patch_bytes, tensor_info_offsets, write_tiny_gguf
+from helpers import error_line
+from lm.gguf_check import check_gguf
 
 TEXTS = ["Hello world! 12345", 'json tool call: {"name": "weather"}', "  two  spaces\nand a newline"]
 
@@ -91,17 +99,87 @@ def test_unsupported_architecture_names_the_supported_ones(project, tmp_path, ti
     assert not any((tmp_path / "cache").glob("*")), "a half-converted folder was left behind"
 
 
-@pytest.mark.parametrize("damage", ["header-only", "truncated"])
-def test_corrupt_gguf_is_a_clear_error(project, tmp_path, tiny_model_dir, damage, caplog):
-    bad = tmp_path / "broken.gguf"
-    if damage == "header-only":
-        bad.write_bytes(b"GGUF" + b"\x00" * 64)
-    else:
-        whole = write_tiny_gguf(tiny_model_dir, tmp_path / "whole.gguf").read_bytes()
-        bad.write_bytes(whole[: len(whole) // 2])
-    assert model_stage.main([f"model.source={bad}", f"model.cache_dir={tmp_path / 'cache'}"]) == 2
-    assert "cannot read the GGUF file" in caplog.text
+def test_a_converter_crash_is_one_error_line_and_leaves_no_temp_folder(
+    project, tmp_path, tiny_model_dir, monkeypatch, caplog
+):
+    """A damage the check does not foresee (here: the check switched off) kills only the converter's process."""
+    bad = write_tiny_gguf(tiny_model_dir, tmp_path / "crashes-mlx.gguf")
+    patch_bytes(bad, tensor_info_offsets(bad)["token_embd.weight"]["name"], "Q", 2**40)  # mx.load: SIGSEGV
+    monkeypatch.setattr(model_stage, "check_gguf", lambda path, where: None)
+    cache = tmp_path / "cache"
+    assert model_stage.main([f"model.source={bad}", f"model.cache_dir={cache}"]) == 2
+    line = error_line(caplog)
+    assert line.startswith(f"error: {bad}: the GGUF converter crashed (SIGSEGV) -- fix: the file is corrupt"), line
+    assert not any(cache.iterdir()), "the temp folder of the crashed conversion was left behind"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage header"])
+def test_damaged_safetensors_in_a_model_folder_is_one_error_line(project, tmp_path, tiny_model_dir, damage, caplog):
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "user-model")
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\xff" * 16 + data[16:])
+    assert model_stage.main([f"model.source={folder}"]) == 2
+    line = error_line(caplog)
+    assert line.startswith(f"error: {weights}: the weights file is damaged (") and " -- fix: " in line, line
     assert not paths.MODEL_MANIFEST.exists()
+
+
+def test_isolated_call_runs_in_another_process_with_the_fast_blas():
+    assert isolate.call(os.getpid, name="getpid", where="test", fix="-") != os.getpid()
+    child_blas = isolate.call(runtime.blas_summary, name="blas", where="test", fix="-")
+    assert child_blas["name"] == runtime.blas_summary()["name"]
+
+
+def test_isolated_call_turns_a_fatal_signal_into_a_pipeline_error():
+    with pytest.raises(PipelineError) as raised:
+        isolate.call(signal.raise_signal, signal.SIGSEGV, name="the tool", where="some.file", fix="try another")
+    assert raised.value.line() == "some.file: the tool crashed (SIGSEGV) -- fix: try another"
+
+
+def test_isolated_call_raises_what_the_child_raised(tmp_path):
+    missing = tmp_path / "missing.gguf"
+    with pytest.raises(PipelineError) as in_process:
+        check_gguf(missing, "here")
+    with pytest.raises(PipelineError) as in_child:
+        isolate.call(check_gguf, missing, "here", name="check", where="test", fix="-")
+    assert in_child.value.line() == in_process.value.line()
+    with pytest.raises(ValueError, match="invalid literal") as raised:
+        isolate.call(int, "x", name="int", where="test", fix="-")
+    assert isinstance(raised.value.__cause__, isolate.ChildTraceback)
+    assert "Traceback" in str(raised.value.__cause__)
+    with pytest.raises(isolate.IsolatedError, match="exited with status 3"):
+        isolate.call(os._exit, 3, name="exit", where="test", fix="-")
+
+
+def leftover_of_a_killed_conversion(cache, gguf_name="tiny"):
+    """What contracts.atomic_dir leaves in the cache folder when the process converting is killed (kill -9)."""
+    leftover = cache / f".{gguf_name}-float32-0123456789abcdef-v1.k9x2_abc.tmp"
+    leftover.mkdir(parents=True)
+    (leftover / "model.safetensors").write_bytes(b"half written")
+    return leftover
+
+
+def test_temp_folders_of_a_killed_conversion_are_removed(project, tmp_path, tiny_model_dir):
+    cache = tmp_path / "cache"
+    leftover = leftover_of_a_killed_conversion(cache)
+    unrelated = cache / ".someone-elses.tmp"
+    unrelated.mkdir()
+    convert(tmp_path, tiny_model_dir, quantize_q8=False)
+    assert not leftover.exists()
+    assert unrelated.exists(), "only the conversion temp folders are removed"
+
+
+def test_temp_folders_are_kept_while_another_process_converts_into_the_cache(project, tmp_path, tiny_model_dir):
+    cache = tmp_path / "cache"
+    leftover = leftover_of_a_killed_conversion(cache)
+    other_conversion = os.open(cache, os.O_RDONLY)  # holds the cache folder's lock like a running conversion
+    try:
+        fcntl.flock(other_conversion, fcntl.LOCK_SH)
+        convert(tmp_path, tiny_model_dir, quantize_q8=False)
+        assert leftover.exists(), "a temp folder that may be in use was removed"
+    finally:
+        os.close(other_conversion)
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import re
 
 from pipeline import contracts, paths, stages
 from pipeline.errors import PipelineError
+from pipeline.manifest import file_entry
 
 import pytest
 import yaml
@@ -75,23 +76,31 @@ def test_a_missing_upstream_manifest_says_which_make_to_run(project):
         stages.read_manifest("model")
 
 
-def test_a_deleted_output_of_an_upstream_stage_is_reported(project):
+def test_a_deleted_or_changed_output_of_an_upstream_stage_is_reported(project):
     folder = paths.run_dir("main") / "adapter"
     folder.mkdir(parents=True)
+    (folder / "adapters.safetensors").write_bytes(b"weights")
     manifest = {
         "stage": "train",
         "experiment": "main",
         "config": {},
         "inputs": [],
         "details": {},
-        "outputs": [{"role": "adapter", "path": "runs/main/adapter", "sha256": "0" * 64, "bytes": 0, "kind": "folder"}],
+        "outputs": [file_entry("adapter", folder)],
         "environment": {"platform": "x", "device": "cpu", "accelerator": "none", "blas": "openblas", "versions": {}},
         "started_at": "2026-01-01T00:00:00+00:00",
         "wall_seconds": 1.0,
     }
     contracts.write_json(stages.get("train").manifest_path("main"), manifest, "run_manifest")
     assert stages.read_manifest("train", "main")["stage"] == "train"
+    assert stages.stale_outputs("train", "main") == []
+    (folder / "adapters.safetensors").write_bytes(b"other weights")
+    with pytest.raises(PipelineError, match=r"runs/main/adapter: the adapter has changed since `make train EXP=main`"):
+        stages.read_manifest("train", "main")
+    assert stages.stale_outputs("train", "main") == ["runs/main/adapter is changed"]
+    (folder / "adapters.safetensors").unlink()
     folder.rmdir()
+    assert stages.stale_outputs("train", "main") == ["runs/main/adapter is missing"]
     with pytest.raises(
         PipelineError, match=r"runs/main/adapter: the adapter that `make train EXP=main` made is missing"
     ):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,7 +118,7 @@ def test_kill_9_then_resume_gives_the_same_adapter(prepared):
     process = subprocess.Popen(
         [sys.executable, "-m", "train", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    latest = paths.RUNS_DIR / "resumed" / "checkpoints" / "latest.json"
+    latest = train.resumable_checkpoints(paths.RUNS_DIR / "resumed") / "latest.json"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (latest.is_file() and json.loads(latest.read_text())["step"] >= 10):
         time.sleep(0.05)
@@ -125,7 +126,8 @@ def test_kill_9_then_resume_gives_the_same_adapter(prepared):
     process.wait()
     killed_at = json.loads(latest.read_text())["step"]
     assert 10 <= killed_at < 30, "the run was not interrupted mid-way"
-    assert not (paths.RUNS_DIR / "resumed" / "adapter").exists()
+    assert not (paths.RUNS_DIR / "resumed").joinpath("adapter").exists()
+    assert not (paths.RUNS_DIR / "resumed").joinpath("train.manifest.json").exists()
 
     assert train.main(args) == 0
     assert adapter_bytes("resumed") == straight
@@ -186,7 +188,8 @@ def test_batch_larger_than_a_split_is_an_error(prepared, caplog):
 
 def test_resume_require_with_another_lora_shape_is_an_error(prepared, caplog):
     assert train.main([*FAST, "train.iters=6"]) == 0
-    (paths.RUNS_DIR / "main" / "checkpoints" / "latest.json").exists() or pytest.skip("no checkpoint kept")
+    # a finished run's checkpoints, put back where a stopped run keeps them
+    shutil.copytree(paths.RUNS_DIR / "main" / "checkpoints", train.resumable_checkpoints(paths.RUNS_DIR / "main"))
     assert train.main([*FAST, "train.iters=6", "train.lora.rank=4", "train.resume=require"]) == 2
     assert "different LoRA shape" in error_line(caplog)
 

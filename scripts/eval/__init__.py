@@ -93,18 +93,20 @@ def run(cfg) -> Path:
 
     metrics = metrics_document(experiment, contract, records, results, task_metric, skipped)
     policy = generation_policy(experiment, results, contract, tokenizer, ecfg, task_metric, skipped)
-    with contracts.atomic_dir(out_dir) as tmp:
+    staged_dir = stage.staged(out_dir)
+    with contracts.atomic_dir(staged_dir) as tmp:
         if records:
             write_generations(tmp / "final_generations.jsonl", prompts, references, answers, tokenizer)
         contracts.write_json(tmp / "metrics.json", metrics, "eval_metrics")
         contracts.write_json(tmp / "generation_policy.json", policy, "generation_policy")
         eval_report.write_report(tmp, experiment, metrics, policy, run_dir, contract)
-    eval_report.write_summary(paths.EVAL_DIR, paths.EXPERIMENTS_CSV)
+    summary_out = stage.staged(paths.EVAL_SUMMARY)
+    eval_report.write_summary(summary_out, paths.EVAL_DIR, paths.EXPERIMENTS_CSV, {experiment: staged_dir})
     inputs = [
         file_entry("artifacts", paths.artifacts_file(experiment)),
         file_entry("data_contract", paths.DATA_CONTRACT),
     ]
-    outputs = [file_entry(p.stem, p) for p in sorted(out_dir.iterdir()) if p.is_file()]
+    outputs = [stage.entry(p.stem, out_dir / p.name) for p in sorted(staged_dir.iterdir()) if p.is_file()]
     stage.finish(
         stages.get("eval").manifest_path(experiment),
         inputs,

@@ -292,8 +292,9 @@ def _loss_chart(path: Path, metrics_path: Path) -> bool:
     return True
 
 
-def write_summary(eval_dir: Path, experiments_csv: Path) -> None:
-    """eval_out/summary.md: one row per experiment in runs/experiments.csv, with its eval results when present."""
+def write_summary(out: Path, eval_dir: Path, experiments_csv: Path, results: dict[str, Path]) -> None:
+    """eval_out/summary.md, written to `out`: one row per experiment in runs/experiments.csv, with its eval
+    results when present (read from eval_dir/<experiment>/, or from the folder `results` gives for it)."""
     rows = list(csv.DictReader(experiments_csv.open(encoding="utf-8"))) if experiments_csv.is_file() else []
     header = "| experiment | type | rank | lr | steps | best val loss | task metric | base | fine-tuned | Δ | ships |"
     lines = [
@@ -305,9 +306,8 @@ def write_summary(eval_dir: Path, experiments_csv: Path) -> None:
         "|" + "---|" * (header.count("|") - 1),
     ]
     for row in rows:
-        lines.append(_summary_row(row, eval_dir / row["experiment"]))
-    eval_dir.mkdir(parents=True, exist_ok=True)
-    contracts.write_bytes_atomic(eval_dir / "summary.md", ("\n".join(lines) + "\n").encode("utf-8"))
+        lines.append(_summary_row(row, results.get(row["experiment"], eval_dir / row["experiment"])))
+    contracts.write_bytes_atomic(out, ("\n".join(lines) + "\n").encode("utf-8"))
 
 
 def _summary_row(row: dict, out_dir: Path) -> str:

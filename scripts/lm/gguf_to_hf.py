@@ -18,8 +18,7 @@ import orjson
 from tokenizers import AddedToken, Tokenizer, decoders, models
 
 from lm import gguf_mapping
-
-SUPPORTED_ARCHITECTURES = ("llama",)
+from lm.gguf_check import SUPPORTED_ARCHITECTURES
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str) -> None:

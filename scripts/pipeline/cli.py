@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import errno
 import logging
+import sys
+import traceback
 from collections.abc import Callable
+from pathlib import Path
 
-from pipeline import config, stages
+from pipeline import config, paths, stages
 from pipeline.errors import PipelineError
 from pipeline.log import setup_logging
 
@@ -30,10 +35,11 @@ def stage_parser(name: str, doc: str) -> argparse.ArgumentParser:
 def run_stage(name: str, args: argparse.Namespace, run: Callable[[DictConfig], object]) -> int:
     """Load the config, log the sections this stage reads (from the stage registry), run it.
 
-    Bad input is one line and exit 2; anything else (a bug) is one line and exit 1. The cause and the
-    traceback go to the debug log (`-v`, or `make ... VERBOSE=1`)."""
+    Bad input (and a disk that refuses a write) is one line and exit 2. Anything else is a bug: one line
+    and exit 1, the traceback written to <the stage's folder>/logs/<stage>-error.log (and shown with -v)."""
     setup_logging(args.verbose)
     log = logging.getLogger(name)
+    cfg = None
     try:
         cfg = config.load_config(args.overrides, args.override)
         resolved = {s: config.section(cfg, s) for s in stages.get(name).logged_sections()}
@@ -43,17 +49,62 @@ def run_stage(name: str, args: argparse.Namespace, run: Callable[[DictConfig], o
         log.debug("cause of the error below:", exc_info=exc)
         log.error("error: %s", exc.line())
         return 2
+    except OSError as exc:
+        if exc.errno not in _DISK_ERRORS:
+            return _report_bug(name, cfg, exc, log)
+        log.debug("cause of the error below:", exc_info=exc)
+        log.error("error: %s", _disk_error(exc, name, cfg).line())
+        return 2
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
-    except Exception as exc:  # a bug, not bad input: still one line for the user, the traceback in the debug log
-        log.debug("traceback:", exc_info=exc)
-        log.error(
-            "error: %s: %s -- fix: this is a bug in the %s stage; run it again with -v (make ... VERBOSE=1) "
-            "and report the traceback",
-            type(exc).__name__,
-            str(exc).splitlines()[0] if str(exc) else "",
-            name,
-        )
-        return 1
+    except Exception as exc:  # a bug, not bad input: still one line for the user
+        return _report_bug(name, cfg, exc, log)
+    _error_log(name, cfg).unlink(missing_ok=True)  # an old bug report no longer describes this stage's outputs
     return 0
+
+
+_DISK_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
+def _disk_error(exc: OSError, name: str, cfg) -> PipelineError:
+    where = exc.filename or _stage_folder(name, cfg)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free disk space there and run it again; the previous outputs are unchanged"
+    else:
+        fix = "make the folder writable (or run from a copy you can write to); the previous outputs are unchanged"
+    return PipelineError(f"cannot write: {exc.strerror}", where=paths.display(where), fix=fix)
+
+
+def _report_bug(name: str, cfg, exc: BaseException, log: logging.Logger) -> int:
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    saved = _error_log(name, cfg)
+    try:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(
+            f"{dt.datetime.now().isoformat(timespec='seconds')} {name} {' '.join(sys.argv[1:])}\n"
+            + "".join(traceback.format_exception(exc))
+        )
+        where = f"the traceback is in {paths.display(saved)}"
+    except OSError:
+        where = "run it again with -v (make ... VERBOSE=1) for the traceback"
+    log.debug("traceback:", exc_info=exc)
+    log.error(
+        "error: %s: %s -- fix: this is a bug in the %s stage, not in your input: %s; please report it with that file",
+        type(exc).__name__,
+        first,
+        name,
+        where,
+    )
+    return 1
+
+
+def _stage_folder(name: str, cfg) -> Path:
+    stage = stages.get(name)
+    if stage.manifest is None or (stage.per_experiment and cfg is None):
+        return paths.STATE_DIR
+    return stage.manifest_path(cfg.experiments.name if cfg is not None else None).parent
+
+
+def _error_log(name: str, cfg) -> Path:
+    return _stage_folder(name, cfg) / "logs" / f"{name}-error.log"

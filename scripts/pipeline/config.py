@@ -81,7 +81,7 @@ def load_config(
     try:
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"cannot resolve an interpolation: {exc}", where="config") from None
+        raise _interpolation_error(exc, merged, layers) from None
     name = merged.experiments.name
     if not isinstance(name, str) or not _EXPERIMENT_NAME.fullmatch(name):
         raise ConfigError(
@@ -129,13 +129,14 @@ def _read_yaml(path: Path, allow_empty: bool = False) -> dict:
     except UnicodeDecodeError:
         raise ConfigError("config file is not UTF-8 text", where=where, fix="save it as UTF-8") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         if mark is not None:
             where = f"{where}:{mark.line + 1}:{mark.column + 1}"
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"invalid YAML: {problem}", where=where, fix="correct the YAML syntax there") from None
+        fix = "keep one of them (merge the two)" if "appears twice" in problem else "correct the YAML syntax there"
+        raise ConfigError(f"invalid YAML: {problem}", where=where, fix=fix) from None
     if data is None and allow_empty:
         return {}
     if not isinstance(data, dict):
@@ -143,6 +144,35 @@ def _read_yaml(path: Path, allow_empty: bool = False) -> dict:
             "the top level must be a mapping of sections", where=where, fix="see config/override.example.yaml"
         )
     return data
+
+
+def _interpolation_error(exc: OmegaConfBaseException, merged: DictConfig, layers) -> ConfigError:
+    """Name the key whose ${...} cannot be resolved, the layer that set it, what is missing and the fix."""
+    key = getattr(exc, "full_key", None) or "config"
+    path = key.split(".")
+    raw = _value_at(OmegaConf.to_container(merged, resolve=False), path)
+    reason = (getattr(exc, "msg", None) or str(exc)).splitlines()[0]
+    return ConfigError(
+        f"cannot resolve '{key}: {raw}': {reason}",
+        where=layers[_last_layer_setting(path, layers)][0],
+        fix="refer to an existing key, e.g. ${train.batch_size}, or to a set environment variable, "
+        "e.g. ${oc.env:NAME,default}",
+    )
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys; a second `train:` section would silently drop the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"'{key}' appears twice in the same mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def _parse_dotlist(overrides: Iterable[str]) -> dict:
@@ -158,7 +188,11 @@ def _parse_dotlist(overrides: Iterable[str]) -> dict:
         try:
             value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]))["v"]
         except OmegaConfBaseException as exc:
-            raise ConfigError(f"cannot parse the value of {key}: {exc}", where="command line") from None
+            raise ConfigError(
+                f"cannot parse the value of {key}: {str(exc).splitlines()[0]}",
+                where="command line",
+                fix="quote it if it is text; an interpolation is written ${section.key}",
+            ) from None
         node = layer
         *parents, leaf = key.strip().split(".")
         for part in parents:
@@ -204,6 +238,8 @@ def _check_against_defaults(
                     fix=f"set keys inside it, e.g. {dotted}.{next(iter(default), 'key')}=...",
                 )
             _check_against_defaults(value, default, source, root, dotted + ".")
+        elif _is_interpolation(value):
+            continue  # checked once resolved, against the schema
         elif default is not None and value is not None and not _type_fits(value, default):
             raise ConfigError(
                 f"'{dotted}' must be {_type_name(default)}, got {_type_name(value)} {value!r}",
@@ -248,6 +284,8 @@ def _coerce(layer: dict, defaults: dict) -> dict:
         default = defaults.get(key)
         if isinstance(default, dict) and isinstance(value, dict):
             out[key] = _coerce(value, default)
+        elif _is_interpolation(value):
+            out[key] = value
         elif isinstance(default, float) and isinstance(value, int):
             out[key] = float(value)
         elif isinstance(default, str) and isinstance(value, (int, float)):
@@ -257,6 +295,10 @@ def _coerce(layer: dict, defaults: dict) -> dict:
         else:
             out[key] = value
     return out
+
+
+def _is_interpolation(value) -> bool:
+    return isinstance(value, str) and "${" in value
 
 
 def _type_name(value) -> str:
@@ -667,7 +709,14 @@ def _cli(argv: Sequence[str] | None = None) -> int:
     else:
         write_slices(cfg, args.out, args.experiments_root)
         if args.mk:
-            include = f"EXP_NAME := {cfg.experiments.name}\n" + stages.make_include(cfg.experiments.name)
+            stale = stages.stale_stages(cfg.experiments.name)
+            for stage, problems in stale.items():
+                print(
+                    f"{stage}: runs again, its recorded outputs are not on disk as it left them: "
+                    + "; ".join(problems),
+                    file=sys.stderr,
+                )
+            include = f"EXP_NAME := {cfg.experiments.name}\n" + stages.make_include(cfg.experiments.name, stale)
             write_text_if_changed(args.mk, include)
     return 0
 

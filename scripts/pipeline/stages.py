@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pipeline import contracts, paths
 from pipeline.errors import PipelineError
+from pipeline.manifest import changed_output
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,12 +138,46 @@ def read_manifest(name: str, experiment: str | None = None) -> dict:
         owner = f"experiment '{experiment}' has" if stage.per_experiment else "there is"
         raise PipelineError(f"{owner} no {stage.product} yet", where=paths.display(path), fix=f"run `{rerun}` first")
     manifest = contracts.read_json(path, "run_manifest")
-    for entry in manifest["outputs"]:
-        if not paths.resolve(entry["path"]).exists():
+    for entry in checked_outputs(name, manifest, experiment):
+        problem = changed_output(entry)
+        if problem == "missing":
             raise PipelineError(
                 f"the {entry['role']} that `{rerun}` made is missing", where=entry["path"], fix=f"run `{rerun}` again"
             )
+        if problem:
+            raise PipelineError(
+                f"the {entry['role']} has changed since `{rerun}` made it (its sha256 differs from "
+                f"{paths.display(path)})",
+                where=entry["path"],
+                fix=f"run `{rerun}` again to remake it (or restore the file)",
+            )
     return manifest
+
+
+def checked_outputs(name: str, manifest: dict, experiment: str | None) -> list[dict]:
+    """The outputs a manifest vouches for: all but those a later stage rewrites (quantize adds its files to
+    the artifacts.json fuse wrote), which that stage's manifest vouches for."""
+    later = PIPELINE[PIPELINE.index(name) + 1 :] if name in PIPELINE else ()
+    rewritten = {out.format(experiment=experiment) for stage in later for out in STAGES[stage].outputs}
+    return [entry for entry in manifest["outputs"] if entry["path"] not in rewritten]
+
+
+def stale_outputs(name: str, experiment: str | None) -> list[str]:
+    """What is wrong with the outputs a finished stage recorded (missing or changed), for Make: a stage
+    whose outputs are not what its manifest says is out of date. Empty when it never ran."""
+    path = STAGES[name].manifest_path(experiment)
+    if not path.is_file():
+        return []
+    try:
+        manifest = contracts.read_json(path, "run_manifest")
+    except PipelineError as exc:
+        return [exc.what]
+    found = []
+    for entry in checked_outputs(name, manifest, experiment):
+        problem = changed_output(entry)
+        if problem:
+            found.append(f"{entry['path']} is {problem}")
+    return found
 
 
 # --- code dependencies ---------------------------------------------------------------------------
@@ -195,8 +230,21 @@ def _module_files(module: str, only_modules: bool = False) -> list[Path]:
     return files
 
 
-def make_include(experiment: str) -> str:
-    """Make variables <stage>_DEPS: code, config slices, extra inputs and upstream manifests of each stage."""
+def stale_stages(experiment: str) -> dict[str, list[str]]:
+    """Each finished stage whose recorded outputs are missing or changed, with what is wrong."""
+    found = {}
+    for stage in _STAGES:
+        if stage.manifest:
+            problems = stale_outputs(stage.name, experiment if stage.per_experiment else None)
+            if problems:
+                found[stage.name] = problems
+    return found
+
+
+def make_include(experiment: str, stale: dict[str, list[str]] | None = None) -> str:
+    """Make variables <stage>_DEPS: code, config slices, extra inputs and upstream manifests of each stage;
+    a stage in `stale` also depends on FORCE, so Make runs it again."""
+    stale = stale or {}
     lines = ["# Written by `python -m pipeline.config slices` from scripts/pipeline/stages.py; do not edit."]
     shared = ("config/schemas/*.json",)  # every stage validates contract files against these
     for stage in _STAGES:
@@ -204,7 +252,8 @@ def make_include(experiment: str) -> str:
         slices = [_slice_file(section, experiment) for section in stage.sections]
         upstream = [STAGES[u].manifest.format(experiment=experiment) for u in stage.upstream]
         globs = [f"$(wildcard {pattern})" for pattern in (*shared, *stage.inputs)]
-        lines.append(f"{stage.name}_DEPS := " + " ".join([*code, *slices, *globs, *upstream]))
+        force = ["FORCE"] if stage.name in stale else []
+        lines.append(f"{stage.name}_DEPS := " + " ".join([*code, *slices, *globs, *upstream, *force]))
     return "\n".join(lines) + "\n"
 
 

@@ -20,6 +20,7 @@ from pipeline import cli, config, contracts, hashing, paths, stages
 from pipeline.errors import PipelineError
 from pipeline.manifest import StageRun, file_entry, output_entry, output_path
 from pipeline.paths import SPLITS
+from pipeline.staging import staging_folder
 
 import orjson
 from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
@@ -235,19 +236,16 @@ def collect_tool_schemas(sources: list[dict]) -> dict | None:
 
 
 def write_outputs(stage, cfg, cleaned, kind, template, sources, report, tool_schemas, model_manifest) -> dict:
-    staging = paths.DATA_DIR / ".prepare-staging"
+    staging = staging_folder(paths.DATA_DIR, "prepare", None)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    try:
-        final = stage_files(staging, cfg, cleaned, kind, template, sources, report, tool_schemas, model_manifest)
-        for name in final:
-            (staging / name).replace(paths.DATA_DIR / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    final = stage_files(staging, cfg, cleaned, kind, template, sources, report, tool_schemas, model_manifest)
+    for name in final:
+        stage.staged(paths.DATA_DIR / name, keep=True)  # written above; finish swaps it in
     inputs = [file_entry("model", paths.MODEL_MANIFEST)] + [
         {"role": "source", "path": s["path"], "sha256": s["sha256"], "bytes": s["bytes"]} for s in sources
     ]
-    outputs = [file_entry(name.split(".")[0], paths.DATA_DIR / name) for name in final]
+    outputs = [stage.entry(name.split(".")[0], paths.DATA_DIR / name) for name in final]
     stage.finish(
         paths.PREPARE_MANIFEST, inputs, outputs, {"format": kind, "records": {n: len(cleaned[n]) for n in SPLITS}}
     )

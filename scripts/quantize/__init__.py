@@ -90,7 +90,8 @@ def run(cfg) -> Path:
     out_dir = run_dir / "quantized"
     float_tag = FLOAT_TAGS[qcfg.gguf_float]
     timings, details = {}, {}
-    with contracts.atomic_dir(out_dir) as tmp:
+    staged_dir = stage.staged(out_dir)
+    with contracts.atomic_dir(staged_dir) as tmp:
         for quant in mlx_quants:
             with timed(timings, quant.folder):
                 write_mlx_quantized(fused_dir, tmp / quant.folder, quant)
@@ -112,8 +113,9 @@ def run(cfg) -> Path:
                     )
     details["seconds"] = timings
 
-    artifacts = update_artifacts(run_dir, experiment, out_dir, mlx_quants, float_tag, served, cfg)
-    outputs = [file_entry("quantized", out_dir), file_entry("artifacts", paths.artifacts_file(experiment))]
+    artifacts_out = stage.staged(paths.artifacts_file(experiment))
+    artifacts = update_artifacts(artifacts_out, experiment, staged_dir, out_dir, mlx_quants, float_tag, served, cfg)
+    outputs = [stage.entry("quantized", out_dir), stage.entry("artifacts", paths.artifacts_file(experiment))]
     inputs = [file_entry("fused", fused_dir), file_entry("data_contract", paths.DATA_CONTRACT)]
     stage.finish(run_dir / "quantize.manifest.json", inputs, outputs, details)
     log.info("wrote %d artifacts to %s", len(artifacts) - 3, paths.display(out_dir))
@@ -398,17 +400,17 @@ def write_docker_image(out_dir: Path, gguf_path: Path, contract: dict, experimen
 
 
 def update_artifacts(
-    run_dir: Path, experiment: str, out_dir: Path, mlx_quants, float_tag: str, served: str | None, cfg
+    out: Path, experiment: str, out_dir: Path, final_dir: Path, mlx_quants, float_tag: str, served: str | None, cfg
 ) -> list[dict]:
-    """Replace this stage's entries in artifacts.json, keeping fuse's (base → adapter → fused)."""
-    path = paths.artifacts_file(experiment)
-    existing = contracts.read_json(path, "artifacts")["artifacts"]
+    """artifacts.json with this stage's entries replaced, keeping fuse's (base → adapter → fused), written
+    to `out`. The files are read in `out_dir` and recorded at their final place, `final_dir`."""
+    existing = contracts.read_json(paths.artifacts_file(experiment), "artifacts")["artifacts"]
     entries = [a for a in existing if a["stage"] != "quantize"]
     slice_ = {"quantize": config.section(cfg, "quantize")}
     fused_id = f"{experiment}/fused"
 
     def add(kind: str, fmt: str, file: Path, parent: str) -> str:
-        entry = file_entry(kind, file)
+        entry = file_entry(kind, file, recorded_as=final_dir / file.relative_to(out_dir))
         artifact_id = f"{experiment}/{file.name}"
         entries.append(
             {
@@ -440,5 +442,5 @@ def update_artifacts(
             docker_tar = out_dir / f"{served_file.stem}.docker.tar"
             if docker_tar.is_file():
                 add("docker", "oci-image-layout", docker_tar, ids[served])
-    contracts.write_json(path, {"experiment": experiment, "artifacts": entries}, "artifacts")
+    contracts.write_json(out, {"experiment": experiment, "artifacts": entries}, "artifacts")
     return entries

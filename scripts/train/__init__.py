@@ -27,6 +27,7 @@ from pipeline import cli, config, contracts, hashing, paths, runtime, stages
 from pipeline import log as plog
 from pipeline.errors import PipelineError
 from pipeline.manifest import StageRun, file_entry, output_path
+from pipeline.staging import staging_folder
 
 import matplotlib
 import mlx.core as mx
@@ -49,6 +50,11 @@ log = logging.getLogger("train")
 
 def build_parser():
     return cli.stage_parser("train", __doc__)
+
+
+def resumable_checkpoints(run_dir: Path) -> Path:
+    """Where a run that was stopped keeps its checkpoints until it is resumed and finishes."""
+    return staging_folder(run_dir, "train", run_dir.name) / "checkpoints"
 
 
 def main(argv=None) -> int:
@@ -77,20 +83,22 @@ def run(cfg) -> dict:
     valid_set = train_data.load_split("valid", contract, tokenizer, tcfg.mask_prompt)
     optimizer = build_optimizer(tcfg, iters)
 
+    # Checkpoints and metrics of this run live in staging until it ends (a resumed run continues them);
+    # the adapter, metrics, loss curve and checkpoints of the last finished run stay as they are till then.
     fingerprint = train_state.fingerprint(model_manifest, catalog, adapter_config, config.section(cfg, "train"))
-    checkpoints = train_state.Checkpoints(run_dir / "checkpoints", fingerprint)
+    checkpoints = train_state.Checkpoints(stage.staged(run_dir / "checkpoints", keep=True), fingerprint)
     state = checkpoints.restore(model, optimizer, mode=tcfg.resume)
-    metrics = train_state.MetricsLog(run_dir / "metrics.jsonl", keep_until=state.step)
+    metrics = train_state.MetricsLog(stage.staged(run_dir / "metrics.jsonl", keep=True), keep_until=state.step)
 
     loop = TrainingLoop(
         model, optimizer, tcfg, train_set, valid_set, iters, checkpoints, metrics, state, contract["max_seq_length"]
     )
     loop.run()
 
-    adapter_dir = write_adapter(run_dir, model, adapter_config, checkpoints, state, tcfg)
-    plot_losses(metrics.path, run_dir / "loss.png", experiment)
+    adapter_dir = write_adapter(stage.staged(run_dir / "adapter"), model, adapter_config, checkpoints, state, tcfg)
+    plot_losses(metrics.path, stage.staged(run_dir / "loss.png"), experiment)
     summary = loop.summary()
-    write_experiment_row(experiment, tcfg, summary, adapter_dir)
+    write_experiment_row(stage.staged(paths.EXPERIMENTS_CSV), experiment, tcfg, summary, adapter_dir)
     inputs = [
         file_entry("model", paths.MODEL_MANIFEST),
         file_entry("data_contract", paths.DATA_CONTRACT),
@@ -98,9 +106,9 @@ def run(cfg) -> dict:
         file_entry("valid_split", paths.split_file("valid")),
     ]
     outputs = [
-        file_entry("adapter", adapter_dir),
-        file_entry("metrics", metrics.path),
-        file_entry("loss_plot", run_dir / "loss.png"),
+        stage.entry("adapter", run_dir / "adapter"),
+        stage.entry("metrics", run_dir / "metrics.jsonl"),
+        stage.entry("loss_plot", run_dir / "loss.png"),
     ]
     details = {
         **summary,
@@ -402,10 +410,9 @@ class TrainingLoop:
 # --- outputs -----------------------------------------------------------------------------------
 
 
-def write_adapter(run_dir: Path, model, adapter_config: dict, checkpoints, state, tcfg) -> Path:
+def write_adapter(adapter_dir: Path, model, adapter_config: dict, checkpoints, state, tcfg) -> Path:
     """adapter/: the best checkpoint's weights when early stopping is on, else the last step's."""
     use_best = int(tcfg.early_stopping.patience) > 0 and checkpoints.best_weights().is_file()
-    adapter_dir = run_dir / "adapter"
     with contracts.atomic_dir(adapter_dir) as tmp:
         if use_best:
             (tmp / "adapters.safetensors").write_bytes(checkpoints.best_weights().read_bytes())
@@ -458,7 +465,8 @@ EXPERIMENT_COLUMNS = (
 )
 
 
-def write_experiment_row(experiment: str, tcfg, summary: dict, adapter_dir: Path) -> None:
+def write_experiment_row(out: Path, experiment: str, tcfg, summary: dict, adapter_dir: Path) -> None:
+    """runs/experiments.csv with this experiment's row replaced, written to `out`."""
     row = {
         "schema_version": contracts.schema_version("experiment_row"),
         "experiment": experiment,
@@ -492,4 +500,4 @@ def write_experiment_row(experiment: str, tcfg, summary: dict, adapter_dir: Path
     writer = csv.DictWriter(buffer, fieldnames=EXPERIMENT_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(sorted(rows, key=lambda r: r["experiment"]))
-    contracts.write_bytes_atomic(path, buffer.getvalue().encode())
+    contracts.write_bytes_atomic(out, buffer.getvalue().encode())

@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 log = logging.getLogger("train")
 KEEP_CHECKPOINTS = 2
+CHECKPOINT_FILES = ("adapters.safetensors", "optimizer.safetensors", "state.json")
 
 
 @dataclasses.dataclass
@@ -54,7 +55,7 @@ class Checkpoints:
 
     def restore(self, model, optimizer, mode: str) -> LoopState:
         """The loop state to start from: a matching checkpoint's, or a fresh one."""
-        saved = orjson.loads(self.latest.read_bytes()) if self.latest.is_file() else None
+        saved = self._read_latest() if self.latest.is_file() and mode != "never" else None
         if mode == "never" or saved is None:
             if mode == "require":
                 raise PipelineError(
@@ -92,17 +93,46 @@ class Checkpoints:
         shutil.rmtree(self.folder, ignore_errors=True)
         return LoopState()
 
+    def _read_latest(self) -> dict:
+        try:
+            saved = orjson.loads(self.latest.read_bytes())
+            if not isinstance(saved, dict) or not {"step", "path", "fingerprint"} <= saved.keys():
+                raise ValueError("it lacks step, path or fingerprint")
+            return saved
+        except (orjson.JSONDecodeError, ValueError) as exc:
+            raise self._damaged(self.latest, f"is not a checkpoint index ({exc})") from None
+
     def _load(self, saved: dict, model, optimizer) -> LoopState:
         folder = self.folder / saved["path"]
-        model.load_weights(list(mx.load(str(folder / "adapters.safetensors")).items()), strict=False)
-        arrays = mx.load(str(folder / "optimizer.safetensors"))
-        hi, lo = (int(v) for v in arrays.pop("__rng__").tolist())
+        self._verify(folder, saved.get("files", {}))
+        try:
+            model.load_weights(list(mx.load(str(folder / "adapters.safetensors")).items()), strict=False)
+            arrays = mx.load(str(folder / "optimizer.safetensors"))
+            hi, lo = (int(v) for v in arrays.pop("__rng__").tolist())
+            optimizer.state = tree_unflatten(list(arrays.items()))
+            state = LoopState(**orjson.loads((folder / "state.json").read_bytes()))
+        except (RuntimeError, ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
+            raise self._damaged(folder, f"cannot be read ({str(exc).splitlines()[0]})") from None
         mx.random.seed((hi << 32) | lo)  # a seed of hi<<32|lo recreates the key [hi, lo]
-        optimizer.state = tree_unflatten(list(arrays.items()))
         mx.eval(model.parameters(), optimizer.state)
-        state = LoopState(**orjson.loads((folder / "state.json").read_bytes()))
         log.info("resuming from step %d (%s)", state.step, paths.display(folder))
         return state
+
+    def _verify(self, folder: Path, digests: dict) -> None:
+        """Every file of the checkpoint is there with the sha256 recorded when it was saved."""
+        for name in CHECKPOINT_FILES:
+            path = folder / name
+            if not path.is_file():
+                raise self._damaged(path, "is missing")
+            if name in digests and hashing.sha256_file(path) != digests[name]:
+                raise self._damaged(path, "does not have the content it was saved with (sha256 differs)")
+
+    def _damaged(self, path: Path, what: str) -> PipelineError:
+        return PipelineError(
+            f"the checkpoint file {what}",
+            where=paths.display(path),
+            fix=f"set train.resume=never to start over (or delete {paths.display(self.folder)})",
+        )
 
     def save(self, model, optimizer, state: LoopState) -> None:
         name = f"step-{state.step:07d}"
@@ -112,12 +142,9 @@ class Checkpoints:
             arrays["__rng__"] = mx.random.state[0]
             mx.save_safetensors(str(tmp / "optimizer.safetensors"), arrays)
             (tmp / "state.json").write_bytes(orjson.dumps(dataclasses.asdict(state)))
-        contracts.write_bytes_atomic(
-            self.latest,
-            orjson.dumps(
-                {"step": state.step, "path": name, "fingerprint": self.fingerprint}, option=orjson.OPT_INDENT_2
-            ),
-        )
+            files = {file: hashing.sha256_file(tmp / file) for file in CHECKPOINT_FILES}
+        latest = {"step": state.step, "path": name, "fingerprint": self.fingerprint, "files": files}
+        contracts.write_bytes_atomic(self.latest, orjson.dumps(latest, option=orjson.OPT_INDENT_2))
         for old in sorted(self.folder.glob("step-*"))[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -133,7 +160,7 @@ class MetricsLog:
     def __init__(self, path: Path, keep_until: int):
         self.path = path
         lines = path.read_text().splitlines() if path.is_file() and keep_until > 0 else []
-        kept = [line for line in lines if line.strip() and orjson.loads(line)["step"] <= keep_until]
+        kept = [line for line in _whole_lines(lines, path) if orjson.loads(line)["step"] <= keep_until]
         path.parent.mkdir(parents=True, exist_ok=True)
         contracts.write_bytes_atomic(path, "".join(line + "\n" for line in kept).encode())
 
@@ -142,3 +169,24 @@ class MetricsLog:
         contracts.validate(record, "metrics", where=paths.display(self.path))
         with open(self.path, "ab") as f:
             f.write(orjson.dumps(record) + b"\n")
+
+
+def _whole_lines(lines: list[str], path: Path) -> list[str]:
+    """The metric lines to keep; a last line cut short (the run was killed while appending it) is dropped."""
+    whole = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            orjson.loads(line)
+        except orjson.JSONDecodeError:
+            if number == len(lines):
+                log.warning("%s: dropping the last line, cut short when the run stopped", paths.display(path))
+                continue
+            raise PipelineError(
+                "a metrics line is not JSON",
+                where=f"{paths.display(path)}:{number}",
+                fix="set train.resume=never to start over",
+            ) from None
+        whole.append(line)
+    return whole
