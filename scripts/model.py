@@ -154,8 +154,21 @@ def check_model_folder(folder: Path) -> None:
             where="model.source",
             fix="point model.source at a folder made by `mlx_lm.convert` or `save_pretrained`, or at a .gguf file",
         )
+    for name in _MODEL_FILES:
+        check_json_file(folder / name)
     for weights in sorted(folder.glob("*.safetensors")):
         check_safetensors(weights)
+
+
+def check_json_file(path: Path) -> None:
+    try:
+        read_json_file(path)
+    except orjson.JSONDecodeError as exc:
+        raise PipelineError(
+            f"not valid JSON ({exc})",
+            where=paths.display(path),
+            fix="download or copy the model folder again, or fix the file",
+        ) from exc
 
 
 def check_safetensors(path: Path) -> None:

@@ -113,15 +113,26 @@ def test_a_converter_crash_is_one_error_line_and_leaves_no_temp_folder(
     assert not any(cache.iterdir()), "the temp folder of the crashed conversion was left behind"
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage header"])
-def test_damaged_safetensors_in_a_model_folder_is_one_error_line(project, tmp_path, tiny_model_dir, damage, caplog):
+def cut_in_half(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize(
+    "name, damage, message",
+    [
+        ("model.safetensors", cut_in_half, "the weights file is damaged (Error while deserializing header: incomplete"),
+        ("model.safetensors", lambda data: b"\xff" * 16 + data[16:], "the weights file is damaged (Error while"),
+        ("config.json", lambda data: b"{not json", "not valid JSON"),
+    ],
+)
+def test_damaged_file_in_a_model_folder_is_one_error_line(
+    project, tmp_path, tiny_model_dir, name, damage, message, caplog
+):
     folder = shutil.copytree(tiny_model_dir, tmp_path / "user-model")
-    weights = folder / "model.safetensors"
-    data = weights.read_bytes()
-    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\xff" * 16 + data[16:])
+    (folder / name).write_bytes(damage((folder / name).read_bytes()))
     assert model_stage.main([f"model.source={folder}"]) == 2
     line = error_line(caplog)
-    assert line.startswith(f"error: {weights}: the weights file is damaged (") and " -- fix: " in line, line
+    assert line.startswith(f"error: {folder / name}: {message}") and " -- fix: " in line, line
     assert not paths.MODEL_MANIFEST.exists()
 
 

@@ -36,7 +36,6 @@ CONVERTIBLE_TYPES = (
     TensorType.Q8_0,
 )
 MAX_DIMS = 4  # GGML_MAX_DIMS
-LAYER_PARTS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
 OPTIONAL_TENSORS = ("output.weight", "rope_freqs.weight")  # absent when tied / computed by Hugging Face models
 
 DAMAGED = (
@@ -65,7 +64,7 @@ _FLOATS = {ValueType.FLOAT32, ValueType.FLOAT64}
 _WINDOW = 1 << 20
 
 
-class Damaged(Exception):
+class Unusable(Exception):
     """What is wrong with the file, and how to fix it (check_gguf adds where)."""
 
     def __init__(self, what: str, fix: str = DAMAGED):
@@ -105,7 +104,7 @@ def check_gguf(path: Path, where: str) -> None:
         hparams = check_metadata(header)
         check_types(header)
         check_tensors(header, hparams)
-    except Damaged as bad:
+    except Unusable as bad:
         raise PipelineError(bad.what, where=where, fix=bad.fix) from None
     except OSError as exc:
         raise PipelineError(f"cannot read the file: {exc.strerror}", where=where, fix="check model.source") from exc
@@ -128,12 +127,12 @@ class _Reader:
             self.file.seek(self.pos)
             self._window, self._start = self.file.read(max(n, _WINDOW)), self.pos
             if len(self._window) < n:
-                raise Damaged(f"the file shrank while it was read, inside {self.part}")
+                raise Unusable(f"the file shrank while it was read, inside {self.part}")
         at, self.pos = self.pos - self._start, end
         return self._window, at
 
-    def past_the_end(self) -> Damaged:
-        return Damaged(
+    def past_the_end(self) -> Unusable:
+        return Unusable(
             f"the header runs past the end of the file ({self.size:,} bytes) in {self.part}: "
             "the file is cut short or a length in it is overwritten"
         )
@@ -153,7 +152,7 @@ class _Reader:
         try:
             return window[at : at + length].decode("utf-8")
         except UnicodeDecodeError:
-            raise Damaged(f"a string in {self.part} is not valid UTF-8") from None
+            raise Unusable(f"a string in {self.part} is not valid UTF-8") from None
 
     def skip_strings(self, count: int) -> None:
         if count * _U64.size > self.size - self.pos:
@@ -166,7 +165,7 @@ def parse_header(path: Path) -> Header:
     """The metadata and the tensor list of a GGUF, read from its header only."""
     size = path.stat().st_size
     if size == 0:
-        raise Damaged("the GGUF file is empty (0 bytes)")
+        raise Unusable("the GGUF file is empty (0 bytes)")
     with open(path, "rb") as file:
         reader = _Reader(file, size)
         _check_magic_and_version(reader)
@@ -181,17 +180,17 @@ def parse_header(path: Path) -> Header:
 def _check_magic_and_version(reader: _Reader) -> None:
     reader.part = "the magic number"
     if reader.size < 4 or reader.unpack(_U32) != gguf.GGUF_MAGIC:
-        raise Damaged(
+        raise Unusable(
             "not a GGUF file: it does not start with the bytes 'GGUF'",
             fix="point model.source at a .gguf file (llama.cpp's format), or at an HF/MLX model folder",
         )
     reader.part = "the version number"
     version = reader.unpack(_U32)
     if version & 0xFFFF == 0 and version:
-        raise Damaged("a big-endian GGUF: MLX reads only little-endian files", fix=UNSUPPORTED)
+        raise Unusable("a big-endian GGUF: MLX reads only little-endian files", fix=UNSUPPORTED)
     if version not in gguf.READER_SUPPORTED_VERSIONS:
         supported = ", ".join(map(str, gguf.READER_SUPPORTED_VERSIONS))
-        raise Damaged(
+        raise Unusable(
             f"GGUF version {version} is not supported (supported: {supported})",
             fix=f"convert it with a current llama.cpp, or {UNSUPPORTED}",
         )
@@ -205,7 +204,7 @@ def _read_metadata(reader: _Reader, count: int) -> tuple[dict, dict]:
         key = reader.string()
         reader.part = f"metadata entry {i + 1:,} of {count:,} ({key})"
         if key in metadata:
-            raise Damaged(f"the metadata key {key} appears twice")
+            raise Unusable(f"the metadata key {key} appears twice")
         value_type = reader.unpack(_U32)
         metadata[key] = _read_value(reader, value_type)
         value_types[key] = ValueType(value_type)
@@ -219,7 +218,7 @@ def _read_value(reader: _Reader, value_type: int):
         return reader.unpack(_SCALARS[value_type])
     if value_type == ValueType.ARRAY:
         return _read_array(reader)
-    raise Damaged(f"{reader.part} has the unknown value type {value_type}")
+    raise Unusable(f"{reader.part} has the unknown value type {value_type}")
 
 
 def _read_array(reader: _Reader) -> Array:
@@ -229,9 +228,9 @@ def _read_array(reader: _Reader) -> Array:
     elif item_type in _SCALARS:
         reader.skip(length * _SCALARS[item_type].size)
     elif item_type == ValueType.ARRAY:
-        raise Damaged(f"{reader.part} is an array of arrays, which MLX's GGUF reader refuses", fix=UNSUPPORTED)
+        raise Unusable(f"{reader.part} is an array of arrays, which MLX's GGUF reader refuses", fix=UNSUPPORTED)
     else:
-        raise Damaged(f"{reader.part} is an array of the unknown value type {item_type}")
+        raise Unusable(f"{reader.part} is an array of the unknown value type {item_type}")
     return Array(ValueType(item_type), length)
 
 
@@ -241,11 +240,11 @@ def _read_tensor_infos(reader: _Reader, count: int) -> list[Tensor]:
         reader.part = f"the tensor list (tensor {i + 1:,} of {count:,})"
         name = reader.string()
         if name in names:
-            raise Damaged(f"the tensor {name} is listed twice")
+            raise Unusable(f"the tensor {name} is listed twice")
         names.add(name)
         n_dims = reader.unpack(_U32)
         if n_dims > MAX_DIMS:
-            raise Damaged(f"the tensor {name} has {n_dims:,} dimensions (GGUF allows at most {MAX_DIMS})")
+            raise Unusable(f"the tensor {name} has {n_dims:,} dimensions (GGUF allows at most {MAX_DIMS})")
         dims = [reader.unpack(_U64) for _ in range(n_dims)]
         type_id, offset = reader.unpack(_U32), reader.unpack(_U64)
         tensors.append(Tensor(name, tuple(reversed(dims)), type_id, offset))
@@ -255,9 +254,9 @@ def _read_tensor_infos(reader: _Reader, count: int) -> list[Tensor]:
 def _alignment(metadata: dict, value_types: dict) -> int:
     alignment = metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
     if "general.alignment" in metadata and value_types["general.alignment"] != ValueType.UINT32:
-        raise Damaged("general.alignment is not a uint32")
+        raise Unusable("general.alignment is not a uint32")
     if alignment <= 0 or alignment & (alignment - 1):
-        raise Damaged(f"general.alignment is {alignment}, not a power of two")
+        raise Unusable(f"general.alignment is {alignment}, not a power of two")
     return alignment
 
 
@@ -271,15 +270,15 @@ def check_layout(header: Header) -> None:
     known = {t.value for t in TensorType}
     for tensor in header.tensors:
         if tensor.type_id not in known:
-            raise Damaged(f"the tensor {tensor.name} has the unknown type id {tensor.type_id}")
+            raise Unusable(f"the tensor {tensor.name} has the unknown type id {tensor.type_id}")
         block_size = gguf.GGML_QUANT_SIZES[TensorType(tensor.type_id)][0]
         if 0 in tensor.shape or (tensor.shape and tensor.shape[-1] % block_size):
-            raise Damaged(f"the tensor {tensor.name} has the shape {_shape(tensor.shape)}, invalid for its type")
+            raise Unusable(f"the tensor {tensor.name} has the shape {_shape(tensor.shape)}, invalid for its type")
         if tensor.offset % header.alignment:
-            raise Damaged(f"the tensor {tensor.name}'s data offset is not a multiple of {header.alignment}")
+            raise Unusable(f"the tensor {tensor.name}'s data offset is not a multiple of {header.alignment}")
         end = header.data_start + tensor.offset + tensor_bytes(tensor)
         if end > header.file_size:
-            raise Damaged(
+            raise Unusable(
                 f"the tensor {tensor.name}'s data ends at byte {end:,}, past the end of the file "
                 f"({header.file_size:,} bytes)"
             )
@@ -290,9 +289,9 @@ def check_metadata(header: Header) -> dict[str, int]:
     metadata = header.metadata
     arch = metadata.get("general.architecture")
     if not isinstance(arch, str):
-        raise Damaged("the GGUF has no general.architecture")
+        raise Unusable("the GGUF has no general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise Damaged(
+        raise Unusable(
             f"GGUF architecture '{arch}' is not supported",
             fix="supported architectures: " + ", ".join(SUPPORTED_ARCHITECTURES) + "; or give an HF/MLX model folder",
         )
@@ -320,28 +319,28 @@ _REQUIRED_INTEGERS = (
 
 def _integer(header: Header, key: str) -> int:
     if key not in header.metadata:
-        raise Damaged(f"the GGUF has no {key}", fix=f"the file is incomplete: {UNSUPPORTED}")
+        raise Unusable(f"the GGUF has no {key}", fix=f"the file is incomplete: {UNSUPPORTED}")
     value = header.metadata[key]
     if header.value_types[key] not in _INTEGERS or value <= 0:
-        raise Damaged(f"{key} is {value!r}, not a positive integer")
+        raise Unusable(f"{key} is {value!r}, not a positive integer")
     return value
 
 
 def _number(header: Header, key: str, required: bool) -> None:
     if key not in header.metadata:
         if required:
-            raise Damaged(f"the GGUF has no {key}", fix=f"the file is incomplete: {UNSUPPORTED}")
+            raise Unusable(f"the GGUF has no {key}", fix=f"the file is incomplete: {UNSUPPORTED}")
         return
     if header.value_types[key] not in _FLOATS | _INTEGERS or not math.isfinite(header.metadata[key]):
-        raise Damaged(f"{key} is {header.metadata[key]!r}, not a finite number")
+        raise Unusable(f"{key} is {header.metadata[key]!r}, not a finite number")
 
 
 def _string_array(header: Header, key: str) -> Array:
     value = header.metadata.get(key)
     if value is None:
-        raise Damaged(f"the GGUF has no {key}", fix=f"the file is incomplete: {UNSUPPORTED}")
+        raise Unusable(f"the GGUF has no {key}", fix=f"the file is incomplete: {UNSUPPORTED}")
     if not isinstance(value, Array) or value.item_type != ValueType.STRING or value.length == 0:
-        raise Damaged(f"{key} is not a list of strings")
+        raise Unusable(f"{key} is not a list of strings")
     return value
 
 
@@ -350,7 +349,7 @@ def _check_token_types(header: Header, vocab: int) -> None:
     if token_types is None:
         return
     if not isinstance(token_types, Array) or token_types.item_type not in _INTEGERS or token_types.length != vocab:
-        raise Damaged(f"tokenizer.ggml.token_type is not a list of {vocab:,} integers, one per token")
+        raise Unusable(f"tokenizer.ggml.token_type is not a list of {vocab:,} integers, one per token")
 
 
 def check_types(header: Header) -> None:
@@ -358,7 +357,7 @@ def check_types(header: Header) -> None:
     for tensor in header.tensors:
         tensor_type = TensorType(tensor.type_id)
         if tensor_type not in CONVERTIBLE_TYPES:
-            raise Damaged(
+            raise Unusable(
                 f"the tensor {tensor.name} is {tensor_type.name}, which the converter cannot dequantize",
                 fix="re-quantize the model to Q8_0 (or Q4_0/Q4_1) with llama-quantize, or " + UNSUPPORTED,
             )
@@ -371,7 +370,7 @@ def expected_shapes(hparams: dict[str, int]) -> dict[str, tuple[int, ...]]:
     kv_heads = hparams.get("attention.head_count_kv", heads)
     head_dim = hparams.get("attention.key_length", hidden // heads)
     if heads % kv_heads or head_dim % 2 or ("attention.key_length" not in hparams and hidden % heads):
-        raise Damaged(
+        raise Unusable(
             f"the attention sizes do not fit together ({hidden} wide, {heads} heads, {kv_heads} KV heads, "
             f"head size {head_dim})"
         )
@@ -398,15 +397,15 @@ def check_tensors(header: Header, hparams: dict[str, int]) -> None:
     present = {tensor.name: tensor for tensor in header.tensors}
     missing = sorted(set(expected) - set(present) - set(OPTIONAL_TENSORS), key=_natural)
     if missing:
-        raise Damaged(f"the GGUF lacks the tensor{'s' if len(missing) > 1 else ''} {_some(missing)}")
+        raise Unusable(f"the GGUF lacks the tensor{'s' if len(missing) > 1 else ''} {_some(missing)}")
     unexpected = sorted(set(present) - set(expected) - set(OPTIONAL_TENSORS), key=_natural)
     if unexpected:
-        raise Damaged(
+        raise Unusable(
             f"the GGUF has tensors a llama model with {hparams['block_count']} blocks does not: {_some(unexpected)}"
         )
     for name, tensor in present.items():
         if name in expected and tensor.shape != expected[name]:
-            raise Damaged(
+            raise Unusable(
                 f"the tensor {name} has the shape {_shape(tensor.shape)}, where the metadata implies "
                 f"{_shape(expected[name])}"
             )
