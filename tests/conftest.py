@@ -11,7 +11,7 @@ from pipeline import paths
 import pytest
 
 from fixtures.tiny_model import build_tiny_model
-from helpers import REPO
+from helpers import REPO, make, write_override
 
 PROJECT_FILES = ("Makefile", "config", "scripts", "requirements.lock", "requirements.in", "pytest.ini")
 
@@ -45,5 +45,34 @@ def project(tmp_path, monkeypatch) -> Path:
     root = new_project(tmp_path / "project")
     paths.use_root(root)
     monkeypatch.setenv("PIPELINE_ROOT", str(root))
+    yield root
+    paths.use_root(REPO)
+
+
+# The whole pipeline on the tiny model, briefly; save_every=2 leaves a checkpoint to resume from.
+BRIEF = """
+train: {iters: 4, steps_per_eval: 2, val_batches: 1, num_layers: 2, save_every: 2}
+quantize:
+  {mlx: [], gguf_types: [], check_prompts: 1, check_max_tokens: 8, perplexity_records: 2, docker: {enabled: false}}
+eval: {records: 4, max_tokens: 8}
+"""
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory, tiny_model_dir) -> Path:
+    """A project where `make all` succeeded on the tiny model."""
+    root = new_project(tmp_path_factory.mktemp("finished") / "project")
+    write_override(root, f"model:\n  source: {tiny_model_dir}\n{BRIEF}")
+    make(root, "all")
+    return root
+
+
+@pytest.fixture
+def finished_copy(finished, tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "project"
+    shutil.copytree(finished, root, symlinks=True, ignore=shutil.ignore_patterns(".state"))
+    paths.use_root(root)
+    monkeypatch.setenv("PIPELINE_ROOT", str(root))
+    monkeypatch.chdir(root)
     yield root
     paths.use_root(REPO)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 from pathlib import Path
@@ -51,3 +52,15 @@ def trained(model_dir: Path, *extra: str) -> None:
     assert model_stage.main([f"model.source={model_dir}"]) == 0
     assert prepare.main([]) == 0
     assert train.main([*FAST_TRAIN, *extra]) == 0
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """sha256 of every file in the project but .venv, the model cache and Make's bookkeeping."""
+    skip = {".venv", ".cache", ".state", "__pycache__"}
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if skip & set(rel.parts) or not path.is_file() or path.is_symlink():
+            continue
+        out[str(rel)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out

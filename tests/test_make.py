@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 from helpers import make, write_override
@@ -115,3 +116,19 @@ def test_editing_code_reruns_exactly_the_stages_that_use_it(project, tiny_model_
     assert rerun_after_editing(project, "scripts/eval/report.py") == {"eval"}
     # the GGUF reader the model stage converts with: everything after it runs again
     assert rerun_after_editing(project, "scripts/lm/gguf_to_hf.py") == set(MANIFESTS)
+
+
+def test_a_deleted_or_changed_output_makes_its_stage_run_again(finished, tmp_path):
+    root = tmp_path / "project"
+    shutil.copytree(finished, root, symlinks=True)
+    adapter = root / "runs" / "main" / "adapter" / "adapters.safetensors"
+    trained = adapter.read_bytes()
+    shutil.rmtree(adapter.parent)
+    out = make(root, "fuse")
+    assert "train: runs again" in out.stderr and "runs/main/adapter is missing" in out.stderr
+    assert "-m train" in out.stdout and "-m fuse" in out.stdout
+    assert adapter.read_bytes() == trained  # same seed, same bytes
+    (root / "data" / "test.jsonl").write_text("")
+    out = make(root, "prepare")
+    assert "prepare: runs again" in out.stderr and "data/test.jsonl is changed" in out.stderr
+    assert "Nothing to be done" in make(root, "prepare").stdout

@@ -62,6 +62,8 @@ def run(cfg) -> Path:
     stage = StageRun("eval", {"eval": config.section(cfg, "eval")}, experiment=experiment)
     artifacts = read_artifacts(experiment)
     stages.read_manifest("prepare")
+    for upstream in sorted({a["stage"] for a in artifacts} & set(stages.STAGES)):
+        stages.read_manifest(upstream, experiment)  # every artifact is still what its stage made
     contract = contracts.read_json(paths.DATA_CONTRACT, "data_contract")
     plugins = eval_metrics.load_plugins(ecfg.plugins)
     task_metric = resolve_task_metric(ecfg.task_metric, contract, plugins)

@@ -14,7 +14,9 @@ as failed and the rest go on.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
+import logging
 import re
 import string
 import sys
@@ -25,6 +27,8 @@ from pipeline.errors import PipelineError
 
 import sacrebleu
 from jsonschema import Draft202012Validator
+
+log = logging.getLogger("eval")
 
 BUILTIN = ("exact_match", "normalized_match", "chrf", "json_valid", "schema_valid", "tool_match", "call_f1")
 TOOL_METRICS = ("schema_valid", "tool_match", "call_f1")  # measured when the data declares tool schemas
@@ -96,8 +100,8 @@ def _same_value(a, b) -> bool:
     return a == b and isinstance(a, bool) == isinstance(b, bool)  # true is not 1
 
 
-def load_plugins(names) -> dict[str, Callable | Exception]:
-    """Each `module:function` imported from the project root or scripts/; an import failure is kept as the error."""
+def load_plugins(names) -> dict[str, Callable]:
+    """Each `module:function` imported from the project root or scripts/; one that cannot be is an error."""
     for folder in (paths.ROOT, paths.ROOT / "scripts"):
         if str(folder) not in sys.path:
             sys.path.append(str(folder))
@@ -110,11 +114,56 @@ def load_plugins(names) -> dict[str, Callable | Exception]:
                 where="config eval.plugins",
                 fix="name it like my_metrics:keyword_hit",
             )
-        try:
-            plugins[name] = getattr(importlib.import_module(module_name), function_name)
-        except (ImportError, AttributeError) as exc:
-            plugins[name] = exc
+        plugins[name] = _import_plugin(name, module_name, function_name)
     return plugins
+
+
+def _import_plugin(name: str, module_name: str, function_name: str) -> Callable:
+    """The plugin's function, or one line saying why it cannot be used (checked before anything is scored)."""
+    fix = "fix the module, or remove it from eval.plugins"
+    try:
+        module = importlib.import_module(module_name)
+    except SyntaxError as exc:
+        raise PipelineError(
+            f"metric plugin '{name}' has a syntax error: {exc.msg}",
+            where=f"{paths.display(exc.filename or module_name)}:{exc.lineno}",
+            fix=fix,
+        ) from None
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise _plugin_error(name, module_name, exc, fix) from None
+        raise PipelineError(
+            f"no module {module_name} for metric plugin '{name}'",
+            where="config eval.plugins",
+            fix=f"put {module_name}.py in the project root (or scripts/), or correct the name",
+        ) from None
+    except Exception as exc:  # the module's own code failed while importing
+        raise _plugin_error(name, module_name, exc, fix) from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        found = "is not a function" if function is not None else "is not defined"
+        raise PipelineError(
+            f"{function_name} {found} in the module of metric plugin '{name}'",
+            where=paths.display(getattr(module, "__file__", None) or module_name),
+            fix=f"define def {function_name}(prediction, reference, record) -> float in it",
+        )
+    return function
+
+
+def _plugin_error(name: str, module_name: str, exc: Exception, fix: str) -> PipelineError:
+    module = sys.modules.get(module_name)
+    where = getattr(module, "__file__", None) or _module_file(module_name)
+    reason = str(exc).splitlines()[0] if str(exc) else ""
+    return PipelineError(
+        f"importing metric plugin '{name}' failed: {type(exc).__name__}: {reason}",
+        where=paths.display(where),
+        fix=fix,
+    )
+
+
+def _module_file(module_name: str) -> str:
+    spec = importlib.util.find_spec(module_name)
+    return spec.origin if spec and spec.origin else module_name
 
 
 def score(
@@ -140,12 +189,12 @@ def score(
     table = {name: {"value": round(value, 4), "status": "ok"} for name, value in results.items()}
     for name, plugin in plugins.items():
         table[name] = run_plugin(plugin, predictions, references, records)
+        if table[name]["status"] == "failed":
+            log.warning("metric plugin %s failed: %s", name, table[name]["error"])
     return table
 
 
 def run_plugin(plugin, predictions, references, records) -> dict:
-    if isinstance(plugin, Exception):
-        return {"value": None, "status": "failed", "error": f"cannot import: {plugin}"}
     try:
         values = [float(plugin(p, r, rec)) for p, r, rec in zip(predictions, references, records)]
     except Exception as exc:  # a user's metric must not take the others down

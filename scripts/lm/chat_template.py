@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 
 from pipeline import paths
 from pipeline.errors import PipelineError
@@ -29,13 +30,36 @@ def resolve_template(choice: str, model_template: str | None) -> dict:
         source = (paths.TEMPLATE_DIR / f"{choice}.jinja").read_text(encoding="utf-8")
         return {"id": choice, "origin": "builtin", "source": source}
     path = paths.resolve(choice)
-    if path.suffix in (".jinja", ".j2") and path.is_file():
-        return {"id": paths.display(path), "origin": "file", "source": path.read_text(encoding="utf-8")}
+    if path.suffix in (".jinja", ".j2"):
+        return {"id": paths.display(path), "origin": "file", "source": read_template_file(path)}
     raise PipelineError(
         f"unknown template '{choice}'",
         where="prepare.template",
         fix=f"use auto, one of {', '.join(builtin_templates())}, or the path of a .jinja file",
     )
+
+
+def read_template_file(path: Path) -> str:
+    """A Jinja chat template file's text, checked to compile; errors name the file (and line)."""
+    where = paths.display(path)
+    if not path.is_file():
+        raise PipelineError(
+            "template file not found", where=where, fix="give the path of an existing .jinja file in prepare.template"
+        )
+    try:
+        source = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise PipelineError(
+            f"the template is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})",
+            where=where,
+            fix="re-save it as UTF-8",
+        ) from None
+    try:
+        compile_template(source)
+    except PipelineError as exc:
+        line = getattr(exc.__cause__, "lineno", None)
+        raise PipelineError(exc.what, where=f"{where}:{line}" if line else where, fix=exc.fix) from None
+    return source
 
 
 def special_tokens(tokenizer) -> dict:

@@ -53,7 +53,8 @@ def run(cfg) -> dict:
     render_as_text = kind != "text" and template["origin"] != "model" and not getattr(tokenizer, "chat_template", None)
     splits = assign_splits(sources, cfg)
     special = chat_template.special_tokens(tokenizer)
-    cleaned, report = clean_splits(splits, kind, template, special, tokenizer, cfg)
+    cleaned, report = clean_splits(splits, kind, template, special, tokenizer, cfg, record_origins(sources))
+    check_split_sizes(cleaned, report, cfg)
     report["skipped_lines"] = skipped
     if render_as_text:
         cleaned = {name: [render_text(r, kind, template, special) for r in recs] for name, recs in cleaned.items()}
@@ -96,12 +97,39 @@ def assign_splits(sources: list[dict], cfg) -> dict[str, list[tuple[dict, dict]]
             start = end
     for name in SPLITS:
         if not given[name] and ratios[name] > 0:
+            counts = ", ".join(f"{len(given[n])} {n}" for n in SPLITS)
             raise PipelineError(
-                f"the {name} split is empty",
+                f"the {name} split is empty: the {sum(len(v) for v in given.values())} records split into {counts}",
                 where="data.source",
-                fix=f"add records, give a {name} file, or set data.splits.{name}=0",
+                fix=f"add records (train needs at least one batch; valid and test a few each), or give a {name} file",
             )
     return given
+
+
+def check_split_sizes(cleaned: dict, report: dict, cfg) -> None:
+    """A split that cleaning emptied is an error saying what removed its records (train needs records to
+    learn from, valid for its loss and early stopping, test for eval)."""
+    for name in SPLITS:
+        if cleaned[name] or float(cfg.data.splits[name]) == 0:
+            continue
+        stats = report["splits"][name]
+        removed = {
+            "empty": stats["empty_removed"],
+            "duplicate": sum(stats["duplicates_removed"].values()),
+            f"longer than data.max_seq_length ({cfg.data.max_seq_length} tokens)": (
+                stats["too_long"]["records"] if stats["too_long"]["policy"] == "drop" else 0
+            ),
+            "also in valid/test (decontaminate)": report["contamination"]["train_records_removed"]
+            if name == "train"
+            else 0,
+        }
+        why = ", ".join(f"{count} {reason}" for reason, count in removed.items() if count) or "none removed"
+        raise PipelineError(
+            f"the {name} split has no records left: {stats['records_in']} went in ({why})",
+            where="data.source",
+            fix="add more distinct records, or loosen what removed them (data.max_seq_length, prepare.dedupe, "
+            "prepare.decontaminate)",
+        )
 
 
 # --- cleaning ----------------------------------------------------------------------------------
@@ -118,21 +146,34 @@ def render_text(record: dict, kind: str, template: dict, special: dict) -> dict:
     return {"text": training_text(record, kind, template, special)}
 
 
-def clean_splits(splits, kind, template, special, tokenizer, cfg) -> tuple[dict, dict]:
+def record_origins(sources: list[dict]) -> dict[int, str]:
+    """id(record) -> where it came from ("data/x.jsonl:12"), for errors about one record."""
+    return {
+        id(r): where
+        for source in sources
+        for recs in source["splits"].values()
+        for r, where in zip(recs, records_mod.origins_of(recs))
+    }
+
+
+def clean_splits(splits, kind, template, special, tokenizer, cfg, origins: dict[int, str]) -> tuple[dict, dict]:
     report = {"splits": {}}
     cleaned = {}
     for name in SPLITS:
-        recs = [
-            records_mod.completions_to_messages(r) if kind == "messages" and "prompt" in r else r for r in splits[name]
-        ]
-        cleaned[name], report["splits"][name] = clean_one_split(name, recs, kind, template, special, tokenizer, cfg)
+        recs = []
+        for r in splits[name]:
+            recs.append(records_mod.completions_to_messages(r) if kind == "messages" and "prompt" in r else r)
+            origins.setdefault(id(recs[-1]), origins.get(id(r), ""))
+        cleaned[name], report["splits"][name] = clean_one_split(
+            name, recs, kind, template, special, tokenizer, cfg, origins
+        )
     report["contamination"] = decontaminate(cleaned, cfg)
     for name in SPLITS:
         report["splits"][name]["records_out"] = len(cleaned[name])
     return cleaned, report
 
 
-def clean_one_split(name, recs, kind, template, special, tokenizer, cfg) -> tuple[list[dict], dict]:
+def clean_one_split(name, recs, kind, template, special, tokenizer, cfg, origins) -> tuple[list[dict], dict]:
     stats = {"records_in": len(recs)}
     empty = [i for i, r in enumerate(recs) if quality.is_empty(r)]
     recs = [r for i, r in enumerate(recs) if i not in set(empty)]
@@ -145,16 +186,16 @@ def clean_one_split(name, recs, kind, template, special, tokenizer, cfg) -> tupl
         exact = normal = 0
     stats["duplicates_removed"] = {"exact": exact, "normalized": normal}
     stats["control_characters"] = quality.count_matching(texts, quality.CONTROL_CHARS)
-    recs, stats["secrets"] = handle_secrets(name, recs, texts, cfg.prepare.secrets)
+    recs, stats["secrets"] = handle_secrets(name, recs, texts, cfg.prepare.secrets, origins)
     rendered = [training_text(r, kind, template, special) for r in recs]
     lengths = quality.token_lengths(tokenizer, rendered)
-    recs, lengths, stats["too_long"] = handle_too_long(name, recs, lengths, kind, tokenizer, cfg)
+    recs, lengths, stats["too_long"] = handle_too_long(name, recs, lengths, kind, tokenizer, cfg, origins)
     stats["tokens"] = quality.length_stats(lengths)
     stats["field_presence"] = quality.field_presence([quality.present_fields(r) for r in recs])
     return recs, stats
 
 
-def handle_secrets(split: str, recs: list[dict], texts: list[str], policy: str) -> tuple[list[dict], dict]:
+def handle_secrets(split: str, recs: list[dict], texts: list[str], policy: str, origins) -> tuple[list[dict], dict]:
     found = quality.find_secrets(texts)
     findings = [
         {"split": split, "record": i + 1, "type": f["type"], "line": f["line"]}
@@ -163,10 +204,10 @@ def handle_secrets(split: str, recs: list[dict], texts: list[str], policy: str) 
     ]
     if found and policy == "fail":
         first = findings[0]
+        where = origins.get(id(recs[first["record"] - 1])) or f"data {split} record {first['record']}"
         raise PipelineError(
-            f"{len(found)} record(s) hold secrets, first: {first['type']} in {split} record {first['record']} "
-            f"line {first['line']}",
-            where="data",
+            f"{len(found)} record(s) hold secrets, first: {first['type']} (line {first['line']} of the record's text)",
+            where=where,
             fix="remove them from the source, or set prepare.secrets=redact (replace them) or warn (keep them)",
         )
     if found and policy == "redact":
@@ -181,7 +222,7 @@ def handle_secrets(split: str, recs: list[dict], texts: list[str], policy: str) 
     return recs, {"records": len(found), "policy": policy, "findings": findings[:100]}
 
 
-def handle_too_long(split, recs, lengths, kind, tokenizer, cfg):
+def handle_too_long(split, recs, lengths, kind, tokenizer, cfg, origins):
     limit = cfg.data.max_seq_length
     over = [i for i, n in enumerate(lengths) if n > limit]
     stats = {"limit": limit, "records": len(over), "policy": cfg.prepare.too_long}
@@ -189,9 +230,9 @@ def handle_too_long(split, recs, lengths, kind, tokenizer, cfg):
         return recs, lengths, stats
     if cfg.prepare.too_long == "fail":
         raise PipelineError(
-            f"{len(over)} {split} record(s) are longer than {limit} tokens (first: record {over[0] + 1}, "
+            f"{len(over)} {split} record(s) are longer than data.max_seq_length={limit} tokens (this one: "
             f"{int(lengths[over[0]])} tokens)",
-            where="data.max_seq_length",
+            where=origins.get(id(recs[over[0]])) or f"data {split} record {over[0] + 1}",
             fix="raise data.max_seq_length, or set prepare.too_long=drop or truncate",
         )
     if cfg.prepare.too_long == "drop":

@@ -44,12 +44,40 @@ def detect_format(records: list[dict], where: str) -> str:
     )
 
 
+class Located(list):
+    """Records with where each came from ("data/x.jsonl:12"), so an error can name the line."""
+
+    def __init__(self, records=(), origins: list[str] | None = None):
+        super().__init__(records)
+        self.origins = list(origins) if origins is not None else []
+
+    def __add__(self, other):
+        return Located([*self, *other], [*self.origins, *origins_of(other)])
+
+
+def origins_of(records: list) -> list[str]:
+    return getattr(records, "origins", None) or []
+
+
+def origin(records: list, index: int, where: str) -> str:
+    found = origins_of(records)
+    return found[index] if index < len(found) else f"{where} record {index + 1}"
+
+
 def apply_field_map(records: list[dict], field_map: dict[str, str]) -> list[dict]:
     """Rename the user's columns to the standard names: field_map is {standard: column}."""
     if not field_map:
         return records
+    columns = {k for r in records for k in r}
+    for standard, column in field_map.items():
+        if column not in columns:
+            raise PipelineError(
+                f"data.field_map maps {standard} to the column '{column}', which no record has",
+                where="data.field_map",
+                fix=f"use one of the columns found: {', '.join(sorted(columns)) or 'none'}",
+            )
     renames = {column: standard for standard, column in field_map.items()}
-    return [{renames.get(k, k): v for k, v in r.items()} for r in records]
+    return Located([{renames.get(k, k): v for k, v in r.items()} for r in records], origins_of(records))
 
 
 def normalize(records: list[dict], fmt: str, where: str) -> tuple[str, list[dict]]:
@@ -67,12 +95,18 @@ def normalize(records: list[dict], fmt: str, where: str) -> tuple[str, list[dict
             out.append(convert(record))
         except (KeyError, TypeError, ValueError) as exc:
             raise PipelineError(
-                f"record {index + 1} is not valid {fmt}: {_describe(exc)}",
-                where=where,
+                f"the record is not valid {fmt}: {_describe(exc)}",
+                where=origin(records, index, where),
                 fix="fix the record, or set data.format / data.field_map to match your fields",
             ) from exc
     kind = {"text": "text", "completions": "completions"}.get(fmt, "messages")
-    return kind, out
+    return kind, Located(out, origins_of(records))
+
+
+def _tools(tools):
+    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+        raise ValueError(f"'tools' must be a list of tool schemas (objects), got {type(tools).__name__}")
+    return tools
 
 
 def _describe(exc: Exception) -> str:
@@ -120,7 +154,7 @@ def _from_sharegpt(record: dict) -> dict:
         messages.append({"role": SHAREGPT_ROLES[source], "content": _string(turn, "value")})
     out = {"messages": _check_messages(messages)}
     if record.get("tools"):
-        out["tools"] = record["tools"]
+        out["tools"] = _tools(record["tools"])
     return out
 
 
@@ -128,7 +162,7 @@ def _from_messages(record: dict) -> dict:
     messages = [{"role": m["role"], "content": m.get("content") or "", **_extra_keys(m)} for m in record["messages"]]
     out = {"messages": _check_messages(messages)}
     if record.get("tools"):
-        out["tools"] = record["tools"]
+        out["tools"] = _tools(record["tools"])
     return out
 
 

@@ -7,6 +7,7 @@ the builtin tool-call dataset. Each source is normalized (prepare.records) into 
 
 from __future__ import annotations
 
+import csv
 import io
 import logging
 import re
@@ -63,6 +64,12 @@ def read_source(source: str, cfg, tokenizer, skipped: list) -> dict:
             "sha256": hashing.sha256_tree(path),
             "bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file()),
         }
+    elif path.suffix.lower() in TABLE_SUFFIXES + DOCUMENT_SUFFIXES:
+        raise PipelineError(
+            "data file not found",
+            where=paths.display(path),
+            fix="check the path in data.source (relative to the project)",
+        )
     elif re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source) and not source.startswith("."):
         raw = read_hub_dataset(source)
         info = {"path": f"hub:{source}", "sha256": hashing.sha256_json({"hub": source}), "bytes": 0}
@@ -140,7 +147,8 @@ def read_folder(folder: Path, cfg, tokenizer, skipped: list) -> dict:
         )
     grouped: dict = {}
     for path in files:
-        grouped.setdefault(split_of(path), []).extend(read_file(path, cfg, tokenizer, skipped))
+        split = split_of(path)
+        grouped[split] = grouped.get(split, records_mod.Located()) + read_file(path, cfg, tokenizer, skipped)
     return grouped
 
 
@@ -179,7 +187,7 @@ def read_utf8(path: Path) -> str:
 
 
 def read_jsonl(text: str, path: Path, on_error: str, skipped: list) -> list[dict]:
-    out = []
+    out = records_mod.Located()
     for line_no, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
@@ -197,6 +205,7 @@ def read_jsonl(text: str, path: Path, on_error: str, skipped: list) -> list[dict
                 fix="fix that line, or set prepare.on_error=skip to drop bad lines (they are counted in the report)",
             ) from exc
         out.append(record)
+        out.origins.append(f"{paths.display(path)}:{line_no}")
     return out
 
 
@@ -229,10 +238,35 @@ def read_delimited(text: str, path: Path, delimiter: str) -> list[dict]:
     except Exception as exc:  # pyarrow raises ArrowInvalid with the row in its message
         raise PipelineError(
             f"cannot parse: {str(exc).splitlines()[0]}",
-            where=paths.display(path),
+            where=_ragged_row(text, path, delimiter),
             fix="check quoting and the number of columns",
         ) from exc
-    return table.to_pylist()
+    starts = _row_lines(text, delimiter)
+    records = table.to_pylist()
+    return records_mod.Located(records, [f"{paths.display(path)}:{line}" for line in starts[: len(records)]])
+
+
+def _row_lines(text: str, delimiter: str) -> list[int]:
+    """The line each data row starts on (values may hold newlines), header excluded."""
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+    starts, line = [], 1
+    for _ in reader:
+        starts.append(line)
+        line = reader.line_num + 1
+    return starts[1:]
+
+
+def _ragged_row(text: str, path: Path, delimiter: str) -> str:
+    """path:line of the first row whose number of fields differs from the header's."""
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+    header, line = None, 1
+    for row in reader:
+        if header is None:
+            header = row
+        elif row and len(row) != len(header):
+            return f"{paths.display(path)}:{line}"
+        line = reader.line_num + 1
+    return paths.display(path)
 
 
 def read_parquet(path: Path) -> list[dict]:
@@ -247,7 +281,14 @@ def read_parquet(path: Path) -> list[dict]:
 def read_saved_hf_dataset(folder: Path) -> dict:
     import datasets  # heavy (~1 s) and only for saved or hub datasets: kept off the common path
 
-    loaded = datasets.load_from_disk(str(folder))
+    try:
+        loaded = datasets.load_from_disk(str(folder))
+    except Exception as exc:  # datasets and pyarrow raise many types for a damaged folder
+        raise PipelineError(
+            f"cannot read the saved dataset: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+            where=paths.display(folder),
+            fix="save it again with Dataset.save_to_disk, or export it to JSONL",
+        ) from None
     if isinstance(loaded, datasets.DatasetDict):
         return {SPLIT_ALIASES.get(name, None): ds.to_list() for name, ds in loaded.items()}
     return {None: loaded.to_list()}
