@@ -136,7 +136,7 @@ test: lint | $(SETUP_STAMP)
 
 ## Remove everything the pipeline generated (keeps .venv and the converted-model cache)
 clean:
-	rm -rf $(STATE) runs/* data/* eval_out/* dist/*
+	rm -rf $(STATE) runs/* data/* eval_out/* dist/* runs/.staging-* data/.staging-* eval_out/.staging-*
 	touch runs/.gitkeep data/.gitkeep eval_out/.gitkeep dist/.gitkeep
 
 ## Remove generated files, the converted-model cache and .venv
