@@ -20,6 +20,7 @@ from pipeline import cli, config, contracts, hashing, paths, stages
 from pipeline.errors import PipelineError
 from pipeline.manifest import StageRun, file_entry, output_entry, output_path
 from pipeline.paths import SPLITS
+from pipeline.splits import removed_summary
 from pipeline.staging import staging_folder
 
 import orjson
@@ -112,20 +113,8 @@ def check_split_sizes(cleaned: dict, report: dict, cfg) -> None:
     for name in SPLITS:
         if cleaned[name] or float(cfg.data.splits[name]) == 0:
             continue
-        stats = report["splits"][name]
-        removed = {
-            "empty": stats["empty_removed"],
-            "duplicate": sum(stats["duplicates_removed"].values()),
-            f"longer than data.max_seq_length ({cfg.data.max_seq_length} tokens)": (
-                stats["too_long"]["records"] if stats["too_long"]["policy"] == "drop" else 0
-            ),
-            "also in valid/test (decontaminate)": report["contamination"]["train_records_removed"]
-            if name == "train"
-            else 0,
-        }
-        why = ", ".join(f"{count} {reason}" for reason, count in removed.items() if count) or "none removed"
         raise PipelineError(
-            f"the {name} split has no records left: {stats['records_in']} went in ({why})",
+            f"the {name} split has no records left: {removed_summary(report, name)}",
             where="data.source",
             fix="add more distinct records, or loosen what removed them (data.max_seq_length, prepare.dedupe, "
             "prepare.decontaminate)",

@@ -27,6 +27,7 @@ from pipeline import cli, config, contracts, hashing, paths, runtime, stages
 from pipeline import log as plog
 from pipeline.errors import PipelineError
 from pipeline.manifest import StageRun, file_entry, output_path
+from pipeline.splits import removed_summary
 from pipeline.staging import staging_folder
 
 import matplotlib
@@ -73,7 +74,7 @@ def run(cfg) -> dict:
     catalog = contracts.read_json(paths.DATA_CATALOG, "data_catalog")
     model_dir = output_path(model_manifest, "model")
     iters = total_iterations(tcfg, catalog)
-    check_dataset_size(catalog, tcfg)
+    check_dataset_size(catalog, contracts.read_json(paths.DATA_REPORT, "data_report"), tcfg)
 
     model, tokenizer = load_base(model_dir, tcfg)
     memory_guard(model, tcfg, contract, catalog)
@@ -143,12 +144,13 @@ def total_iterations(tcfg, catalog: dict) -> int:
     return int(tcfg.iters)
 
 
-def check_dataset_size(catalog: dict, tcfg) -> None:
+def check_dataset_size(catalog: dict, report: dict, tcfg) -> None:
     for split in ("train", "valid"):
         records = catalog["splits"][split]["records"]
         if records < tcfg.batch_size:
             raise PipelineError(
-                f"the {split} split has {records} records, fewer than one batch of {tcfg.batch_size}",
+                f"the {split} split has {records} records, fewer than one batch of {tcfg.batch_size}; "
+                f"prepare: {removed_summary(report, split)}",
                 where=f"data/{split}.jsonl",
                 fix=f"lower train.batch_size to {max(1, records)} or add data",
             )
