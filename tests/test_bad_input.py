@@ -262,7 +262,11 @@ data(
     r"UTF-8",
 )
 data(
-    "jsonl_utf16", "bad.jsonl", text_file("bad.jsonl", QA_LINES.encode("utf-16")), r"inputs/bad\.jsonl", r"UTF-16|UTF-8"
+    "jsonl_utf16",
+    "bad.jsonl",
+    text_file("bad.jsonl", QA_LINES.encode("utf-16")),
+    r"inputs/bad\.jsonl",
+    r"UTF-16.*utf-8",
 )
 data(
     "jsonl_huge_line_with_too_long_fail",

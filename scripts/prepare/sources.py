@@ -174,6 +174,12 @@ def read_file(path: Path, cfg, tokenizer, skipped: list) -> list[dict]:
 
 def read_utf8(path: Path) -> str:
     data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise PipelineError(
+            "the file is UTF-16 text (it starts with a UTF-16 byte order mark); records must be UTF-8",
+            where=paths.display(path),
+            fix=f"re-save it as UTF-8, e.g. `iconv -f utf-16 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}`",
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
