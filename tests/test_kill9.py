@@ -86,7 +86,10 @@ def test_kill_9_at_a_random_moment_keeps_every_output_valid(stage, finished, tmp
     process.wait()
     context = f"{stage} killed after {delay:.2f} s of {duration:.2f} s"
 
-    assert manifests_match(killed) == {}, context
+    # the killed stage and those before it vouch for their outputs; a later one may be out of date, for Make
+    # to run again, when the killed run got as far as replacing the outputs it reads
+    later = stages.PIPELINE[stages.PIPELINE.index(stage) + 1 :]
+    assert set(manifests_match(killed)) <= set(later), context
     leftover = visible_files(killed) - before - after_straight
     assert not leftover, f"{context}: half-written files where a later stage reads: {sorted(leftover)}"
 

@@ -243,7 +243,10 @@ def test_malformed_line_names_file_line_and_text(base, tmp_path, caplog):
     "content, message",
     [
         ('{"prompt": "only a prompt"}\n' * 5, "unknown record format (fields found: prompt)"),
-        ('{"instruction": "x", "output": 3}\n' * 5, "record 1 is not valid alpaca: field 'output' must be a string"),
+        (
+            '{"instruction": "x", "output": 3}\n' * 5,
+            "data.jsonl:1: the record is not valid alpaca: field 'output' must be a string",
+        ),
         ('{"messages": [{"role": "wizard", "content": "hi"}]}\n' * 5, "unknown role 'wizard'"),
         ("", "the source holds no records"),
     ],
