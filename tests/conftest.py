@@ -10,6 +10,7 @@ from pipeline import paths
 
 import pytest
 
+import model as model_stage
 from fixtures.tiny_model import build_tiny_model
 from helpers import REPO, make, write_override
 
@@ -37,6 +38,13 @@ def new_project(root: Path) -> Path:
     (REPO / ".cache").mkdir(exist_ok=True)
     (root / ".cache").symlink_to(REPO / ".cache")
     return root
+
+
+@pytest.fixture
+def base(project, tiny_model_dir) -> Path:
+    """A project whose base model is the tiny one (ChatML template, byte-level BPE), converted."""
+    assert model_stage.main([f"model.source={tiny_model_dir}"]) == 0
+    return project
 
 
 @pytest.fixture

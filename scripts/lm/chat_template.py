@@ -113,3 +113,34 @@ def render_chat(template: dict, messages: list[dict], special: dict, tools=None,
             where=f"template {template['id']}",
             fix="check the template or the record's roles",
         ) from exc
+
+
+_PROBE_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "probe_tool_7f3a",
+        "description": "probe",
+        "parameters": {"type": "object", "properties": {"probe_arg_7f3a": {"type": "string"}}},
+    },
+}
+_PROBE_CALL = {"type": "function", "function": {"name": "probe_call_7f3a", "arguments": {"probe_arg_7f3a": "x"}}}
+
+
+def template_features(template: dict, special: dict) -> dict[str, bool]:
+    """Which tool parts the template shows: {"tools", "tool_calls", "tool_results"}, each found by
+    rendering a probe conversation with and without the part and comparing the text."""
+    user = {"role": "user", "content": "hi"}
+    called = {"role": "assistant", "content": "", "tool_calls": [_PROBE_CALL]}
+    result = {"role": "tool", "content": "probe_result_7f3a", "name": "probe_call_7f3a"}
+
+    def shows(messages, marker, tools=None) -> bool:
+        try:
+            return marker in render(template["source"], messages, tools=tools, **special)
+        except TemplateError:  # a template that refuses the part does not show it
+            return False
+
+    return {
+        "tools": shows([user], "probe_tool_7f3a", tools=[_PROBE_TOOL]),
+        "tool_calls": shows([user, called], "probe_call_7f3a"),
+        "tool_results": shows([user, called, result, {"role": "assistant", "content": "ok"}], "probe_result_7f3a"),
+    }

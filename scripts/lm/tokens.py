@@ -3,11 +3,16 @@ quantize's perplexity), and what a model is asked with the answer the data expec
 quantize's export check, fuse's logits check). Chats are rendered by lm.chat_template with the
 template of the data contract, so every stage sees the same text.
 
-Every assistant turn of a chat is scored and every system/user/tool turn is masked (mlx-lm's
-`mask_prompt` trains only the last message).
+Every assistant turn of a chat is scored, its end-of-turn tokens included, and every
+system/user/tool turn is masked (mlx-lm's `mask_prompt` trains only the last message). Turns are
+found by rendering the conversation's first messages, which is checked, record by record, to give a
+prefix of the whole; where a template breaks that, only the last assistant turn is trained.
 """
 
 from __future__ import annotations
+
+import bisect
+import os
 
 from pipeline import splits
 
@@ -31,8 +36,11 @@ def chat_ids(tokenizer, template: dict, messages: list[dict], tools=None, add_ge
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def encode(record: dict, contract: dict, tokenizer, mask_prompt: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(token ids, loss mask) of a prepared record."""
+def encode(
+    record: dict, contract: dict, tokenizer, mask_prompt: bool, notes: list | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, loss mask) of a prepared record; a chat whose turns cannot all be masked apart
+    (see assistant_spans) appends why to `notes`."""
     fmt = contract["format"]
     if fmt == "text":
         ids = tokenizer.encode(record["text"])
@@ -40,22 +48,95 @@ def encode(record: dict, contract: dict, tokenizer, mask_prompt: bool) -> tuple[
             ids.append(tokenizer.eos_token_id)
         return np.array(ids, np.int32), np.ones(len(ids), np.float32)
     messages = completion_messages(record) if fmt == "completions" else record["messages"]
-    return encode_chat(tokenizer, contract["template"], messages, record.get("tools"), mask_prompt)
+    return encode_chat(tokenizer, contract["template"], messages, record.get("tools"), mask_prompt, notes)
 
 
-def encode_chat(tokenizer, template: dict, messages: list[dict], tools, mask_prompt: bool):
-    ids = chat_ids(tokenizer, template, messages, tools)
-    mask = np.zeros(len(ids), np.float32)
+def encode_chat(tokenizer, template: dict, messages: list[dict], tools, mask_prompt: bool, notes=None):
     if not mask_prompt:
-        mask[:] = 1
-        return np.array(ids, np.int32), mask
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = len(chat_ids(tokenizer, template, messages[:i], tools, add_generation_prompt=True))
-        end = len(chat_ids(tokenizer, template, messages[: i + 1], tools))
+        ids = chat_ids(tokenizer, template, messages, tools)
+        return np.array(ids, np.int32), np.ones(len(ids), np.float32)
+    ids, spans, note = assistant_spans(tokenizer, template, messages, tools)
+    if note and notes is not None:
+        notes.append(note)
+    mask = np.zeros(len(ids), np.float32)
+    for start, end in spans:
         mask[start:end] = 1
     return np.array(ids, np.int32), mask
+
+
+def assistant_spans(tokenizer, template: dict, messages: list[dict], tools) -> tuple[list[int], list, str | None]:
+    """The conversation's token ids, the [start, end) token span of each assistant turn (its
+    end-of-turn tokens included, so the model learns to stop), and None; or, when the template
+    renders some turn differently inside the whole conversation than at the end of its first
+    messages (templates that rewrite earlier turns, e.g. drop past reasoning), only the last
+    assistant turn's span and a note saying which turn broke the prefix."""
+    texts = turn_texts(template, messages, tools, chat_template.special_tokens(tokenizer))
+    return spans_in(texts, encode_with_offsets(tokenizer, texts[:1])[0])
+
+
+def turn_texts(template: dict, messages: list[dict], tools, special: dict) -> list[str]:
+    """[the whole conversation, then per assistant turn: the text before it (generation prompt
+    included) and the text through it], each rendered on its own."""
+    texts = [chat_template.render_chat(template, messages, special, tools=tools)]
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            texts.append(chat_template.render_chat(template, messages[:i], special, tools, add_generation_prompt=True))
+            texts.append(chat_template.render_chat(template, messages[: i + 1], special, tools))
+    return texts
+
+
+def encode_with_offsets(tokenizer, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+    """Each text's token ids and the character offset where each token starts (the fast tokenizer's
+    batch encoder; no special tokens added beyond the text's own)."""
+    fast = getattr(getattr(tokenizer, "_tokenizer", tokenizer), "_tokenizer", None)
+    if fast is None or not hasattr(fast, "encode_batch"):
+        return [_offsets_by_prefixes(tokenizer, text) for text in texts]
+    out = []
+    for first in range(0, len(texts), 4096):
+        for encoding in fast.encode_batch(texts[first : first + 4096], add_special_tokens=False):
+            out.append((encoding.ids, [start for start, _ in encoding.offsets]))
+    return out
+
+
+def _offsets_by_prefixes(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    """Token start offsets without a fast tokenizer: the length of the decoded text before each token."""
+    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    return ids, [len(tokenizer.decode(ids[:k])) for k in range(len(ids))]
+
+
+def spans_in(texts: list[str], encoded: tuple[list[int], list[int]]) -> tuple[list[int], list, str | None]:
+    """assistant_spans' answer from turn_texts() and the whole conversation's encoding: a turn's span
+    runs from the token where the text before it ends to the token where the text through it ends;
+    both must be prefixes of the whole text that end on a token boundary."""
+    whole, (ids, starts) = texts[0], encoded
+    pairs = [(texts[k], texts[k + 1]) for k in range(1, len(texts), 2)]
+    spans = []
+    for turn, (before, through) in enumerate(pairs, 1):
+        start, end = _boundary(whole, starts, before), _boundary(whole, starts, through)
+        if start is None or end is None:
+            note = (
+                f"assistant turn {turn} of {len(pairs)} does not render as a prefix of the whole conversation "
+                "with this template: only the last assistant turn is trained"
+            )
+            return ids, [_last_turn_span(whole, starts, *pairs[-1])], note
+        spans.append((start, end))
+    return ids, spans, None
+
+
+def _boundary(whole: str, starts: list[int], prefix: str) -> int | None:
+    """The index of the first token after `prefix` in `whole`, or None when `prefix` is not a prefix of
+    `whole` that ends where a token starts."""
+    if not whole.startswith(prefix):
+        return None
+    index = bisect.bisect_left(starts, len(prefix))
+    return index if index == len(starts) or starts[index] == len(prefix) else None
+
+
+def _last_turn_span(whole: str, starts: list[int], before: str, through: str) -> tuple[int, int]:
+    """The last turn's tokens: from where its text starts (as far as the whole agrees) to the end."""
+    start = len(os.path.commonprefix([whole, before]))
+    end = len(whole) if through == whole else len(os.path.commonprefix([whole, through]))
+    return bisect.bisect_left(starts, start), bisect.bisect_left(starts, end)
 
 
 def prompt_and_reference(record: dict, contract: dict, tokenizer) -> tuple[list[int], str]:

@@ -26,8 +26,8 @@ from pipeline.staging import staging_folder
 import orjson
 from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
 
-from lm import chat_template
-from prepare import quality
+from lm import chat_template, tokens
+from prepare import quality, toolcalls
 from prepare import records as records_mod
 from prepare import sources as sources_mod
 
@@ -52,15 +52,17 @@ def run(cfg) -> dict:
     sources = [sources_mod.read_source(s, cfg, tokenizer, skipped) for s in sources_mod.source_list(cfg.data.source)]
     kind = records_mod.output_kind(s["kind"] for s in sources)
     render_as_text = kind != "text" and template["origin"] != "model" and not getattr(tokenizer, "chat_template", None)
-    splits = assign_splits(sources, cfg)
     special = chat_template.special_tokens(tokenizer)
+    tool_schemas = collect_tool_schemas(sources)
+    tools_report = fit_to_template(sources, chat_template.template_features(template, special))
+    splits = assign_splits(sources, cfg)
     cleaned, report = clean_splits(splits, kind, template, special, tokenizer, cfg, record_origins(sources))
     check_split_sizes(cleaned, report, cfg)
     report["skipped_lines"] = skipped
+    report["tools"] = tools_report
     if render_as_text:
         cleaned = {name: [render_text(r, kind, template, special) for r in recs] for name, recs in cleaned.items()}
         kind = "text"
-    tool_schemas = collect_tool_schemas(sources)
     outputs = write_outputs(stage, cfg, cleaned, kind, template, sources, report, tool_schemas, model_manifest)
     log.info("prepared %s: %s", kind, ", ".join(f"{n} {len(cleaned[n])}" for n in SPLITS))
     return outputs
@@ -180,6 +182,7 @@ def clean_one_split(name, recs, kind, template, special, tokenizer, cfg, origins
     lengths = quality.token_lengths(tokenizer, rendered)
     recs, lengths, stats["too_long"] = handle_too_long(name, recs, lengths, kind, tokenizer, cfg, origins)
     stats["tokens"] = quality.length_stats(lengths)
+    stats["last_turn_only"] = count_last_turn_only(name, recs, kind, template, special, tokenizer, origins)
     stats["field_presence"] = quality.field_presence([quality.present_fields(r) for r in recs])
     return recs, stats
 
@@ -235,6 +238,27 @@ def handle_too_long(split, recs, lengths, kind, tokenizer, cfg, origins):
     return recs, lengths, stats
 
 
+def count_last_turn_only(split, recs, kind, template, special, tokenizer, origins) -> int:
+    """Chats whose assistant turns cannot all be masked apart with this template (lm.tokens.assistant_spans,
+    the same check train makes): train learns only their last turn. The first is named in one warning."""
+    if kind != "messages":
+        return 0
+    texts = [tokens.turn_texts(template, r["messages"], r.get("tools"), special) for r in recs]
+    encoded = tokens.encode_with_offsets(tokenizer, [group[0] for group in texts])
+    notes = [tokens.spans_in(group, whole)[2] for group, whole in zip(texts, encoded)]
+    broken = [(r, note) for r, note in zip(recs, notes) if note]
+    if broken:
+        where = origins.get(id(broken[0][0])) or f"data {split}"
+        log.warning(
+            "%s: %d record(s) train on their last assistant turn only; first: %s: %s",
+            split,
+            len(broken),
+            where,
+            broken[0][1],
+        )
+    return len(broken)
+
+
 def truncate_text(record: dict, tokenizer, limit: int) -> dict:
     return {"text": tokenizer.decode(tokenizer.encode(record["text"])[:limit])}
 
@@ -256,10 +280,42 @@ def decontaminate(cleaned: dict, cfg) -> dict:
 
 
 def collect_tool_schemas(sources: list[dict]) -> dict | None:
+    """{tool name: parameters schema} from the builtin dataset and every record's tool definitions."""
     schemas = {}
     for source in sources:
         schemas.update(source["tool_schemas"] or {})
+        for recs in source["splits"].values():
+            for name, schema in toolcalls.tool_schemas(recs).items():
+                schemas.setdefault(name, schema)
     return schemas or None
+
+
+def fit_to_template(sources: list[dict], features: dict) -> dict:
+    """Every record rewritten so the chat template shows its tools, calls and results
+    (prepare.toolcalls.fit_template); what the template shows and how many records had parts moved."""
+    moved = {"tools": 0, "tool_calls": 0, "tool_results": 0}
+    for source in sources:
+        for split, recs in source["splits"].items():
+            fitted = []
+            for record in recs:
+                record, parts = toolcalls.fit_template(record, features)
+                fitted.append(record)
+                for part in parts:
+                    moved[part] += 1
+            source["splits"][split] = records_mod.Located(fitted, records_mod.origins_of(recs))
+    for part, count in moved.items():
+        if count:
+            log.info(
+                "%d record(s): the chat template does not show %s, so %s", count, part.replace("_", " "), MOVED[part]
+            )
+    return {"template_shows": features, "records_moved": moved}
+
+
+MOVED = {
+    "tools": "their tool definitions are in the system prompt",
+    "tool_calls": "their tool calls are JSON lines in the assistant text",
+    "tool_results": "their tool results are user turns",
+}
 
 
 # --- outputs -----------------------------------------------------------------------------------
@@ -386,6 +442,7 @@ def report_markdown(report: dict, catalog: dict) -> str:
         lambda s: f"{s['too_long']['records']} ({s['too_long']['policy']})",
     )
     row("records with secrets", lambda s: s["secrets"]["records"])
+    row("chats trained on the last turn only", lambda s: s["last_turn_only"])
     row("records with control characters", lambda s: s["control_characters"])
     for stat in ("min", "median", "p95", "max", "total"):
         row(f"tokens {stat}", lambda s, stat=stat: s["tokens"][stat])
@@ -424,6 +481,7 @@ def report_markdown(report: dict, catalog: dict) -> str:
         + " |"
         for s in report["sources"]
     ]
+    lines += tools_markdown(report["tools"])
     if report["skipped_lines"]:
         lines += ["", f"## Skipped malformed lines ({len(report['skipped_lines'])})", ""]
         lines += [f"- `{s['where']}`: {s['error']}" for s in report["skipped_lines"][:50]]
@@ -433,6 +491,18 @@ def report_markdown(report: dict, catalog: dict) -> str:
             f"- {f['split']} record {f['record']}, line {f['line']}: {f['type']}" for f in secrets[:50]
         ]
     return "\n".join(lines) + "\n"
+
+
+def tools_markdown(tools: dict) -> list[str]:
+    moved = {part: n for part, n in tools["records_moved"].items() if n}
+    if not moved:
+        return []
+    lines = ["", "## Tools and the chat template", ""]
+    lines += [
+        f"- {n} record(s): the template does not show {part.replace('_', ' ')}, so {MOVED[part]}."
+        for part, n in moved.items()
+    ]
+    return lines + [f"- Format: `{toolcalls.TOOLS_PREAMBLE.splitlines()[0]}` then one JSON line per tool."]
 
 
 def load_tokenizer(model_dir: Path):

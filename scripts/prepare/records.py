@@ -8,6 +8,8 @@ from collections.abc import Iterable
 
 from pipeline.errors import PipelineError
 
+from prepare import toolcalls
+
 INPUT_FORMATS = ("text", "completions", "alpaca", "sharegpt", "messages")
 CHAT_INPUTS = ("alpaca", "sharegpt", "messages")
 ROLES = ("system", "user", "assistant", "tool")
@@ -103,12 +105,6 @@ def normalize(records: list[dict], fmt: str, where: str) -> tuple[str, list[dict
     return kind, Located(out, origins_of(records))
 
 
-def _tools(tools):
-    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
-        raise ValueError(f"'tools' must be a list of tool schemas (objects), got {type(tools).__name__}")
-    return tools
-
-
 def _describe(exc: Exception) -> str:
     if isinstance(exc, KeyError):
         return f"missing required field {exc.args[0]!r}"
@@ -146,28 +142,48 @@ def _from_alpaca(record: dict) -> dict:
 
 
 def _from_sharegpt(record: dict) -> dict:
-    messages = []
+    messages = [{"role": "system", "content": _string(record, "system")}] if record.get("system") else []
     for turn in record["conversations"]:
         source = turn["from"]
         if source not in SHAREGPT_ROLES:
             raise ValueError(f"unknown speaker {source!r} (known: {', '.join(SHAREGPT_ROLES)})")
-        messages.append({"role": SHAREGPT_ROLES[source], "content": _string(turn, "value")})
-    out = {"messages": _check_messages(messages)}
-    if record.get("tools"):
-        out["tools"] = _tools(record["tools"])
-    return out
+        if source == "function_call":
+            messages.append(
+                {"role": "assistant", "content": "", "tool_calls": toolcalls.parse_calls(_string(turn, "value"))}
+            )
+        else:
+            messages.append({"role": SHAREGPT_ROLES[source], "content": _string(turn, "value")})
+    return _with_tools({"messages": _check_messages(messages)}, record)
 
 
 def _from_messages(record: dict) -> dict:
-    messages = [{"role": m["role"], "content": m.get("content") or "", **_extra_keys(m)} for m in record["messages"]]
-    out = {"messages": _check_messages(messages)}
+    messages = [_message(m) for m in record["messages"]]
+    return _with_tools({"messages": _check_messages(messages)}, record)
+
+
+def _message(message: dict) -> dict:
+    """A chat message with tool calls in one form: OpenAI `tool_calls` (or the older `function_call`)."""
+    role = "tool" if message["role"] == "function" else message["role"]
+    out = {"role": role, "content": _content_text(message.get("content"))}
+    calls = message.get("tool_calls") or ([message["function_call"]] if message.get("function_call") else None)
+    if calls:
+        out["tool_calls"] = toolcalls.normalize_calls(calls)
+    return {**out, **{k: message[k] for k in ("name", "tool_call_id") if message.get(k) is not None}}
+
+
+def _content_text(content) -> str:
+    """A message's text; OpenAI content parts ([{"type": "text", "text": ...}]) are joined."""
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        return "".join(str(p.get("text", "")) for p in content)
+    if content is not None and not isinstance(content, str):
+        raise TypeError(f"message content must be a string or a list of text parts, got {type(content).__name__}")
+    return content or ""
+
+
+def _with_tools(out: dict, record: dict) -> dict:
     if record.get("tools"):
-        out["tools"] = _tools(record["tools"])
+        out["tools"] = toolcalls.normalize_tools(record["tools"])
     return out
-
-
-def _extra_keys(message: dict) -> dict:
-    return {k: message[k] for k in ("tool_calls", "name", "tool_call_id") if k in message}
 
 
 def _check_messages(messages: list[dict]) -> list[dict]:
