@@ -33,6 +33,7 @@ log = logging.getLogger("eval")
 BUILTIN = ("exact_match", "normalized_match", "chrf", "json_valid", "schema_valid", "tool_match", "call_f1")
 TOOL_METRICS = ("schema_valid", "tool_match", "call_f1")  # measured when the data declares tool schemas
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+_CALL_WRAPPER = re.compile(r"\s*(?:<tool_call>|```(?:json)?)\s*(.*?)\s*(?:</tool_call>|```)\s*$", re.S)
 
 
 def parse_json(text: str):
@@ -67,8 +68,13 @@ def call_is_valid(prediction: str, validators: dict) -> bool:
 
 
 def as_call(text: str) -> dict | None:
-    """A {"name": str, "arguments": dict} tool call, or None."""
+    """A {"name": str, "arguments": dict} tool call, or None. The JSON may be wrapped the way tool-aware
+    chat templates write calls (<tool_call>…</tool_call>, a ```json fence) or be an OpenAI call object."""
     call = parse_json(text)
+    if call is None and (wrapped := _CALL_WRAPPER.match(text)):
+        call = parse_json(wrapped.group(1))
+    if isinstance(call, dict) and isinstance(call.get("function"), dict):
+        call = call["function"]
     if isinstance(call, dict) and isinstance(call.get("name"), str) and isinstance(call.get("arguments", {}), dict):
         return {"name": call["name"], "arguments": call.get("arguments", {})}
     return None
@@ -170,35 +176,44 @@ def score(
     predictions: list[str], references: list[str], records: list[dict], tool_schemas: dict | None, plugins: dict
 ) -> dict:
     """{metric: {"value": points, "status": "ok"} or {"value": None, "status": "failed", "error": ...}}."""
-    n = len(predictions)
+    return score_records(predictions, references, records, tool_schemas, plugins)[0]
 
-    def mean(flags) -> float:
-        return 100.0 * sum(float(f) for f in flags) / n if n else 0.0
 
-    results = {
-        "exact_match": mean(p.strip() == r.strip() for p, r in zip(predictions, references)),
-        "normalized_match": mean(normalized_equal(p, r) for p, r in zip(predictions, references)),
-        "chrf": sacrebleu.corpus_chrf(predictions, [references]).score if n else 0.0,
-        "json_valid": mean(parse_json(p) is not None for p in predictions),
+def score_records(predictions, references, records, tool_schemas, plugins) -> tuple[dict, dict[str, list[float]]]:
+    """score()'s table, and each metric's per-record values in points (chrF, a corpus statistic, has none):
+    what eval's paired intervals resample."""
+    pairs = list(zip(predictions, references))
+    per_record = {
+        "exact_match": [p.strip() == r.strip() for p, r in pairs],
+        "normalized_match": [normalized_equal(p, r) for p, r in pairs],
+        "json_valid": [parse_json(p) is not None for p in predictions],
     }
     if tool_schemas:
         validators = schema_validators(tool_schemas)
-        results["schema_valid"] = mean(call_is_valid(p, validators) for p in predictions)
-        results["tool_match"] = mean(tool_match(p, r) for p, r in zip(predictions, references))
-        results["call_f1"] = mean(call_f1(p, r) for p, r in zip(predictions, references))
-    table = {name: {"value": round(value, 4), "status": "ok"} for name, value in results.items()}
+        per_record["schema_valid"] = [call_is_valid(p, validators) for p in predictions]
+        per_record["tool_match"] = [tool_match(p, r) for p, r in pairs]
+        per_record["call_f1"] = [call_f1(p, r) for p, r in pairs]
+    per_record = {name: [100.0 * float(v) for v in values] for name, values in per_record.items()}
+    results = {name: sum(values) / len(values) if values else 0.0 for name, values in per_record.items()}
+    results["chrf"] = sacrebleu.corpus_chrf(predictions, [references]).score if pairs else 0.0
+    order = ("exact_match", "normalized_match", "chrf", "json_valid", *TOOL_METRICS)
+    table = {name: {"value": round(results[name], 4), "status": "ok"} for name in order if name in results}
     for name, plugin in plugins.items():
-        table[name] = run_plugin(plugin, predictions, references, records)
+        table[name], values = run_plugin(plugin, predictions, references, records)
+        if values is not None:
+            per_record[name] = values
         if table[name]["status"] == "failed":
             log.warning("metric plugin %s failed: %s", name, table[name]["error"])
-    return table
+    return table, per_record
 
 
-def run_plugin(plugin, predictions, references, records) -> dict:
+def run_plugin(plugin, predictions, references, records) -> tuple[dict, list[float] | None]:
+    """(table entry, per-record points or None when it failed)."""
     try:
         values = [float(plugin(p, r, rec)) for p, r, rec in zip(predictions, references, records)]
     except Exception as exc:  # a user's metric must not take the others down
-        return {"value": None, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        return {"value": None, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}, None
     if any(not 0.0 <= v <= 1.0 for v in values):
-        return {"value": None, "status": "failed", "error": "returned a value outside [0, 1]"}
-    return {"value": round(100.0 * sum(values) / len(values), 4) if values else 0.0, "status": "ok"}
+        return {"value": None, "status": "failed", "error": "returned a value outside [0, 1]"}, None
+    points = [100.0 * v for v in values]
+    return {"value": round(sum(points) / len(points), 4) if points else 0.0, "status": "ok"}, points

@@ -12,6 +12,7 @@ prefix of the whole; where a template breaks that, only the last assistant turn 
 from __future__ import annotations
 
 import bisect
+import json
 import os
 
 from pipeline import splits
@@ -151,9 +152,22 @@ def prompt_and_reference(record: dict, contract: dict, tokenizer) -> tuple[list[
         return ids[:cut], tokenizer.decode(ids[cut:])
     messages = completion_messages(record) if fmt == "completions" else record["messages"]
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
-    reference = messages[last]["content"] if last < len(messages) else ""
+    reference = answer_text(messages[last]) if last < len(messages) else ""
     ids = chat_ids(tokenizer, contract["template"], messages[:last], record.get("tools"), add_generation_prompt=True)
     return ids, reference
+
+
+def answer_text(message: dict) -> str:
+    """What an assistant turn answers: its text, or its tool calls as one {"name", "arguments"} JSON
+    object per line (the form prepare writes calls in for templates that do not render them)."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message["content"]
+    lines = [
+        json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]}, ensure_ascii=False)
+        for c in calls
+    ]
+    return "\n".join([message["content"], *lines] if message["content"].strip() else lines)
 
 
 def check_prompts(contract: dict, tokenizer, count: int) -> list[list[int]]:

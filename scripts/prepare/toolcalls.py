@@ -22,6 +22,8 @@ import json
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
+from lm import tokens
+
 TOOLS_PREAMBLE = (
     "You can call these tools. To call one, answer with one JSON object "
     '{"name": <tool name>, "arguments": {<argument>: <value>}} per call, one per line.\nTools:'
@@ -92,14 +94,6 @@ def _normalize_call(call) -> dict:
     return {"id": call["id"], **out} if isinstance(call.get("id"), str) else out
 
 
-def call_text(calls: list[dict]) -> str:
-    """Tool calls as assistant text: one {"name", "arguments"} JSON object per line."""
-    return "\n".join(
-        json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]}, ensure_ascii=False)
-        for c in calls
-    )
-
-
 def tools_text(tools: list[dict]) -> str:
     lines = [json.dumps(tool["function"], ensure_ascii=False) for tool in tools]
     return "\n".join([TOOLS_PREAMBLE, *lines])
@@ -113,8 +107,8 @@ def fit_template(record: dict, features: dict) -> tuple[dict, set[str]]:
     moved, messages = set(), [dict(m) for m in record["messages"]]
     for message in messages:
         if message.get("tool_calls") and not features["tool_calls"]:
-            text = call_text(message.pop("tool_calls"))
-            message["content"] = f"{message['content']}\n{text}" if message["content"].strip() else text
+            message["content"] = tokens.answer_text(message)
+            del message["tool_calls"]
             moved.add("tool_calls")
         if message["role"] == "tool" and not features["tool_results"]:
             message.update(role="user", content=TOOL_RESULT_PREFIX + message["content"])
