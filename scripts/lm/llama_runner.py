@@ -5,10 +5,14 @@ Shared by quantize (export check) and eval (scoring GGUF artifacts), so both mea
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import math
 import os
 from pathlib import Path
+
+from pipeline.errors import PipelineError
 
 import llama_cpp
 import numpy as np
@@ -38,66 +42,150 @@ def greedy(llm, prompt: list[int], max_tokens: int, stop_ids: set[int]) -> list[
     return tokens
 
 
+# One context's KV cache holds at most this much (f16 keys and values), and at most this many tokens: in one
+# cache shared by all sequences, every new token's attention runs over all its cells (other sequences' masked
+# out), so a huge cache slows every step. A batch that needs more is decoded in groups, one after another;
+# a single prompt and its answer may always use the whole trained context.
+KV_CACHE_BYTES = 1 << 30
+MAX_CONTEXT_TOKENS = 16384
+# Tokens per perplexity batch: every scored token keeps a row of n_vocab logits.
+NLL_BATCH_TOKENS = 512
+# Spare KV cells in every context, beyond what its sequences need.
+SPARE_CELLS = 64
+
+DECODE_FAILURES = {1: "has no room in its KV cache", 2: "was aborted", -1: "rejected the batch as invalid"}
+
+
 def max_sequences() -> int:
     """How many prompts one llama.cpp context can hold besides the shared prefix's sequence."""
     return llama_cpp.llama_max_parallel_sequences() - 1
 
 
+def load_model(gguf_path: Path) -> _internals.LlamaModel:
+    params = llama_cpp.llama_model_default_params()
+    return _internals.LlamaModel(path_model=str(gguf_path), params=params, verbose=False)
+
+
+def metadata(model: _internals.LlamaModel, key: str) -> str | None:
+    buffer = ctypes.create_string_buffer(256)
+    if llama_cpp.llama_model_meta_val_str(model.model, key.encode(), buffer, len(buffer)) < 0:
+        return None
+    return buffer.value.decode()
+
+
+def kv_bytes_per_token(model: _internals.LlamaModel) -> int:
+    """Bytes one token takes in an f16 KV cache: keys and values of every layer's KV heads."""
+    arch = metadata(model, "general.architecture") or "llama"
+    head_dim = model.n_embd() // max(1, llama_cpp.llama_model_n_head(model.model))
+    key = int(metadata(model, f"{arch}.attention.key_length") or head_dim)
+    value = int(metadata(model, f"{arch}.attention.value_length") or head_dim)
+    return 2 * llama_cpp.llama_model_n_layer(model.model) * llama_cpp.llama_model_n_head_kv(model.model) * (key + value)
+
+
+def context_tokens(model: _internals.LlamaModel) -> int:
+    """How many tokens one context may hold for a batch (the memory cap)."""
+    return max(1, min(MAX_CONTEXT_TOKENS, KV_CACHE_BYTES // kv_bytes_per_token(model)))
+
+
+def first_beyond_context(model: _internals.LlamaModel, lengths: list[int]) -> int | None:
+    """The first sequence (by its length in positions) longer than the model's trained context, if any."""
+    limit = model.n_ctx_train()
+    return next((i for i, length in enumerate(lengths) if 0 < limit < length), None)
+
+
+def groups_within(needs: list[int], room: int, most: int) -> list[list[int]]:
+    """Consecutive groups of indices whose needs add up to at most `room` (or one index that alone needs
+    more), at most `most` in a group."""
+    groups, size = [[]], 0
+    for index, need in enumerate(needs):
+        if groups[-1] and (size + need > room or len(groups[-1]) == most):
+            groups.append([])
+            size = 0
+        groups[-1].append(index)
+        size += need
+    return groups if groups[0] else []
+
+
+def shared_prompt_prefix(prompts: list[list[int]]) -> int:
+    """How many leading tokens all prompts share, leaving each at least one token of its own."""
+    return max(0, min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1))
+
+
 def greedy_batch(gguf_path: Path, prompts: list[list[int]], max_tokens: int, stop_ids: set[int]) -> list[list[int]]:
     """Greedy answers to many prompts, decoded together: one llama_decode per step for every unfinished
     prompt, as llama.cpp's batched example does (one prompt at a time, each step reads all weights
-    for a single token). The prompts' common prefix is evaluated once.
+    for a single token). The prompts' common prefix is evaluated once. Prompts that do not fit one
+    context together are decoded in groups, one after another, in the same context.
 
     Float GGUFs answer exactly as one prompt at a time does; for K-quants llama.cpp's CPU backend
     picks other kernels for a batch of tokens than for one, so a near-tie can go the other way.
     """
     if not prompts:
         return []
-    if len(prompts) > max_sequences():
-        half = len(prompts) // 2
-        return greedy_batch(gguf_path, prompts[:half], max_tokens, stop_ids) + greedy_batch(
-            gguf_path, prompts[half:], max_tokens, stop_ids
+    shared = shared_prompt_prefix(prompts)
+    tails = [prompt[shared:] for prompt in prompts]
+    needs = [len(tail) + max_tokens for tail in tails]
+    with contextlib.closing(load_model(gguf_path)) as model:
+        check_answers_fit(model, gguf_path, prompts, max_tokens)
+        groups = groups_within(needs, max(context_tokens(model), shared + max(needs)) - shared, max_sequences())
+        n_ctx = shared + max(sum(needs[i] for i in group) for group in groups)
+        n_batch = max(sum(len(tails[i]) for i in group) for group in groups)
+        answers = []
+        with Sequences(model, gguf_path, prompts[0][:shared], max(map(len, groups)), n_ctx, n_batch) as run:
+            for group in groups:
+                answers += greedy_group(run, [tails[i] for i in group], shared, max_tokens, stop_ids)
+        return answers
+
+
+def check_answers_fit(model, gguf_path: Path, prompts: list[list[int]], max_tokens: int) -> None:
+    """Every prompt with an answer of max_tokens fits the model's trained context."""
+    too_long = first_beyond_context(model, [len(prompt) + max_tokens for prompt in prompts])
+    if too_long is not None:
+        raise PipelineError(
+            f"prompt {too_long + 1} of {len(prompts)} has {len(prompts[too_long])} tokens; with an answer of up to "
+            f"{max_tokens} that is more than the {model.n_ctx_train()} tokens the model was trained for",
+            where=str(gguf_path),
+            fix="lower eval.max_tokens, or data.max_seq_length so that prepare drops or truncates the longest records",
         )
-    shared = max(0, min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1))
-    n_ctx = shared + sum(len(p) - shared + max_tokens + 1 for p in prompts)
-    with Sequences(
-        gguf_path, prompts[0][:shared], len(prompts), n_ctx, max(len(p) - shared for p in prompts) * len(prompts)
-    ) as run:
-        pending = [(seq, prompt[shared:], shared) for seq, prompt in enumerate(prompts, start=1)]
-        for seq, _, _ in pending:
-            run.fork(seq)
-        answers = {seq: [] for seq, _, _ in pending}
-        while pending:
-            rows = run.decode([(seq, tokens, start, [len(tokens) - 1]) for seq, tokens, start in pending])
-            next_pending = []
-            for (seq, tokens, start), (row,) in zip(pending, rows):
-                token = int(np.argmax(run.logits(row)))
-                answers[seq].append(token)
-                if token not in stop_ids and len(answers[seq]) < max_tokens:
-                    next_pending.append((seq, [token], start + len(tokens)))
-            pending = next_pending
-        return [answers[seq] for seq in range(1, len(prompts) + 1)]
+
+
+def greedy_group(run: Sequences, tails: list[list[int]], shared: int, max_tokens: int, stop_ids: set[int]):
+    """Greedy answers to prompts that fit `run` together (`tails`: each prompt after the shared prefix)."""
+    run.restart(len(tails))
+    pending = [(seq, tail, shared) for seq, tail in enumerate(tails, start=1)]
+    answers = {seq: [] for seq, _, _ in pending}
+    while pending:
+        rows = run.decode([(seq, tokens, start, [len(tokens) - 1]) for seq, tokens, start in pending])
+        next_pending = []
+        for (seq, tokens, start), (row,) in zip(pending, rows):
+            token = int(np.argmax(run.logits(row)))
+            answers[seq].append(token)
+            if token not in stop_ids and len(answers[seq]) < max_tokens:
+                next_pending.append((seq, [token], start + len(tokens)))
+        pending = next_pending
+    return [answers[seq] for seq in range(1, len(tails) + 1)]
 
 
 class Sequences:
     """A llama.cpp context with several KV sequences: sequence 0 holds a prefix evaluated once, and
-    sequences 1..n_seq start from a copy of it."""
+    sequences 1..n_seq start from a copy of it. One KV cache is shared by all sequences (kv_unified), so
+    n_ctx must hold the prefix once plus every token of sequences 1..n_seq; n_batch, the most tokens one
+    decode may carry."""
 
-    def __init__(self, gguf_path: Path, prefix: list[int], n_seq: int, n_ctx: int, batch_tokens: int = 512):
-        self.gguf_path, self.prefix, self.n_seq = gguf_path, [int(t) for t in prefix], n_seq
-        self.n_ctx, self.n_batch = n_ctx + 64, max(512, len(self.prefix), batch_tokens, n_seq)
+    def __init__(self, model, gguf_path: Path, prefix: list[int], n_seq: int, n_ctx: int, n_batch: int = 512):
+        self.model, self.gguf_path, self.prefix, self.n_seq = model, gguf_path, [int(t) for t in prefix], n_seq
+        self.n_ctx, self.n_batch = n_ctx + SPARE_CELLS, max(512, len(self.prefix), n_batch, n_seq)
 
     def __enter__(self):
-        self.model = _internals.LlamaModel(
-            path_model=str(self.gguf_path), params=llama_cpp.llama_model_default_params(), verbose=False
-        )
         params = llama_cpp.llama_context_default_params()
         params.n_ctx, params.n_batch, params.n_ubatch = self.n_ctx, self.n_batch, 512
         params.n_seq_max, params.kv_unified = self.n_seq + 1, True
         params.n_threads = params.n_threads_batch = os.cpu_count() or 1
         self.ctx = _internals.LlamaContext(model=self.model, params=params, verbose=False)
-        self.batch = _internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=self.n_seq + 1, verbose=False)
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model.model))
+        # llama.cpp pads n_ctx and caps n_batch at the n_ctx asked for: keep what it chose.
+        self.n_ctx, self.n_batch = llama_cpp.llama_n_ctx(self.ctx.ctx), llama_cpp.llama_n_batch(self.ctx.ctx)
+        self.batch = _internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=False)
+        self.n_vocab = self.model.n_vocab()
         if self.prefix:
             self.decode([(0, self.prefix, 0, [])])
         return self
@@ -105,17 +193,21 @@ class Sequences:
     def __exit__(self, *exc):
         self.batch.close()
         self.ctx.close()
-        self.model.close()
 
-    def fork(self, seq: int) -> None:
-        """Start sequence `seq` (1..n_seq) from the prefix, dropping whatever it held."""
-        self.ctx.kv_cache_seq_rm(seq, -1, -1)
-        if self.prefix:
-            self.ctx.kv_cache_seq_cp(0, seq, 0, len(self.prefix))
+    def restart(self, count: int) -> None:
+        """Sequences 1..count start from the prefix; every token past the prefix, in any sequence, is dropped."""
+        llama_cpp.llama_memory_seq_rm(self.ctx.memory, -1, len(self.prefix), -1)
+        for seq in range(1, count + 1):
+            self.ctx.kv_cache_seq_rm(seq, -1, -1)
+            if self.prefix:
+                self.ctx.kv_cache_seq_cp(0, seq, 0, len(self.prefix))
 
     def decode(self, runs: list[tuple[int, list[int], int, list[int]]]) -> list[list[int]]:
         """Evaluate (sequence, tokens, first position, offsets whose logits are wanted) runs in one batch;
         returns, per run, the batch rows holding those logits."""
+        carried = sum(len(tokens) for _, tokens, _, _ in runs)
+        if carried > self.n_batch:  # llama.cpp would abort the process (GGML_ASSERT), not return an error
+            raise self.failure("cannot take so many tokens in one batch", runs)
         self.batch.reset()
         b, rows = self.batch.batch, []
         for seq, tokens, start, wanted in runs:
@@ -127,8 +219,22 @@ class Sequences:
                 b.logits[row] = offset in wanted
             b.n_tokens = first + len(tokens)
             rows.append([first + offset for offset in sorted(wanted)])
-        self.ctx.decode(self.batch)
+        code = llama_cpp.llama_decode(self.ctx.ctx, self.batch.batch)
+        if code != 0:
+            raise self.failure(DECODE_FAILURES.get(code, "failed with a fatal error"), runs, code)
         return rows
+
+    def failure(self, cause: str, runs, code: int | None = None) -> PipelineError:
+        """Why llama.cpp could not decode `runs`, with the batch and context it happened to."""
+        longest = max(start + len(tokens) for _, tokens, start, _ in runs)
+        carried = sum(len(tokens) for _, tokens, _, _ in runs)
+        returned = "" if code is None else f"; llama_decode returned {code}"
+        return PipelineError(
+            f"llama.cpp {cause} for {len(runs)} sequence{'s' * (len(runs) != 1)} of up to {longest} tokens "
+            f"({carried} new in this batch; n_ctx {self.n_ctx}, n_batch {self.n_batch}{returned})",
+            where=str(self.gguf_path),
+            fix="lower eval.batch_size or eval.max_tokens; lm/llama_runner.py sizes the context, so report this line",
+        )
 
     def logits(self, row: int) -> np.ndarray:
         return np.ctypeslib.as_array(self.ctx.get_logits_ith(row), shape=(self.n_vocab,))
@@ -162,43 +268,52 @@ def masked_nll(gguf_path: Path, items: list[tuple[np.ndarray, np.ndarray]]) -> t
     """Summed negative log-likelihood of the masked target tokens, and how many there were.
 
     The target of position i is token i+1 and counts when mask[i+1] is set, as in training. The
-    shared prefix is evaluated once; the items' remaining tokens go through a batch at a time, logits
-    kept only where a token is scored.
+    shared prefix is evaluated once; the items' remaining tokens go through a batch at a time (each batch
+    in a context emptied past the prefix), logits kept only where a token is scored.
     """
     prefix = shared_prefix_length(items)
-    longest = max(len(ids) for ids, _ in items) - prefix
-    n_batch = max(512, longest)
-    groups = list(_groups_within(items, prefix, n_batch))
+    tails = [len(ids) - prefix for ids, _ in items]
+    groups = groups_within(tails, max(NLL_BATCH_TOKENS, max(tails)), max_sequences())
+    n_batch = max(sum(tails[i] for i in group) for group in groups)
     total, count = 0.0, 0
-    with Sequences(gguf_path, items[0][0][:prefix], max(map(len, groups)), prefix + n_batch, n_batch) as run:
-        for group in groups:
-            runs = []
-            for seq, (ids, mask) in enumerate(group, start=1):
-                run.fork(seq)
-                runs.append((seq, ids[prefix:], prefix, np.nonzero(mask[prefix + 1 :])[0].tolist()))
-            for (ids, _), rows, (_, _, _, offsets) in zip(group, run.decode(runs), runs):
-                if not rows:
-                    continue
-                logits = np.stack([run.logits(row) for row in rows]).astype(np.float64)
-                peak = logits.max(-1)
-                log_z = np.log(np.exp(logits - peak[:, None]).sum(-1)) + peak
-                total += float((log_z - logits[np.arange(len(rows)), ids[prefix + 1 :][offsets]]).sum())
-                count += len(rows)
+    with contextlib.closing(load_model(gguf_path)) as model:
+        check_items_fit(model, gguf_path, items)
+        with Sequences(model, gguf_path, items[0][0][:prefix], max(map(len, groups)), prefix + n_batch, n_batch) as run:
+            for group in groups:
+                nll, scored = group_nll(run, [items[i] for i in group], prefix)
+                total, count = total + nll, count + scored
     return total, count
 
 
-def _groups_within(items, prefix: int, n_batch: int):
-    """Consecutive groups of items whose tokens after the prefix fit in one batch (and in llama.cpp's sequences)."""
-    group, size, most = [], 0, max_sequences()
-    for ids, mask in items:
-        length = len(ids) - prefix
-        if group and (size + length > n_batch or len(group) == most):
-            yield group
-            group, size = [], 0
-        group.append((ids, mask))
-        size += length
-    if group:
-        yield group
+def check_items_fit(model, gguf_path: Path, items: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    """Every scored record fits the model's trained context."""
+    too_long = first_beyond_context(model, [len(ids) for ids, _ in items])
+    if too_long is not None:
+        raise PipelineError(
+            f"record {too_long + 1} of {len(items)} has {len(items[too_long][0])} tokens, more than the "
+            f"{model.n_ctx_train()} the model was trained for",
+            where=str(gguf_path),
+            fix=f"lower data.max_seq_length to at most {model.n_ctx_train()} so that prepare drops or truncates it",
+        )
+
+
+def group_nll(run: Sequences, group: list[tuple[np.ndarray, np.ndarray]], prefix: int) -> tuple[float, int]:
+    """Summed NLL and count of the scored tokens of items that fit one batch of `run`."""
+    run.restart(len(group))
+    runs = [
+        (seq, ids[prefix:], prefix, np.nonzero(mask[prefix + 1 :])[0].tolist())
+        for seq, (ids, mask) in enumerate(group, 1)
+    ]
+    total, count = 0.0, 0
+    for (ids, _), rows, (_, _, _, offsets) in zip(group, run.decode(runs), runs):
+        if not rows:
+            continue
+        logits = np.stack([run.logits(row) for row in rows]).astype(np.float64)
+        peak = logits.max(-1)
+        log_z = np.log(np.exp(logits - peak[:, None]).sum(-1)) + peak
+        total += float((log_z - logits[np.arange(len(rows)), ids[prefix + 1 :][offsets]]).sum())
+        count += len(rows)
+    return total, count
 
 
 def perplexity(gguf_path: Path, items: list[tuple[np.ndarray, np.ndarray]]) -> dict:
