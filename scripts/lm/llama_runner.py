@@ -265,7 +265,13 @@ def shared_prefix_length(items: list[tuple[np.ndarray, np.ndarray]]) -> int:
 
 
 def masked_nll(gguf_path: Path, items: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, int]:
-    """Summed negative log-likelihood of the masked target tokens, and how many there were.
+    """Summed negative log-likelihood of the masked target tokens, and how many there were (item_nll, summed)."""
+    per_item = item_nll(gguf_path, items)
+    return sum(nll for nll, _ in per_item), sum(count for _, count in per_item)
+
+
+def item_nll(gguf_path: Path, items: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[float, int]]:
+    """Each item's summed negative log-likelihood of its masked target tokens, and how many there were.
 
     The target of position i is token i+1 and counts when mask[i+1] is set, as in training. The
     shared prefix is evaluated once; the items' remaining tokens go through a batch at a time (each batch
@@ -275,14 +281,14 @@ def masked_nll(gguf_path: Path, items: list[tuple[np.ndarray, np.ndarray]]) -> t
     tails = [len(ids) - prefix for ids, _ in items]
     groups = groups_within(tails, max(NLL_BATCH_TOKENS, max(tails)), max_sequences())
     n_batch = max(sum(tails[i] for i in group) for group in groups)
-    total, count = 0.0, 0
+    per_item: list[tuple[float, int]] = [(0.0, 0)] * len(items)
     with contextlib.closing(load_model(gguf_path)) as model:
         check_items_fit(model, gguf_path, items)
         with Sequences(model, gguf_path, items[0][0][:prefix], max(map(len, groups)), prefix + n_batch, n_batch) as run:
             for group in groups:
-                nll, scored = group_nll(run, [items[i] for i in group], prefix)
-                total, count = total + nll, count + scored
-    return total, count
+                for index, scored in zip(group, group_nll(run, [items[i] for i in group], prefix)):
+                    per_item[index] = scored
+    return per_item
 
 
 def check_items_fit(model, gguf_path: Path, items: list[tuple[np.ndarray, np.ndarray]]) -> None:
@@ -297,25 +303,27 @@ def check_items_fit(model, gguf_path: Path, items: list[tuple[np.ndarray, np.nda
         )
 
 
-def group_nll(run: Sequences, group: list[tuple[np.ndarray, np.ndarray]], prefix: int) -> tuple[float, int]:
-    """Summed NLL and count of the scored tokens of items that fit one batch of `run`."""
+def group_nll(run: Sequences, group: list[tuple[np.ndarray, np.ndarray]], prefix: int) -> list[tuple[float, int]]:
+    """Per item of a group that fits one batch of `run`: the summed NLL and count of its scored tokens."""
     run.restart(len(group))
     runs = [
         (seq, ids[prefix:], prefix, np.nonzero(mask[prefix + 1 :])[0].tolist())
         for seq, (ids, mask) in enumerate(group, 1)
     ]
-    total, count = 0.0, 0
+    out = []
     for (ids, _), rows, (_, _, _, offsets) in zip(group, run.decode(runs), runs):
         if not rows:
+            out.append((0.0, 0))
             continue
         logits = np.stack([run.logits(row) for row in rows]).astype(np.float64)
         peak = logits.max(-1)
         log_z = np.log(np.exp(logits - peak[:, None]).sum(-1)) + peak
-        total += float((log_z - logits[np.arange(len(rows)), ids[prefix + 1 :][offsets]]).sum())
-        count += len(rows)
-    return total, count
+        out.append((float((log_z - logits[np.arange(len(rows)), ids[prefix + 1 :][offsets]]).sum()), len(rows)))
+    return out
 
 
 def perplexity(gguf_path: Path, items: list[tuple[np.ndarray, np.ndarray]]) -> dict:
-    nll, count = masked_nll(gguf_path, items)
-    return {"loss": nll / count, "perplexity": math.exp(nll / count), "tokens": count}
+    """Token-weighted loss and perplexity over the items, and each item's [summed NLL, scored tokens]."""
+    per_item = item_nll(gguf_path, items)
+    nll, count = sum(n for n, _ in per_item), sum(c for _, c in per_item)
+    return {"loss": nll / count, "perplexity": math.exp(nll / count), "tokens": count, "per_item": per_item}

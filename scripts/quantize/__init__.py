@@ -305,6 +305,12 @@ def _compare_tokens(index: int, prompt, llama_prompt, expected, got, tokenizer) 
     }
 
 
+def _perplexity_row(path: Path, items) -> dict:
+    row = llama_runner.perplexity(path, items)
+    del row["per_item"]
+    return {**row, "bytes": path.stat().st_size}
+
+
 def perplexity_table(ggufs: dict[str, Path], float_tag: str, fused_dir: Path, contract: dict, qcfg) -> dict:
     """Perplexity of each GGUF on the same test tokens (loss on the trained tokens only), and its change vs float."""
     tokenizer = load_fused_tokenizer(fused_dir)
@@ -313,7 +319,7 @@ def perplexity_table(ggufs: dict[str, Path], float_tag: str, fused_dir: Path, co
     items = [(ids, mask) for ids, mask in items if mask[1:].sum() > 0]
     if not items:
         return {"records": 0, "note": "no scored tokens in the test split"}
-    table = {tag: {**llama_runner.perplexity(path, items), "bytes": path.stat().st_size} for tag, path in ggufs.items()}
+    table = {tag: _perplexity_row(path, items) for tag, path in ggufs.items()}
     reference = table[float_tag]["perplexity"]
     for row in table.values():
         row["change_vs_float"] = row["perplexity"] - reference
