@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
 
+from pipeline.hashing import sha256_file
+
+from fixtures import datasets as fx
 from helpers import make, write_override
 
 # The Make tests are about what re-runs, not about the stages' work: every stage runs, briefly.
@@ -132,3 +136,50 @@ def test_a_deleted_or_changed_output_makes_its_stage_run_again(finished, tmp_pat
     out = make(root, "prepare")
     assert "prepare: runs again" in out.stderr and "data/test.jsonl is changed" in out.stderr
     assert "Nothing to be done" in make(root, "prepare").stdout
+
+
+def use_dataset(project, tiny_model_dir, records: int = 40):
+    """data.source: one JSONL file of completions records in the project, and the tiny model."""
+    fx.write_jsonl(project / "mydata" / "qa.jsonl", [{"prompt": q, "completion": a} for q, a in fx.qa_pairs(records)])
+    write_override(project, f"model:\n  source: {tiny_model_dir}\ndata:\n  source: [mydata/qa.jsonl]\n{BRIEF}")
+    return project / "mydata" / "qa.jsonl"
+
+
+def prepared_text(project) -> str:
+    return "".join((project / "data" / f"{split}.jsonl").read_text() for split in ("train", "valid", "test"))
+
+
+def test_editing_the_dataset_in_place_reruns_prepare_and_what_follows(project, tiny_model_dir):
+    dataset = use_dataset(project, tiny_model_dir)
+    make(project, "all")
+    before = stage_mtimes(project)
+    assert "tip number 7 is to ask a local." in prepared_text(project)
+    size = dataset.stat().st_size
+    dataset.write_text(
+        dataset.read_text().replace("tip number 7 is to ask a local.", "tip number 7 is to ask a guide.")
+    )
+    assert dataset.stat().st_size == size  # same path, same size: only the content tells
+
+    out = make(project, "all")
+    assert "prepare: runs again, the data it read has changed since: mydata/qa.jsonl is changed" in out.stderr
+    after = stage_mtimes(project)
+    assert {stage for stage in MANIFESTS if after[stage] != before[stage]} == set(MANIFESTS) - {"model"}
+    text = prepared_text(project)
+    assert "tip number 7 is to ask a guide." in text and "tip number 7 is to ask a local." not in text
+    recorded = json.loads((project / MANIFESTS["prepare"]).read_text())["inputs"]
+    assert {"role": "source", "path": "mydata/qa.jsonl", "sha256": sha256_file(dataset), "bytes": size} in recorded
+
+    again = make(project, "all")
+    assert "Nothing to be done for 'all'" in again.stdout and "runs again" not in again.stderr
+    assert make(project, "-q", "all", check=False).returncode == 0
+    assert stage_mtimes(project) == after
+
+
+def test_a_dataset_that_disappeared_is_reported_by_prepare(project, tiny_model_dir):
+    dataset = use_dataset(project, tiny_model_dir)
+    make(project, "prepare")
+    dataset.unlink()
+    out = make(project, "prepare", check=False)
+    assert out.returncode != 0
+    assert "prepare: runs again, the data it read has changed since: mydata/qa.jsonl is missing" in out.stderr
+    assert "error: mydata/qa.jsonl: data file not found" in out.stderr and "Traceback" not in out.stderr

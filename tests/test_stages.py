@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import re
+import shutil
 
-from pipeline import contracts, paths, stages
+from pipeline import contracts, hashing, paths, stages
 from pipeline.errors import PipelineError
 from pipeline.manifest import file_entry
 
+import datasets
 import pytest
 import yaml
 
+import model as model_stage
+import prepare
+from fixtures import datasets as fx
 from helpers import REPO
+from prepare import sources as prepare_sources
 
 
 def stage_of(path) -> str | None:
@@ -105,3 +111,193 @@ def test_a_deleted_or_changed_output_of_an_upstream_stage_is_reported(project):
         PipelineError, match=r"runs/main/adapter: the adapter that `make train EXP=main` made is missing"
     ):
         stages.read_manifest("train", "main")
+
+
+# --- data sources: editing the dataset re-runs prepare ---------------------------------------------
+
+
+def write_lines(path, count: int = 6) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f'{{"prompt": "question {i}?", "completion": "answer {i}."}}\n' for i in range(count)))
+
+
+def edit_in_place(path, old: str, new: str) -> None:
+    """Replace text in a file, same path (same inode) and, as `new` is as long as `old`, same size."""
+    assert len(old) == len(new)
+    size = path.stat().st_size
+    path.write_text(path.read_text().replace(old, new, 1))
+    assert path.stat().st_size == size
+
+
+def test_a_folder_fingerprint_names_each_file_added_removed_or_edited(tmp_path, monkeypatch):
+    folder = tmp_path / "src"
+    for name in ("a.jsonl", "b.jsonl", "nested/c.jsonl"):
+        write_lines(folder / name)
+    cache = hashing.Sha256Cache(tmp_path / "cache.json")
+    first = hashing.fingerprint(folder, cache.sized, "data/src")
+    assert first["sha256"] == hashing.sha256_tree(folder)  # what prepare has always recorded for a folder
+    assert [f["path"] for f in first["files"]] == ["data/src/a.jsonl", "data/src/b.jsonl", "data/src/nested/c.jsonl"]
+    assert first["bytes"] == sum(f["bytes"] for f in first["files"])
+
+    reads = []
+    real = hashing.sha256_file
+    monkeypatch.setattr(hashing, "sha256_file", lambda path: reads.append(path) or real(path))
+    assert hashing.fingerprint(folder, cache.sized, "data/src") == first
+    assert reads == []  # unchanged size and mtime: no file is read again
+    assert hashing.changed_files(first["files"], first["files"]) == []
+
+    edit_in_place(folder / "nested" / "c.jsonl", "answer 3", "answer 9")
+    (folder / "a.jsonl").unlink()
+    write_lines(folder / "d.jsonl")
+    now = hashing.fingerprint(folder, cache.sized, "data/src")
+    assert reads == [folder / "d.jsonl", folder / "nested" / "c.jsonl"]  # only the new and the edited file
+    assert now["sha256"] != first["sha256"] and now["sha256"] == hashing.sha256_tree(folder)
+    assert hashing.changed_files(first["files"], now["files"]) == [
+        "data/src/a.jsonl was removed",
+        "data/src/d.jsonl was added",
+        "data/src/nested/c.jsonl is changed",
+    ]
+
+
+def prepare_manifest(inputs: list[dict]) -> dict:
+    return {
+        "stage": "prepare",
+        "experiment": None,
+        "config": {},
+        "inputs": inputs,
+        "details": {},
+        "outputs": [file_entry("data_contract", paths.DATA_CONTRACT)],
+        "environment": {"platform": "x", "device": "cpu", "accelerator": "none", "blas": "openblas", "versions": {}},
+        "started_at": "2026-01-01T00:00:00+00:00",
+        "wall_seconds": 1.0,
+    }
+
+
+def data_contract(sources: list[dict]) -> dict:
+    return {
+        "format": "completions",
+        "record_schema": {},
+        "field_map": {},
+        "template": {"id": "chatml", "origin": "builtin", "source": "{{ x }}", "sha256": "0" * 64},
+        "max_seq_length": 64,
+        "sources": sources,
+        "splits": {name: f"data/{name}.jsonl" for name in paths.SPLITS},
+        "tool_schemas": None,
+        "tokenizer": {"model": "tiny", "sha256": "0" * 64},
+        "config": {"data": {}, "prepare": {}},
+    }
+
+
+def record_prepare(sources: list[str], with_files: bool) -> None:
+    """A prepare manifest and data contract recording `sources` as prepare does (prepare.sources.fingerprint)."""
+    entries = []
+    for source in sources:
+        if source.startswith("builtin:"):
+            entries.append({"path": source, "sha256": hashing.sha256_json(source), "bytes": 1})
+        elif source.startswith("hub:"):
+            entries.append({"path": source, "sha256": hashing.sha256_json({"hub": source}), "bytes": 0})
+        else:
+            entries.append(prepare_sources.fingerprint(paths.resolve(source)))
+    contract_sources = [
+        {"source": e["path"], "format": "completions", "records": 6, **e}
+        if with_files and "files" in e
+        else {"source": e["path"], "path": e["path"], "sha256": e["sha256"], "bytes": e["bytes"]}
+        | {"format": "completions", "records": 6}
+        for e in entries
+    ]
+    contracts.write_json(paths.DATA_CONTRACT, data_contract(contract_sources), "data_contract")
+    inputs = [{"role": "source", "path": e["path"], "sha256": e["sha256"], "bytes": e["bytes"]} for e in entries]
+    contracts.write_json(paths.PREPARE_MANIFEST, prepare_manifest(inputs), "run_manifest")
+
+
+def save_hf_dataset(folder, answers: list[str]) -> None:
+    rows = [{"prompt": f"question {i}?", "completion": a} for i, a in enumerate(answers)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(folder))
+
+
+SOURCES = ["mydata/one.jsonl", "mydata/two.csv", "mydata/folder", "mydata/hf", "builtin:tool-calls", "hub:org/set"]
+
+
+@pytest.fixture
+def recorded_sources(project):
+    """Every kind of source on disk in the project, recorded by a prepare manifest (no files in the contract)."""
+    data = project / "mydata"
+    write_lines(data / "one.jsonl")
+    (data / "two.csv").write_text("prompt,completion\nquestion 1?,answer 1.\n")
+    for name in ("train.jsonl", "valid.jsonl", "test.jsonl"):
+        write_lines(data / "folder" / name)
+    save_hf_dataset(data / "hf", ["answer 0.", "answer 1."])
+    return data
+
+
+def test_an_edited_file_source_is_stale_until_its_content_is_back(recorded_sources):
+    record_prepare(SOURCES, with_files=False)
+    assert stages.stale_sources(SOURCES) == []
+    edit_in_place(recorded_sources / "one.jsonl", "answer 2.", "answer 7.")
+    assert stages.stale_sources(SOURCES) == ["mydata/one.jsonl is changed"]
+    edit_in_place(recorded_sources / "one.jsonl", "answer 7.", "answer 2.")  # a new mtime, the same content
+    assert stages.stale_sources(SOURCES) == []
+    edit_in_place(recorded_sources / "two.csv", "answer 1", "answer 4")
+    (recorded_sources / "folder" / "extra.md").write_text("# notes\n")
+    save_hf_dataset(recorded_sources / "hf", ["answer 0.", "answer 5."])
+    assert stages.stale_sources(SOURCES) == [
+        "mydata/two.csv is changed",
+        "mydata/folder is changed",
+        "mydata/hf is changed",
+    ]
+    # a source no longer configured is not checked: the data slice changed, which re-runs prepare anyway
+    assert stages.stale_sources(["mydata/one.jsonl", "./mydata/two.csv"]) == ["mydata/two.csv is changed"]
+
+
+def test_a_folder_source_names_the_files_that_changed(recorded_sources):
+    record_prepare(SOURCES, with_files=True)
+    assert contracts.read_json(paths.DATA_CONTRACT, "data_contract")["sources"][2]["files"][0] == {
+        "path": "mydata/folder/test.jsonl",
+        "bytes": (recorded_sources / "folder" / "test.jsonl").stat().st_size,
+        "sha256": hashing.sha256_file(recorded_sources / "folder" / "test.jsonl"),
+    }
+    assert stages.stale_sources(SOURCES) == []
+    edit_in_place(recorded_sources / "folder" / "valid.jsonl", "question 0", "question 8")
+    (recorded_sources / "folder" / "test.jsonl").unlink()
+    write_lines(recorded_sources / "folder" / "more" / "train.jsonl")
+    assert stages.stale_sources(SOURCES) == [
+        "mydata/folder/more/train.jsonl was added",
+        "mydata/folder/test.jsonl was removed",
+        "mydata/folder/valid.jsonl is changed",
+    ]
+    save_hf_dataset(recorded_sources / "hf", ["answer 0.", "answer 5."])  # a saved dataset is a folder too
+    hf = [line for line in stages.stale_sources(SOURCES) if line.startswith("mydata/hf/")]
+    assert "mydata/hf/train/data-00000-of-00001.arrow is changed" in hf
+
+
+def test_a_changed_or_missing_source_forces_prepare_in_the_make_include(recorded_sources):
+    record_prepare(SOURCES, with_files=False)
+    assert stages.stale_stages("main", SOURCES) == {}
+    (recorded_sources / "one.jsonl").unlink()  # prepare itself says what is wrong when it runs
+    stale = stages.stale_stages("main", SOURCES)
+    assert stale == {"prepare": ["the data it read has changed since: mydata/one.jsonl is missing"]}
+    deps = dict(line.split(" := ", 1) for line in stages.make_include("main", stale).splitlines() if " := " in line)
+    assert deps["prepare_DEPS"].split()[-1] == "FORCE"
+    assert "FORCE" not in deps["train_DEPS"]  # train re-runs because prepare's manifest is rewritten
+    paths.PREPARE_MANIFEST.write_text("{broken")  # reported by stale_outputs, not a crash here
+    assert stages.stale_sources(SOURCES) == []
+
+
+@pytest.mark.parametrize("names", [["messages.jsonl", "sharegpt.jsonl"], ["given_splits"], ["hf_saved"]])
+def test_what_prepare_records_is_what_make_compares(project, tiny_model_dir, names, tmp_path):
+    """Several files, a folder, a saved HF dataset: prepare's records match the check until a file changes."""
+    written = fx.write_all(tmp_path / "datasets")
+    (project / "mydata").mkdir()
+    for name in names:
+        (shutil.copytree if written[name].is_dir() else shutil.copy2)(written[name], project / "mydata" / name)
+    sources = [f"mydata/{name}" for name in names]
+    assert model_stage.main([f"model.source={tiny_model_dir}"]) == 0
+    assert prepare.main([f"data.source=[{','.join(sources)}]"]) == 0
+    assert stages.stale_sources(sources) == []
+    last = project / sources[-1]
+    if last.is_dir():
+        last = sorted(p for p in last.rglob("*") if p.is_file())[-1]
+    with open(last, "ab") as f:
+        f.write(b" ")
+    found = stages.stale_sources(sources)
+    assert found and all(line.startswith(sources[-1]) for line in found), found

@@ -709,13 +709,11 @@ def _cli(argv: Sequence[str] | None = None) -> int:
     else:
         write_slices(cfg, args.out, args.experiments_root)
         if args.mk:
-            stale = stages.stale_stages(cfg.experiments.name)
-            for stage, problems in stale.items():
-                print(
-                    f"{stage}: runs again, its recorded outputs are not on disk as it left them: "
-                    + "; ".join(problems),
-                    file=sys.stderr,
-                )
+            sources = cfg.data.source
+            sources = [sources] if isinstance(sources, str) else [str(source) for source in sources]
+            stale = stages.stale_stages(cfg.experiments.name, sources)
+            for stage, reasons in stale.items():
+                print(f"{stage}: runs again, " + "; ".join(reasons), file=sys.stderr)
             include = f"EXP_NAME := {cfg.experiments.name}\n" + stages.make_include(cfg.experiments.name, stale)
             write_text_if_changed(args.mk, include)
     return 0

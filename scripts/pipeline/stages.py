@@ -12,11 +12,12 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
+from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline import contracts, paths
+from pipeline import contracts, hashing, paths
 from pipeline.errors import PipelineError
-from pipeline.manifest import changed_output
+from pipeline.manifest import changed_output, digests
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,20 +231,87 @@ def _module_files(module: str, only_modules: bool = False) -> list[Path]:
     return files
 
 
-def stale_stages(experiment: str) -> dict[str, list[str]]:
-    """Each finished stage whose recorded outputs are missing or changed, with what is wrong."""
+# --- data sources ----------------------------------------------------------------------------------
+
+_NOT_FILES = ("builtin:", "hub:")  # how prepare records a source that is no file: nothing on disk to check
+_MAX_NAMED = 5  # files named per changed folder; the rest are counted
+
+
+def stale_sources(configured: Sequence[str] | None = None) -> list[str]:
+    """What changed in the data prepare read, since it read it: each file or folder source its manifest
+    records (inputs with role "source") whose sha256 differs now ("data/qa.jsonl is changed"), or that is
+    gone ("... is missing": prepare itself then says what to do). The Sha256Cache reads a file again only
+    when its size or mtime changed, so this is a stat per file on every make. A folder names the files
+    added, removed or edited when the data contract lists its files (sources[].files), else the folder.
+
+    `configured` is data.source now: a recorded source no longer configured is not checked (the data slice
+    changed with it and re-runs prepare anyway). Empty when prepare never ran or its manifest is broken
+    (stale_outputs reports that)."""
+    if not paths.PREPARE_MANIFEST.is_file():
+        return []
+    try:
+        recorded = contracts.read_json(paths.PREPARE_MANIFEST, "run_manifest")["inputs"]
+    except (PipelineError, OSError):
+        return []
+    wanted = None if configured is None else {paths.display(paths.resolve(source)) for source in configured}
+    listed = functools.cache(_contract_files)
+    found = []
+    for entry in recorded:
+        if entry["role"] != "source" or entry["path"].startswith(_NOT_FILES):
+            continue
+        if wanted is None or entry["path"] in wanted:
+            found += _source_changes(entry, listed)
+    digests().save()
+    return found
+
+
+def _source_changes(entry: dict, listed) -> list[str]:
+    where = paths.resolve(entry["path"])
+    if not where.exists():
+        return [f"{entry['path']} is missing"]
+    try:
+        now = hashing.fingerprint(where, digests().sized, entry["path"])
+    except OSError as exc:  # unreadable now: prepare reports it, naming the file
+        return [f"{entry['path']} cannot be read ({exc.strerror})"]
+    if now["sha256"] == entry["sha256"]:
+        return []
+    before = listed().get(entry["path"]) if where.is_dir() else None
+    changes = hashing.changed_files(before, now["files"]) if before is not None else []
+    if len(changes) > _MAX_NAMED:
+        changes = changes[:_MAX_NAMED] + [f"{len(changes) - _MAX_NAMED} more files in {entry['path']}"]
+    return changes or [f"{entry['path']} is changed"]
+
+
+def _contract_files() -> dict[str, list[dict]]:
+    """{source path: its files} as the data contract lists them; empty when it lists none or is unreadable."""
+    try:
+        contract = contracts.read_json(paths.DATA_CONTRACT, "data_contract")
+    except (PipelineError, OSError):
+        return {}
+    return {source["path"]: source["files"] for source in contract["sources"] if "files" in source}
+
+
+def stale_stages(experiment: str, sources: Sequence[str] | None = None) -> dict[str, list[str]]:
+    """Each finished stage that must run again, with why, one clause per reason: its recorded outputs are
+    missing or changed, or (prepare) the data it read changed. `sources`: data.source now (stale_sources)."""
     found = {}
     for stage in _STAGES:
         if stage.manifest:
+            reasons = []
             problems = stale_outputs(stage.name, experiment if stage.per_experiment else None)
             if problems:
-                found[stage.name] = problems
+                reasons.append("its recorded outputs are not on disk as it left them: " + "; ".join(problems))
+            if stage.name == "prepare" and (changed := stale_sources(sources)):
+                reasons.append("the data it read has changed since: " + "; ".join(changed))
+            if reasons:
+                found[stage.name] = reasons
     return found
 
 
 def make_include(experiment: str, stale: dict[str, list[str]] | None = None) -> str:
     """Make variables <stage>_DEPS: code, config slices, extra inputs and upstream manifests of each stage;
-    a stage in `stale` also depends on FORCE, so Make runs it again."""
+    a stage in `stale` (stale_stages) also depends on FORCE, so Make runs it again, and so every stage after
+    it, whose prerequisites include its manifest."""
     stale = stale or {}
     lines = ["# Written by `python -m pipeline.config slices` from scripts/pipeline/stages.py; do not edit."]
     shared = ("config/schemas/*.json",)  # every stage validates contract files against these

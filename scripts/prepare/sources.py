@@ -13,7 +13,7 @@ import logging
 import re
 from pathlib import Path
 
-from pipeline import hashing, paths
+from pipeline import hashing, manifest, paths
 from pipeline.errors import PipelineError
 
 import orjson
@@ -55,15 +55,11 @@ def read_source(source: str, cfg, tokenizer, skipped: list) -> dict:
         return builtin_source(source.removeprefix("builtin:"), cfg)
     path = paths.resolve(source)
     if path.is_file():
+        info = fingerprint(path)
         raw = {split_of(path): read_file(path, cfg, tokenizer, skipped)}
-        info = {"path": paths.display(path), "sha256": hashing.sha256_file(path), "bytes": path.stat().st_size}
     elif path.is_dir():
+        info = fingerprint(path)
         raw = read_folder(path, cfg, tokenizer, skipped)
-        info = {
-            "path": paths.display(path),
-            "sha256": hashing.sha256_tree(path),
-            "bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file()),
-        }
     elif path.suffix.lower() in TABLE_SUFFIXES + DOCUMENT_SUFFIXES:
         raise PipelineError(
             "data file not found",
@@ -80,6 +76,18 @@ def read_source(source: str, cfg, tokenizer, skipped: list) -> dict:
             fix="give an existing file or folder, builtin:tool-calls, or a hub dataset id",
         )
     return normalize_source(source, info, raw, cfg)
+
+
+def fingerprint(path: Path) -> dict:
+    """{"path", "sha256", "bytes", "files"} of a file or folder source: each file's path, bytes and sha256,
+    what `make` compares on every run (pipeline.stages.stale_sources) to run prepare again when one changed.
+    Taken before the records are read, so an edit made while prepare reads is seen by the next make. Through
+    the shared sha256 cache: the next make re-reads no file whose size and mtime are the same."""
+    shown = paths.display(path)
+    cache = manifest.digests()
+    found = hashing.fingerprint(path, cache.sized, shown)
+    cache.save()
+    return {"path": shown, **found}
 
 
 def normalize_source(source: str, info: dict, raw: dict, cfg) -> dict:
