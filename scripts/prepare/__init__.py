@@ -413,6 +413,7 @@ def data_contract(cfg, kind, template, sources, tool_schemas, model_manifest) ->
                 "bytes": s["bytes"],
                 "format": s["format"],
                 "records": len(s["raw"]),
+                **({"files": s["files"]} if s.get("files") else {}),
             }
             for s in sources
         ],
