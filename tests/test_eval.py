@@ -1,11 +1,15 @@
 """eval stage on the tiny model: every artifact scored, report with charts, contracts valid, the fast
-loss equal to the plain one, and bad input (empty test split, failing plugin, broken artifact)."""
+loss equal to the plain one, and bad input (empty test split, failing plugin, broken artifact); an
+artifact that cannot be scored fails the stage, and the next run scores only it (the score cache)."""
 
 from __future__ import annotations
 
+import re
+import shutil
 from pathlib import Path
 
 from pipeline import config, contracts, paths, splits
+from pipeline.manifest import file_entry
 
 import mlx.core as mx
 import numpy as np
@@ -20,8 +24,9 @@ import fuse
 import prepare
 import quantize
 from eval import metrics as eval_metrics
+from eval import scores
 from fixtures import datasets as fx
-from helpers import trained
+from helpers import error_line, make, trained
 from lm.llama_runner import shared_prefix_length
 from train.data import validation_loss
 
@@ -116,9 +121,9 @@ def test_empty_test_split_is_recorded_as_skipped(quantized_project):
     assert "Skipped" in (out_dir() / "report.md").read_text()
 
 
-def test_broken_artifact_and_failing_plugin_do_not_stop_the_rest(quantized_project, monkeypatch):
+def test_broken_artifact_and_failing_plugin_do_not_stop_the_rest(quantized_project, monkeypatch, caplog):
     # An artifact that fails to load although its files are what quantize made (a changed file is refused
-    # before anything is scored: test_bad_input).
+    # before anything is scored: test_bad_input). The others are scored and reported, then the stage fails.
     real_load = eval_stage.load
 
     def load(path, **kwargs):
@@ -132,10 +137,15 @@ def test_broken_artifact_and_failing_plugin_do_not_stop_the_rest(quantized_proje
         "def boom(prediction, reference, record):\n    raise RuntimeError('plugin bug')\n\n"
         "def nonempty(prediction, reference, record):\n    return bool(prediction)\n"
     )
-    assert eval_stage.main([*EVAL, "eval.plugins=[my_metrics:boom, my_metrics:nonempty]"]) == 0
+    assert eval_stage.main([*EVAL, "eval.plugins=[my_metrics:boom, my_metrics:nonempty]"]) == 2
+    line = error_line(caplog)
+    assert "main/mlx-affine-4bit-g64 (RuntimeError: cannot load this one)" in line and "1 of 6 artifacts" in line
+    assert not (out_dir() / "eval.manifest.json").exists()
     metrics = contracts.read_json(out_dir() / "metrics.json", "eval_metrics")
     by_kind = {a["kind"]: a for a in metrics["artifacts"]}
-    assert by_kind["mlx-quantized"]["status"] == "failed" and by_kind["mlx-quantized"]["error"]
+    assert by_kind["mlx-quantized"]["status"] == "failed"
+    assert by_kind["mlx-quantized"]["error"] == "RuntimeError: cannot load this one"
+    assert [a["status"] for a in metrics["artifacts"]].count("ok") == 5
     fused = by_kind["fused"]["metrics"]
     assert fused["my_metrics:boom"] == {"value": None, "status": "failed", "error": "RuntimeError: plugin bug"}
     assert fused["my_metrics:nonempty"]["status"] == "ok" and fused["normalized_match"]["status"] == "ok"
@@ -293,3 +303,123 @@ def test_generation_from_the_loss_pass_prompt_caches_gives_the_same_answers(quan
     stop = set(tokenizer.eos_token_ids)
     assert scored["answers"] == [tokenizer.decode([t for t in ids if t not in stop]).strip() for ids in fresh]
     assert scored["loss"] == pytest.approx(eval_stage.mlx_loss(model, list(items.values()), 4), rel=1e-4)
+
+
+# --- a failed artifact is a failed stage; the score cache -------------------------------------------
+
+
+def _artifacts() -> list[dict]:
+    return contracts.read_json(paths.artifacts_file("main"), "artifacts")["artifacts"]
+
+
+def _gguf() -> dict:
+    return next(a for a in _artifacts() if a["kind"] == "gguf")
+
+
+def _damage_gguf_as_if_quantize_wrote_it(gguf: dict) -> dict[Path, bytes]:
+    """A GGUF that llama.cpp refuses to load (its magic overwritten), recorded in artifacts.json and
+    quantize's manifest as quantize's own output, as a quantize that wrote a bad file would leave it:
+    eval's upstream checks pass and the failure is llama.cpp's. Returns the files' original bytes."""
+    path = paths.resolve(gguf["path"])
+    manifest_path = paths.run_dir("main") / "quantize.manifest.json"
+    originals = {p: p.read_bytes() for p in (path, paths.artifacts_file("main"), manifest_path)}
+    path.write_bytes(b"XXXX" + originals[path][4:])
+    artifacts = contracts.read_json(paths.artifacts_file("main"), "artifacts")
+    for artifact in artifacts["artifacts"]:
+        if artifact["id"] == gguf["id"]:
+            artifact.update({k: file_entry("gguf", path)[k] for k in ("sha256", "bytes")})
+    contracts.write_json(paths.artifacts_file("main"), artifacts, "artifacts")
+    manifest = contracts.read_json(manifest_path, "run_manifest")
+    for entry in manifest["outputs"]:
+        entry.update({k: file_entry(entry["role"], paths.resolve(entry["path"]))[k] for k in ("sha256", "bytes")})
+    contracts.write_json(manifest_path, manifest, "run_manifest")
+    return originals
+
+
+def _scored_lines(console: str) -> dict[str, str]:
+    """{artifact id: the rest of its progress line} from eval's log."""
+    return dict(re.findall(r"\[eval\] \[\d+/\d+\] (\S+): (.*)", console))
+
+
+@pytest.fixture
+def made_copy(finished, finished_copy) -> Path:
+    """finished_copy as Make left it: with the config slices (in .state/, which finished_copy leaves out, so
+    that Make would run every stage again), `make -q all` says it is up to date."""
+    shutil.copytree(finished / ".state" / "config", finished_copy / ".state" / "config")
+    assert make(finished_copy, "-q", "all", check=False).returncode == 0
+    return finished_copy
+
+
+def test_a_failed_artifact_fails_eval_and_the_next_run_scores_only_it(made_copy):
+    root, gguf = made_copy, _gguf()
+    manifest = root / "eval_out" / "main" / "eval.manifest.json"
+    originals = _damage_gguf_as_if_quantize_wrote_it(gguf)
+
+    failed = make(root, "eval", check=False)
+    console = failed.stdout + failed.stderr
+    assert failed.returncode != 0, console
+    assert "Traceback" not in console, console  # a model that cannot be loaded is not a bug in eval
+    errors = [line for line in console.splitlines() if "[eval] error:" in line]
+    assert len(errors) == 1, console
+    assert f"{gguf['id']} (ValueError: Failed to load model from file: {gguf['path']})" in errors[0]
+    assert "1 of 4 artifacts could not be scored" in errors[0] and " -- fix: " in errors[0]
+    # not done: no manifest, so Make runs eval again; what it found is there for people to read
+    assert not manifest.exists() and make(root, "-q", "eval", check=False).returncode != 0
+    metrics = contracts.read_json(root / "eval_out/main/metrics.json", "eval_metrics")
+    assert {a["id"]: a["status"] for a in metrics["artifacts"]} == {
+        a["id"]: "failed" if a["id"] == gguf["id"] else "ok"
+        for a in _artifacts()
+        if a["kind"] in eval_stage.SCORED_KINDS
+    }
+    assert f"`{gguf['id']}` could not be scored" in (root / "eval_out/main/report.md").read_text()
+    error_log = (root / "eval_out/main/logs/eval-error.log").read_text()
+    assert gguf["id"] in error_log and "Traceback" in error_log and "llama_cpp" in error_log
+    cached = {a["id"]: scores.cache_path("main", a["id"]) for a in metrics["artifacts"]}
+    assert [aid for aid, path in cached.items() if not path.is_file()] == [gguf["id"]]
+    mtimes = {aid: path.stat().st_mtime_ns for aid, path in cached.items() if aid != gguf["id"]}
+
+    for path, data in originals.items():  # quantize's own file and records again
+        path.write_bytes(data)
+    fixed = make(root, "eval")
+    lines = _scored_lines(fixed.stdout + fixed.stderr)
+    assert set(lines) == set(cached), fixed.stderr
+    assert [aid for aid, line in lines.items() if "(cached" not in line] == [gguf["id"]], fixed.stderr
+    assert {aid: cached[aid].stat().st_mtime_ns for aid in mtimes} == mtimes and cached[gguf["id"]].is_file()
+    metrics = contracts.read_json(root / "eval_out/main/metrics.json", "eval_metrics")
+    assert all(a["status"] == "ok" for a in metrics["artifacts"])
+    assert {a["id"]: a["cached"] for a in metrics["artifacts"]} == {aid: aid != gguf["id"] for aid in cached}
+    assert manifest.is_file() and not (root / "eval_out/main/logs/eval-error.log").exists()
+    assert make(root, "-q", "eval", check=False).returncode == 0
+
+
+def test_cached_scores_are_reused_until_what_they_depend_on_changes(finished_copy):
+    def run(*overrides) -> dict[str, dict]:
+        assert eval_stage.main(list(overrides)) == 0
+        return {a["id"]: a for a in contracts.read_json(out_dir() / "metrics.json", "eval_metrics")["artifacts"]}
+
+    first = run()
+    assert not any(a["cached"] for a in first.values())
+    scores.cache_path("main", "base").write_text("{not json")  # a damaged cache entry is only a miss
+    second = run("eval.examples=1", "eval.ship.within_points=5")  # settings that act after scoring
+    assert {aid: a["cached"] for aid, a in second.items()} == {aid: aid != "base" for aid in first}
+    same = ("loss", "perplexity", "metrics", "delta_vs_base")  # deterministic: re-scored base included
+    assert [{k: a[k] for k in same} for a in second.values()] == [{k: a[k] for k in same} for a in first.values()]
+    third = run("eval.max_tokens=5")  # a setting the scores depend on
+    assert not any(a["cached"] for a in third.values())
+    assert all(a["generation"]["tokens"] <= 5 * 4 for a in third.values())
+
+
+def test_a_bug_in_eval_is_raised_not_recorded_as_a_failed_artifact(finished_copy, monkeypatch, caplog):
+    def buggy(*args, **kwargs):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'NoneType'")
+
+    monkeypatch.setattr(eval_stage, "score_mlx", buggy)
+    before = {p: p.read_bytes() for p in sorted((finished_copy / "eval_out").rglob("*")) if p.is_file()}
+    with pytest.raises(TypeError, match="unsupported operand"):
+        eval_stage.run(config.load_config([]))
+    assert eval_stage.main([]) == 1  # the CLI's bug report: one line, the traceback in a file
+    assert "this is a bug in the eval stage" in error_line(caplog)
+    assert "TypeError" in (out_dir() / "logs" / "eval-error.log").read_text()
+    after = {p: p.read_bytes() for p in sorted((finished_copy / "eval_out").rglob("*")) if p.is_file()}
+    assert {p: d for p, d in after.items() if p.parent.name != "logs"} == before  # nothing recorded
+    assert not scores.cache_path("main", "base").exists()

@@ -8,6 +8,12 @@ eval.max_tokens new tokens) and task metrics on them. Writes eval_out/<experimen
 final_generations.jsonl, metrics.json (eval_metrics), generation_policy.json (generation_policy),
 report.md with charts — then eval_out/summary.md across experiments and, last,
 eval_out/<experiment>/eval.manifest.json (run_manifest).
+
+An artifact that cannot be scored (it fails to load or run: SCORING_FAILURES) does not stop the others,
+but it fails the stage: the report and metrics show it, its traceback is in
+eval_out/<experiment>/logs/eval-error.log, no manifest is written (so Make runs eval again) and the
+error line names it. Scores are cached per artifact (eval.scores), so the next run scores only the
+artifacts that failed or changed.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import logging
 import math
 import os
 import time
+import traceback
 from pathlib import Path
 
 import pipeline  # noqa: F401  (loads the fast BLAS before MLX)
@@ -38,12 +45,17 @@ from mlx_lm.utils import dequantize_model
 
 from eval import metrics as eval_metrics
 from eval import report as eval_report
+from eval import scores
 from lm import llama_runner, tokens
 from lm.llama_runner import shared_prefix_length
 
 log = logging.getLogger("eval")
 
 SCORED_KINDS = ("base", "adapter", "fused", "mlx-quantized", "gguf")
+# How a model fails to load or run (a damaged file, a llama.cpp error, out of memory): recorded against
+# the artifact, and the stage fails after scoring the rest. Any other exception is a bug in eval: it
+# propagates with its traceback.
+SCORING_FAILURES = (RuntimeError, ValueError, OSError, MemoryError, PipelineError)
 
 
 def build_parser():
@@ -71,6 +83,7 @@ def run(cfg) -> Path:
     selected = [a for a in artifacts if a["kind"] in ecfg.artifacts and a["kind"] in SCORED_KINDS]
 
     tokenizer = load_tokenizer(artifacts)
+    tracebacks: dict[str, str] = {}  # of the artifacts that could not be scored
     if not records:
         results, prompts, answers = [], [], {}
         skipped = f"the test split ({contract['splits']['test']}) has no records"
@@ -80,10 +93,18 @@ def run(cfg) -> Path:
         prompts, references = prompts_and_references(records, contract, tokenizer)
         loss_items = loss_items_for(records, contract, tokenizer)
         tool_schemas = read_tool_schemas(contract)
+        common_key = scores.common_key(config.section(cfg, "eval"), contract)
         results, answers = [], {}
         with ItemProgress(len(selected), "eval", log) as progress:
             for artifact in selected:
-                result = score_artifact(artifact, artifacts, prompts, loss_items, tokenizer, ecfg)
+                key = scores.artifact_key(artifact, artifacts, common_key)
+                result = cached_result(experiment, artifact, key)
+                if result is None:
+                    result = score_artifact(artifact, artifacts, prompts, loss_items, tokenizer, ecfg)
+                    if result["status"] == "ok":
+                        scores.save(experiment, artifact["id"], key, result)
+                    else:
+                        tracebacks[artifact["id"]] = result.pop("traceback")
                 if result["status"] == "ok":
                     answers[artifact["id"]] = result.pop("answers")
                     result["metrics"] = eval_metrics.score(
@@ -102,15 +123,23 @@ def run(cfg) -> Path:
         contracts.write_json(tmp / "metrics.json", metrics, "eval_metrics")
         contracts.write_json(tmp / "generation_policy.json", policy, "generation_policy")
         eval_report.write_report(tmp, experiment, metrics, policy, run_dir, contract)
+        if tracebacks:
+            write_error_log(tmp / "logs" / "eval-error.log", tracebacks)
     summary_out = stage.staged(paths.EVAL_SUMMARY)
     eval_report.write_summary(summary_out, paths.EVAL_DIR, paths.EXPERIMENTS_CSV, {experiment: staged_dir})
+    manifest_path = stages.get("eval").manifest_path(experiment)
+    if tracebacks:
+        # The report shows the failure, so it replaces the last one; the manifest that vouched for the
+        # last one goes with it and no new one is written: the stage is not done, and Make runs it again.
+        stage.staging.commit(manifest_path, lambda path: None)
+        raise failed_artifacts_error(results, experiment, out_dir)
     inputs = [
         file_entry("artifacts", paths.artifacts_file(experiment)),
         file_entry("data_contract", paths.DATA_CONTRACT),
     ]
     outputs = [stage.entry(p.stem, out_dir / p.name) for p in sorted(staged_dir.iterdir()) if p.is_file()]
     stage.finish(
-        stages.get("eval").manifest_path(experiment),
+        manifest_path,
         inputs,
         outputs,
         {"task_metric": task_metric, "ship": policy["ship"], "skipped": skipped},
@@ -174,8 +203,18 @@ def loss_items_for(records, contract, tokenizer) -> dict[int, tuple]:
     return items
 
 
+def cached_result(experiment: str, artifact: dict, key: dict) -> dict | None:
+    """The artifact's scores from an earlier run with the same key, described as the artifact is now."""
+    result = scores.cached(experiment, artifact["id"], key)
+    if result is None:
+        return None
+    return {**result, **{k: artifact[k] for k in ("id", "kind", "format", "path", "bytes")}, "cached": True}
+
+
 def score_artifact(artifact, artifacts, prompts, loss_items, tokenizer, ecfg) -> dict:
-    """Loss and answers of one artifact; a failure to load or run it is recorded, not raised."""
+    """Loss and answers of one artifact. A failure of the model to load or run (SCORING_FAILURES) is
+    recorded as status "failed" with its first line, and its traceback under "traceback"; any other
+    exception is a bug in eval and is raised."""
     result = {key: artifact[key] for key in ("id", "kind", "format", "path", "bytes")}
     start = time.monotonic()
     try:
@@ -183,13 +222,39 @@ def score_artifact(artifact, artifacts, prompts, loss_items, tokenizer, ecfg) ->
             result.update(score_gguf(paths.resolve(artifact["path"]), prompts, loss_items, tokenizer, ecfg))
         else:
             result.update(score_mlx(artifact, artifacts, prompts, loss_items, tokenizer, ecfg))
-        result["status"] = "ok"
-    except Exception as exc:  # one broken artifact must not hide the others' scores
-        log.error("%s failed: %s: %s", artifact["id"], type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-        result.update({"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:500]})
+        result.update(status="ok", cached=False)
+    except SCORING_FAILURES as exc:  # one broken artifact must not hide the others' scores
+        log.debug("%s could not be scored:", artifact["id"], exc_info=exc)
+        result.update(status="failed", error=first_line(exc)[:500], traceback="".join(traceback.format_exception(exc)))
     result["seconds"] = round(time.monotonic() - start, 2)
     gc.collect()
     return result
+
+
+def first_line(exc: BaseException) -> str:
+    """The exception's type and first line, with the project's paths shown relative to it."""
+    text = str(exc).strip().replace(f"{paths.ROOT}{os.sep}", "")
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def failed_artifacts_error(results: list[dict], experiment: str, out_dir: Path) -> PipelineError:
+    failed = [r for r in results if r["status"] == "failed"]
+    named = "; ".join(f"{r['id']} ({r['error']})" for r in failed)
+    return PipelineError(
+        f"{len(failed)} of {len(results)} artifacts could not be scored: {named}",
+        where=paths.display(out_dir / "report.md"),
+        fix=f"the traceback is in {paths.display(out_dir / 'logs' / 'eval-error.log')}; fix the cause and run "
+        f"`{stages.make_command('eval', experiment)}` again: it scores only what failed or changed",
+    )
+
+
+def write_error_log(path: Path, tracebacks: dict[str, str]) -> None:
+    """Where the CLI leaves a bug's traceback: here, each artifact that could not be scored and why."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    text = "".join(f"{stamp} eval: {aid} could not be scored\n{trace}\n" for aid, trace in tracebacks.items())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contracts.atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def load_mlx(artifact: dict, artifacts: list[dict]):
@@ -407,9 +472,9 @@ def summary_line(result: dict, task_metric: str) -> str:
         return f"{result['id']}: FAILED ({result['error'][:120]})"
     metric = result["metrics"].get(task_metric, {}).get("value")
     speed = result["generation"]["tokens_per_second"]
-    return (
-        f"{result['id']}: loss {result['loss']:.4f}  {task_metric} {metric}  ({result['seconds']:.0f} s, {speed} tok/s)"
-    )
+    timing = "cached: scored by an earlier run" if result.get("cached") else f"{result['seconds']:.0f} s, {speed} tok/s"
+    loss = "n/a" if result["loss"] is None else f"{result['loss']:.4f}"  # NaN (no scored token) is null in JSON
+    return f"{result['id']}: loss {loss}  {task_metric} {metric}  ({timing})"
 
 
 def add_deltas(results: list[dict], task_metric: str) -> None:
