@@ -79,7 +79,16 @@ def test_eval_scores_every_artifact_and_writes_the_report(quantized_project):
 
     rows = [orjson.loads(line) for line in (out_dir() / "final_generations.jsonl").read_text().splitlines()]
     assert len(rows) == metrics["test_records"] == 6
-    assert set(rows[0]["outputs"]) == {a["id"] for a in metrics["artifacts"]} and rows[0]["reference"]
+    answered = {a["id"] for a in metrics["artifacts"] if a["generation"]}
+    assert set(rows[0]["outputs"]) == answered and rows[0]["reference"]
+    # proven equal to the fused model by fuse's and quantize's checks: scored on loss only
+    loss_only = {a["id"]: a["loss_only_reason"] for a in metrics["artifacts"] if not a["generation"]}
+    assert set(loss_only) == {"main/adapter", "main/main-f16.gguf"} and all(loss_only.values())
+    assert all(len(a["per_record"]["loss"]) == 6 for a in metrics["artifacts"])
+    assert all(len(a["per_record"]["call_f1"]) == 6 for a in metrics["artifacts"] if a["generation"])
+    v = metrics["verdict"]
+    assert v["answer"] in ("Yes", "No", "Can't tell") and v["low"] <= v["difference"] <= v["high"]
+    assert v["records"] == 6 and v["tuned_id"] == "main/fused" and v["metric"] == "call_f1"
     for chart in ("task_metric.png", "size_vs_quality.png", "loss_curve.png"):
         assert (out_dir() / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out_dir() / "report.md").read_text()
@@ -167,7 +176,9 @@ def test_missing_artifacts_is_one_clear_error(project, caplog):
     assert "no artifacts to score" in caplog.text
 
 
-def _result(artifact_id, kind, size, value):
+def _result(artifact_id, kind, size, correct: list[int]):
+    """An artifact scored on 40 test records, `correct` the indices of its right answers."""
+    per_record = [100.0 if i in correct else 0.0 for i in range(40)]
     return {
         "id": artifact_id,
         "kind": kind,
@@ -175,23 +186,34 @@ def _result(artifact_id, kind, size, value):
         "path": artifact_id,
         "bytes": size,
         "status": "ok",
-        "metrics": {"normalized_match": {"value": value, "status": "ok"}},
+        "loss": 1.0,
+        "metrics": {"normalized_match": {"value": sum(per_record) / 40, "status": "ok"}},
+        "per_record": {"normalized_match": per_record},
     }
 
 
-@pytest.mark.parametrize("q4_value, expected", [(79.0, "q4"), (77.5, "q8"), (60.0, "fused"), (79.0, None)])
-def test_ship_rule_picks_the_smallest_within_the_margin(q4_value, expected):
+FUSED_RIGHT = list(range(32))  # 80 points
+
+
+@pytest.mark.parametrize(
+    "q4_right, expected",
+    [
+        (FUSED_RIGHT, "q4"),  # the same answers: ships the smallest
+        (FUSED_RIGHT[:31], "q4"),  # one answer fewer: not shown worse by more than 2 points
+        (FUSED_RIGHT[:20], "q8"),  # 30 points worse, the whole interval below -2
+        (FUSED_RIGHT, None),  # no fused model to compare with
+    ],
+)
+def test_ship_rule_reads_the_paired_interval(q4_right, expected):
     cfg = config.load_config([])
     results = [
-        _result("base", "base", 500, 0.0),
-        _result("fused", "fused", 500, 80.0),
-        _result("q8", "gguf", 150, 78.5),
-        _result("q4", "gguf", 90, q4_value),
+        _result("base", "base", 500, []),
+        _result("fused", "fused", 500, FUSED_RIGHT),
+        _result("q8", "gguf", 150, FUSED_RIGHT[:31]),
+        _result("q4", "gguf", 90, q4_right),
     ]
-    if expected == "fused":
-        results[2]["metrics"]["normalized_match"]["value"] = 10.0
     if expected is None:
-        results[1]["status"] = "failed"  # nothing to compare with
+        results[1]["status"] = "failed"
     contract = {"template": {"id": "model", "sha256": "0" * 64}}
 
     class Tok:
@@ -203,9 +225,11 @@ def test_ship_rule_picks_the_smallest_within_the_margin(q4_value, expected):
     policy = eval_stage.generation_policy("main", results, contract, Tok(), cfg.eval, "normalized_match", None)
     contracts.validate({"schema_version": 1, **policy}, "generation_policy", where="test")
     if expected is None:
-        assert policy["ship"] is None and "no scored fused artifact" in policy["reason"]
-    else:
-        assert policy["ship"]["id"] == expected
+        assert policy["ship"] is None and "no fused artifact scored" in policy["reason"]
+        return
+    assert policy["ship"]["id"] == expected
+    q4 = next(c for c in policy["comparisons"] if c["id"] == "q4")
+    assert q4["qualifies"] == (expected == "q4") and q4["low"] <= q4["difference"] <= q4["high"]
 
 
 def test_metrics_compare_json_by_value_and_check_schemas():
@@ -284,7 +308,7 @@ def test_generation_from_the_loss_pass_prompt_caches_gives_the_same_answers(quan
         {"seed": 0, "temperature": 0.0, "top_p": 1.0, "max_tokens": 10, "batch_size": 3, "loss_batch_size": 2}
     )
     keep = {k: len(prompts[j]) for k, j in enumerate(items)}
-    _, _, caches = eval_stage.mlx_nll(model, list(items.values()), 2, keep)
+    _, caches = eval_stage.mlx_nll(model, list(items.values()), 2, keep)
     assert sorted(caches) == sorted(keep)
     for k, j in enumerate(
         items
@@ -292,14 +316,14 @@ def test_generation_from_the_loss_pass_prompt_caches_gives_the_same_answers(quan
         assert caches[k][0].offset == len(prompts[j]) - 1
         from_cache = model(mx.array([prompts[j][-1:]]), cache=caches[k])[0, -1]
         np.testing.assert_allclose(np.array(from_cache), np.array(model(mx.array([prompts[j]]))[0, -1]), atol=1e-4)
-    _, _, caches = eval_stage.mlx_nll(model, list(items.values()), 2, keep)
+    _, caches = eval_stage.mlx_nll(model, list(items.values()), 2, keep)
     fresh = eval_stage.mlx_generate(model, tokenizer, prompts, ecfg)
     artifact = next(
         a
         for a in contracts.read_json(paths.RUNS_DIR / "main" / "artifacts.json", "artifacts")["artifacts"]
         if a["kind"] == "fused"
     )
-    scored = eval_stage.score_mlx(artifact, [artifact], prompts, items, tokenizer, ecfg)
+    scored = eval_stage.score_mlx(artifact, [artifact], prompts, items, tokenizer, ecfg, [10] * len(prompts))
     stop = set(tokenizer.eos_token_ids)
     assert scored["answers"] == [tokenizer.decode([t for t in ids if t not in stop]).strip() for ids in fresh]
     assert scored["loss"] == pytest.approx(eval_stage.mlx_loss(model, list(items.values()), 4), rel=1e-4)
@@ -406,7 +430,7 @@ def test_cached_scores_are_reused_until_what_they_depend_on_changes(finished_cop
     assert [{k: a[k] for k in same} for a in second.values()] == [{k: a[k] for k in same} for a in first.values()]
     third = run("eval.max_tokens=5")  # a setting the scores depend on
     assert not any(a["cached"] for a in third.values())
-    assert all(a["generation"]["tokens"] <= 5 * 4 for a in third.values())
+    assert all(a["generation"]["tokens"] <= 5 * 4 for a in third.values() if a["generation"])
 
 
 def test_a_bug_in_eval_is_raised_not_recorded_as_a_failed_artifact(finished_copy, monkeypatch, caplog):

@@ -45,7 +45,7 @@ from mlx_lm.utils import dequantize_model
 
 from eval import metrics as eval_metrics
 from eval import report as eval_report
-from eval import scores
+from eval import scores, verdict
 from lm import llama_runner, tokens
 from lm.llama_runner import shared_prefix_length
 
@@ -78,43 +78,45 @@ def run(cfg) -> Path:
         stages.read_manifest(upstream, experiment)  # every artifact is still what its stage made
     contract = contracts.read_json(paths.DATA_CONTRACT, "data_contract")
     plugins = eval_metrics.load_plugins(ecfg.plugins)
-    task_metric = resolve_task_metric(ecfg.task_metric, contract, plugins)
     records = splits.read_split(contract, "test", ecfg.records)
     selected = [a for a in artifacts if a["kind"] in ecfg.artifacts and a["kind"] in SCORED_KINDS]
 
     tokenizer = load_tokenizer(artifacts)
     tracebacks: dict[str, str] = {}  # of the artifacts that could not be scored
+    tool_schemas = read_tool_schemas(contract)
+    prompts, references = prompts_and_references(records, contract, tokenizer)
+    caps = answer_caps(references[: answered_count(len(records), ecfg.answer_records)], tokenizer, ecfg.max_tokens)
+    task_metric, task_reason = resolve_task_metric(ecfg.task_metric, contract, plugins, references, tokenizer, ecfg)
+    results, answers, skipped = [], {}, None
     if not records:
-        results, prompts, answers = [], [], {}
         skipped = f"the test split ({contract['splits']['test']}) has no records"
         log.warning("eval skipped: %s", skipped)
     else:
-        skipped = None
-        prompts, references = prompts_and_references(records, contract, tokenizer)
         loss_items = loss_items_for(records, contract, tokenizer)
-        tool_schemas = read_tool_schemas(contract)
         common_key = scores.common_key(config.section(cfg, "eval"), contract)
-        results, answers = [], {}
+        proven = proven_equal(artifacts, selected, experiment) if ecfg.proven == "loss-only" else {}
         with ItemProgress(len(selected), "eval", log) as progress:
             for artifact in selected:
                 key = scores.artifact_key(artifact, artifacts, common_key)
                 result = cached_result(experiment, artifact, key)
                 if result is None:
-                    result = score_artifact(artifact, artifacts, prompts, loss_items, tokenizer, ecfg)
+                    answer_caps_ = [] if artifact["id"] in proven else caps
+                    result = score_artifact(artifact, artifacts, prompts, loss_items, tokenizer, ecfg, answer_caps_)
                     if result["status"] == "ok":
                         scores.save(experiment, artifact["id"], key, result)
                     else:
                         tracebacks[artifact["id"]] = result.pop("traceback")
                 if result["status"] == "ok":
-                    answers[artifact["id"]] = result.pop("answers")
-                    result["metrics"] = eval_metrics.score(
-                        answers[artifact["id"]], references, records, tool_schemas, plugins
-                    )
+                    add_task_metrics(result, answers, references, records, tool_schemas, plugins)
+                    if artifact["id"] in proven:
+                        result["loss_only_reason"] = proven[artifact["id"]]
                 results.append(result)
                 progress.advance(summary_line(result, task_metric))
         add_deltas(results, task_metric)
 
-    metrics = metrics_document(experiment, contract, records, results, task_metric, skipped)
+    outcome = verdict.outcome(results, task_metric)
+    metrics = metrics_document(experiment, contract, records, results, (task_metric, task_reason), skipped)
+    metrics.update(answered_records=len(caps) if records else 0, verdict=outcome)
     policy = generation_policy(experiment, results, contract, tokenizer, ecfg, task_metric, skipped)
     staged_dir = stage.staged(out_dir)
     with contracts.atomic_dir(staged_dir) as tmp:
@@ -142,7 +144,7 @@ def run(cfg) -> Path:
         manifest_path,
         inputs,
         outputs,
-        {"task_metric": task_metric, "ship": policy["ship"], "skipped": skipped},
+        {"task_metric": task_metric, "verdict": outcome, "ship": policy["ship"], "skipped": skipped},
     )
     log.info("report: %s", paths.display(out_dir / "report.md"))
     return out_dir
@@ -160,19 +162,75 @@ def read_artifacts(experiment: str) -> list[dict]:
     return contracts.read_json(path, "artifacts")["artifacts"]
 
 
-def resolve_task_metric(name: str, contract: dict, plugins: dict) -> str:
-    available = [
-        m for m in eval_metrics.BUILTIN if m not in eval_metrics.TOOL_METRICS or contract.get("tool_schemas")
-    ] + list(plugins)
+def resolve_task_metric(name: str, contract: dict, plugins: dict, references, tokenizer, ecfg) -> tuple[str, str]:
+    """(the metric that decides, why): eval.task_metric, or for auto the one the data calls for (eval.verdict)."""
     if name == "auto":
-        return "call_f1" if contract.get("tool_schemas") else "normalized_match"
+        lengths = [len(tokenizer.encode(r, add_special_tokens=False)) for r in references]
+        return verdict.choose_task_metric(
+            contract["format"], references, lengths, contract.get("tool_schemas"), ecfg.max_tokens
+        )
+    available = (
+        ["loss"]
+        + [m for m in eval_metrics.BUILTIN if m not in eval_metrics.TOOL_METRICS or contract.get("tool_schemas")]
+        + list(plugins)
+    )
     if name not in available:
         raise PipelineError(
             f"eval.task_metric '{name}' is not measured for this data",
             where="config eval.task_metric",
             fix=f"use auto or one of: {', '.join(available)}",
         )
-    return name
+    return name, "set in eval.task_metric"
+
+
+def answered_count(records: int, answer_records: int) -> int:
+    return records if answer_records == -1 else min(records, answer_records)
+
+
+def answer_caps(references: list[str], tokenizer, max_tokens: int) -> list[int]:
+    """Each answered prompt's cap on new tokens: twice its reference's length and a margin, at most
+    eval.max_tokens (an answer far longer than the reference scores no better, and costs the most)."""
+    return [min(max_tokens, 2 * len(tokenizer.encode(r, add_special_tokens=False)) + 8) for r in references]
+
+
+def proven_equal(artifacts: list[dict], selected: list[dict], experiment: str) -> dict[str, str]:
+    """{artifact id: why} for the artifacts a check already proved equal to the fused model, when it is
+    scored too: base + adapter (fuse compares their logits and stops on a difference) and the float
+    GGUF (quantize's export check found the same greedy tokens on every check prompt)."""
+    by_id = {a["id"]: a for a in artifacts}
+    fused = next((a for a in selected if a["kind"] == "fused"), None)
+    if fused is None:
+        return {}
+    proven = {}
+    if fused["parent"] in by_id and by_id[fused["parent"]]["kind"] == "adapter":
+        proven[fused["parent"]] = "fuse proved its logits equal to the fused model's"
+    check = (
+        stages.read_manifest("quantize", experiment)["details"].get("export_check")
+        if any(a["kind"] == "gguf" for a in selected)
+        else None
+    )
+    if check and check["prompts"] and check["matching"] == check["prompts"]:
+        for a in selected:
+            if a["kind"] == "gguf" and a["parent"] == fused["id"]:
+                proven[a["id"]] = (
+                    f"quantize's export check found the fused model's greedy tokens on all {check['prompts']} "
+                    "check prompts"
+                )
+    return {aid: why for aid, why in proven.items() if aid in {a["id"] for a in selected}}
+
+
+def add_task_metrics(result: dict, answers: dict, references, records, tool_schemas, plugins) -> None:
+    """The task metrics of a scored artifact's answers (none for one scored on loss only), with their
+    per-record values for the paired intervals."""
+    texts = result.pop("answers")
+    if texts is None:
+        result["metrics"] = {}
+        return
+    answers[result["id"]] = texts
+    n = len(texts)
+    table, per_record = eval_metrics.score_records(texts, references[:n], records[:n], tool_schemas, plugins)
+    result["metrics"] = table
+    result["per_record"] = {**result["per_record"], **per_record}
 
 
 def read_tool_schemas(contract: dict) -> dict | None:
@@ -211,17 +269,18 @@ def cached_result(experiment: str, artifact: dict, key: dict) -> dict | None:
     return {**result, **{k: artifact[k] for k in ("id", "kind", "format", "path", "bytes")}, "cached": True}
 
 
-def score_artifact(artifact, artifacts, prompts, loss_items, tokenizer, ecfg) -> dict:
-    """Loss and answers of one artifact. A failure of the model to load or run (SCORING_FAILURES) is
+def score_artifact(artifact, artifacts, prompts, loss_items, tokenizer, ecfg, caps: list[int]) -> dict:
+    """Loss on every record and answers to the first len(caps) prompts, each capped at its cap (no
+    answers when caps is empty: scored on loss only). A failure of the model to load or run (SCORING_FAILURES) is
     recorded as status "failed" with its first line, and its traceback under "traceback"; any other
     exception is a bug in eval and is raised."""
     result = {key: artifact[key] for key in ("id", "kind", "format", "path", "bytes")}
     start = time.monotonic()
     try:
         if artifact["kind"] == "gguf":
-            result.update(score_gguf(paths.resolve(artifact["path"]), prompts, loss_items, tokenizer, ecfg))
+            result.update(score_gguf(paths.resolve(artifact["path"]), prompts, loss_items, tokenizer, ecfg, caps))
         else:
-            result.update(score_mlx(artifact, artifacts, prompts, loss_items, tokenizer, ecfg))
+            result.update(score_mlx(artifact, artifacts, prompts, loss_items, tokenizer, ecfg, caps))
         result.update(status="ok", cached=False)
     except SCORING_FAILURES as exc:  # one broken artifact must not hide the others' scores
         log.debug("%s could not be scored:", artifact["id"], exc_info=exc)
@@ -274,28 +333,38 @@ def load_mlx(artifact: dict, artifacts: list[dict]):
     return model
 
 
-def score_mlx(artifact, artifacts, prompts, loss_items, tokenizer, ecfg) -> dict:
-    """Loss and answers, eval.batch_size prompts at a time: the loss pass over prompt + reference keeps
-    each prompt's KV cache, and generation starts from it instead of computing the prompt again."""
+def score_mlx(artifact, artifacts, prompts, loss_items, tokenizer, ecfg, caps: list[int]) -> dict:
+    """Loss and answers, eval.batch_size records at a time: the loss pass over prompt + reference keeps
+    each answered prompt's KV cache, and generation starts from it instead of computing the prompt again."""
     model = load_mlx(artifact, artifacts)
-    total, count, seconds, generated = 0.0, 0, 0.0, []
+    per_item, seconds, generated = {}, 0.0, []
     for first in range(0, len(prompts), ecfg.batch_size):
         chunk = list(range(first, min(first + ecfg.batch_size, len(prompts))))
         scored = [j for j in chunk if j in loss_items]
-        keep = {k: len(prompts[j]) for k, j in enumerate(scored) if _starts_with(loss_items[j][0], prompts[j])}
-        nll, tokens, caches = mlx_nll(model, [loss_items[j] for j in scored], ecfg.loss_batch_size, keep)
-        total, count = total + nll, count + tokens
+        answered = [j for j in chunk if j < len(caps)]
+        keep = {
+            k: len(prompts[j])
+            for k, j in enumerate(scored)
+            if j < len(caps) and _starts_with(loss_items[j][0], prompts[j])
+        }
+        nll, caches = mlx_nll(model, [loss_items[j] for j in scored], ecfg.loss_batch_size, keep)
+        per_item.update(zip(scored, nll))
         prompt_caches = {scored[k]: cache for k, cache in caches.items()}
         start = time.monotonic()
-        generated += mlx_generate(
-            model, tokenizer, [prompts[j] for j in chunk], ecfg, [prompt_caches.get(j) for j in chunk]
-        )
+        if answered:
+            generated += mlx_generate(
+                model,
+                tokenizer,
+                [prompts[j] for j in answered],
+                ecfg,
+                [prompt_caches.get(j) for j in answered],
+                [caps[j] for j in answered],
+            )
         seconds += time.monotonic() - start
         del caches, prompt_caches
     del model
     mx.clear_cache()
-    loss = total / count if count else float("nan")
-    return {"engine": "mlx", **loss_fields(loss), **answers_and_speed(generated, tokenizer, seconds, ecfg.max_tokens)}
+    return {"engine": "mlx", **loss_fields(per_item), **answers_and_speed(generated, tokenizer, seconds, caps)}
 
 
 def _starts_with(ids, prompt: list[int]) -> bool:
@@ -304,25 +373,26 @@ def _starts_with(ids, prompt: list[int]) -> bool:
 
 def mlx_loss(model, items, batch_size: int) -> float:
     """Token-weighted mean loss over every item (the trained tokens only)."""
-    total, count, _ = mlx_nll(model, items, batch_size)
-    return total / count if count else float("nan")
+    per_item, _ = mlx_nll(model, items, batch_size)
+    count = sum(n for _, n in per_item)
+    return sum(nll for nll, _ in per_item) / count if count else float("nan")
 
 
-def mlx_nll(model, items, batch_size: int, keep: dict[int, int] | None = None) -> tuple[float, int, dict[int, list]]:
-    """Summed loss over the items' trained tokens, their count, and for each item index in `keep`
-    ({index: prompt length}) the KV cache of its prompt but the last token, ready for generation.
+def mlx_nll(model, items, batch_size: int, keep: dict[int, int] | None = None) -> tuple[list, dict[int, list]]:
+    """Each item's (summed loss over its trained tokens, their count), and for each item index in
+    `keep` ({index: prompt length}) the KV cache of its prompt but the last token, ready for generation.
 
     The prefix all items share (the system prompt) is run once and its KV cache reused by every
     batch, and the output layer is applied only where a token is scored: on CPU, where MLX's exp
     is slow, that is most of the cost.
     """
     if not items:
-        return 0.0, 0, {}
+        return [], {}
     prefix = shared_prefix_length(items)
     prefix_cache = _prefix_cache(model, items[0][0][:prefix]) if prefix else None
     keep = keep if keep and all(type(c) is KVCache for c in make_prompt_cache(model)) else {}
     order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
-    total, count, kept = 0.0, 0, {}
+    per_item, kept = [(0.0, 0)] * len(items), {}
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
         batch = [items[i] for i in indices]
@@ -339,15 +409,14 @@ def mlx_nll(model, items, batch_size: int, keep: dict[int, int] | None = None) -
         cache = _tiled_cache(prefix_cache, len(batch)) if prefix_cache else (make_prompt_cache(model) if keep else None)
         hidden = model.model(mx.array(inputs), cache=cache)
         logits = _output_layer(model, hidden[mx.array(rows), mx.array(cols)]).astype(mx.float32)
-        nll = (
-            mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, mx.array(targets)[:, None], axis=-1)[:, 0]
-        ).sum()
-        total += nll.item()
-        count += len(targets)
+        nll = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, mx.array(targets)[:, None], axis=-1)[:, 0]
+        sums = np.bincount(rows, weights=np.array(nll, np.float64), minlength=len(batch))
+        counts = np.bincount(rows, minlength=len(batch))
         for row, index in enumerate(indices):
+            per_item[index] = (float(sums[row]), int(counts[row]))
             if index in keep:
                 kept[index] = _row_cache(cache, row, keep[index] - 1)
-    return total, count, kept
+    return per_item, kept
 
 
 def _row_cache(cache, row: int, length: int) -> list:
@@ -390,7 +459,7 @@ def _output_layer(model, hidden):
     return model.lm_head(hidden)
 
 
-def mlx_generate(model, tokenizer, prompts, ecfg, prompt_caches=None) -> list[list[int]]:
+def mlx_generate(model, tokenizer, prompts, ecfg, prompt_caches=None, caps=None) -> list[list[int]]:
     """Batched answers. Given every prompt's KV cache (all but its last token), only the last token is
     fed; otherwise the prompts' common prefix (the system prompt) is computed once and shared."""
     shared = len(os.path.commonprefix(prompts)) - 1 if len(prompts) > 1 else 0
@@ -413,7 +482,7 @@ def mlx_generate(model, tokenizer, prompts, ecfg, prompt_caches=None) -> list[li
         tokenizer,
         [p[shared:] for p in prompts],
         prompt_caches=caches,
-        max_tokens=ecfg.max_tokens,
+        max_tokens=caps if caps is not None else ecfg.max_tokens,
         sampler=sampler,
         completion_batch_size=ecfg.batch_size,
         prefill_batch_size=ecfg.batch_size,
@@ -422,40 +491,51 @@ def mlx_generate(model, tokenizer, prompts, ecfg, prompt_caches=None) -> list[li
     return [list(map(int, ids)) for ids in response.token_ids]
 
 
-def score_gguf(path: Path, prompts, loss_items, tokenizer, ecfg) -> dict:
-    loss = llama_runner.perplexity(path, list(loss_items.values()))["loss"] if loss_items else float("nan")
-    stop_ids = set(tokenizer.eos_token_ids)
+def score_gguf(path: Path, prompts, loss_items, tokenizer, ecfg, caps: list[int]) -> dict:
+    per_item = {}
+    if loss_items:
+        per_item = dict(zip(loss_items, llama_runner.perplexity(path, list(loss_items.values()))["per_item"]))
+    stop_ids, answered = set(tokenizer.eos_token_ids), prompts[: len(caps)]
     start = time.monotonic()
-    if ecfg.temperature == 0:
+    if not answered:
         generated = []
-        for first in range(0, len(prompts), ecfg.batch_size):
-            generated += llama_runner.greedy_batch(
-                path, prompts[first : first + ecfg.batch_size], ecfg.max_tokens, stop_ids
-            )
+    elif ecfg.temperature == 0:
+        generated = []
+        for first in range(0, len(answered), ecfg.batch_size):
+            chunk = answered[first : first + ecfg.batch_size]
+            most = max(caps[first : first + len(chunk)])
+            generated += llama_runner.greedy_batch(path, chunk, most, stop_ids)
+        generated = [ids[:cap] for ids, cap in zip(generated, caps)]  # greedy: the first `cap` tokens stand
     else:
-        llm = llama_runner.open_llama(path, n_ctx=max(map(len, prompts)) + ecfg.max_tokens + 8)
+        llm = llama_runner.open_llama(path, n_ctx=max(map(len, answered)) + ecfg.max_tokens + 8)
         generated = [
-            llama_runner.sample(llm, p, ecfg.max_tokens, stop_ids, ecfg.temperature, ecfg.top_p, ecfg.seed)
-            for p in prompts
+            llama_runner.sample(llm, p, cap, stop_ids, ecfg.temperature, ecfg.top_p, ecfg.seed)
+            for p, cap in zip(answered, caps)
         ]
         del llm
     seconds = time.monotonic() - start
+    return {"engine": "llama.cpp", **loss_fields(per_item), **answers_and_speed(generated, tokenizer, seconds, caps)}
+
+
+def loss_fields(per_item: dict[int, tuple[float, int]]) -> dict:
+    """Token-weighted test loss and perplexity, and each record's [summed NLL, tokens] (record order)."""
+    count = sum(n for _, n in per_item.values())
+    loss = sum(nll for nll, _ in per_item.values()) / count if count else float("nan")
     return {
-        "engine": "llama.cpp",
-        **loss_fields(loss),
-        **answers_and_speed(generated, tokenizer, seconds, ecfg.max_tokens),
+        "loss": round(loss, 6),
+        "perplexity": round(math.exp(loss), 6) if math.isfinite(loss) else None,
+        "per_record": {"loss": [[round(nll, 6), n] for _, (nll, n) in sorted(per_item.items())]},
     }
 
 
-def loss_fields(loss: float) -> dict:
-    return {"loss": round(loss, 6), "perplexity": round(math.exp(loss), 6) if math.isfinite(loss) else None}
-
-
-def answers_and_speed(generated: list[list[int]], tokenizer, seconds: float, max_tokens: int) -> dict:
+def answers_and_speed(generated: list[list[int]], tokenizer, seconds: float, caps: list[int]) -> dict:
+    """Decoded answers and generation speed; answers None and no speed when nothing was generated."""
+    if not caps:
+        return {"answers": None, "generation": None}
     stop_ids = set(tokenizer.eos_token_ids)
     answers = [tokenizer.decode([t for t in ids if t not in stop_ids]).strip() for ids in generated]
     tokens = sum(len(ids) for ids in generated)
-    capped = sum(1 for ids in generated if len(ids) >= max_tokens and ids[-1] not in stop_ids)
+    capped = sum(1 for ids, cap in zip(generated, caps) if len(ids) >= cap and ids[-1] not in stop_ids)
     return {
         "answers": answers,
         "generation": {
@@ -470,11 +550,11 @@ def answers_and_speed(generated: list[list[int]], tokenizer, seconds: float, max
 def summary_line(result: dict, task_metric: str) -> str:
     if result["status"] != "ok":
         return f"{result['id']}: FAILED ({result['error'][:120]})"
-    metric = result["metrics"].get(task_metric, {}).get("value")
-    speed = result["generation"]["tokens_per_second"]
-    timing = "cached: scored by an earlier run" if result.get("cached") else f"{result['seconds']:.0f} s, {speed} tok/s"
+    metric = "" if task_metric == "loss" else f"  {task_metric} {result['metrics'].get(task_metric, {}).get('value')}"
+    speed = f", {result['generation']['tokens_per_second']} tok/s" if result["generation"] else ", loss only"
+    timing = "cached: scored by an earlier run" if result.get("cached") else f"{result['seconds']:.0f} s{speed}"
     loss = "n/a" if result["loss"] is None else f"{result['loss']:.4f}"  # NaN (no scored token) is null in JSON
-    return f"{result['id']}: loss {loss}  {task_metric} {metric}  ({timing})"
+    return f"{result['id']}: loss {loss}{metric}  ({timing})"
 
 
 def add_deltas(results: list[dict], task_metric: str) -> None:
@@ -496,58 +576,26 @@ def _difference(value, reference):
     return None if value is None or reference is None else round(value - reference, 4)
 
 
-def metrics_document(experiment, contract, records, results, task_metric: str, skipped) -> dict:
+def metrics_document(experiment, contract, records, results, task: tuple[str, str], skipped) -> dict:
     return {
         "experiment": experiment,
         "status": "skipped" if skipped else "ok",
         "reason": skipped,
         "test_split": contract["splits"]["test"],
         "test_records": len(records),
-        "task_metric": task_metric,
+        "task_metric": task[0],
+        "task_metric_reason": task[1],
         "artifacts": results,
     }
 
 
 def generation_policy(experiment, results, contract, tokenizer, ecfg, task_metric: str, skipped) -> dict:
-    """Which artifact to ship under eval.ship (the smallest within N points of the reference) and how to prompt it."""
-    rule = {
-        "metric": task_metric,
-        "reference": ecfg.ship.reference,
-        "within_points": ecfg.ship.within_points,
-        "prefer": "smallest",
-    }
-    scored = [r for r in results if r["status"] == "ok" and r["metrics"].get(task_metric, {}).get("value") is not None]
-    shippable = [r for r in scored if r["kind"] in ecfg.ship.kinds]
-    reference = next((r for r in scored if r["kind"] == ecfg.ship.reference), None)
-    ship, candidates, reason = None, [], skipped
-    if reference is None and not skipped:
-        reason = f"no scored {ecfg.ship.reference} artifact to compare with"
-    elif reference is not None:
-        floor = reference["metrics"][task_metric]["value"] - ecfg.ship.within_points
-        candidates = [r for r in shippable if r["metrics"][task_metric]["value"] >= floor]
-        if candidates:
-            best = min(candidates, key=lambda r: (r["bytes"], -r["metrics"][task_metric]["value"]))
-            ship = {
-                "id": best["id"],
-                "kind": best["kind"],
-                "format": best["format"],
-                "path": best["path"],
-                "bytes": best["bytes"],
-                "task_metric": best["metrics"][task_metric]["value"],
-            }
-            reference_value = reference["metrics"][task_metric]["value"]
-            reason = (
-                f"smallest artifact with {task_metric} >= {floor:.2f} "
-                f"({ecfg.ship.reference} {reference_value:.2f} - {ecfg.ship.within_points})"
-            )
-        else:
-            reason = f"no shippable artifact within {ecfg.ship.within_points} points of the {ecfg.ship.reference} model"
+    """Which artifact to ship under eval.ship (eval.verdict.ship_decision) and how to prompt it."""
+    decision = verdict.ship_decision(results, task_metric, ecfg.ship)
     return {
         "experiment": experiment,
-        "ship": ship,
-        "reason": reason,
-        "rule": rule,
-        "candidates": [r["id"] for r in candidates],
+        **decision,
+        "reason": skipped or decision["reason"],
         "generation": {
             "template_id": contract["template"]["id"],
             "template_sha256": contract["template"]["sha256"],

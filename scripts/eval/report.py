@@ -7,6 +7,7 @@ table, charts, training facts and side-by-side examples follow.
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 from pipeline import contracts, paths
@@ -19,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interacti
 
 METRIC_COLUMNS = ("exact_match", "normalized_match", "chrf", "json_valid", "schema_valid", "tool_match", "call_f1")
 LABELS = {
+    "loss": "test loss",
     "exact_match": "exact",
     "normalized_match": "normalized",
     "chrf": "chrF",
@@ -28,6 +30,7 @@ LABELS = {
     "call_f1": "call F1",
 }
 MEANINGS = {
+    "loss": "mean negative log-likelihood of the reference answer tokens (lower is better; perplexity is its exp)",
     "exact_match": "the answer is the reference, character for character",
     "normalized_match": "the answer equals the reference as JSON values, or as text with case, spacing and "
     "punctuation folded",
@@ -52,6 +55,7 @@ def write_report(out_dir: Path, experiment: str, metrics: dict, policy: dict, ru
         charts = write_charts(out_dir, metrics, run_dir)
         lines += verdict(metrics, policy) + [""]
         lines += metric_table(metrics) + [""]
+        lines += ship_table(policy, metrics["task_metric"])
         lines += [f"![{title}]({name})" for name, title in charts if name != "loss_curve.png"] + [""]
         lines += training_facts(run_dir, contract) + [""]
         if "loss_curve.png" in dict(charts):
@@ -62,39 +66,63 @@ def write_report(out_dir: Path, experiment: str, metrics: dict, policy: dict, ru
 
 
 def _value(artifact: dict, metric: str):
+    """An artifact's figure on a metric: points, or for loss its test loss."""
+    if metric == "loss":
+        return artifact.get("loss")
     return (artifact.get("metrics") or {}).get(metric, {}).get("value")
 
 
+ANSWERS = {
+    "Yes": "Yes.",
+    "No": "No: it got worse.",
+    "Can't tell": "Can't tell: the difference is within the noise.",
+}
+
+
 def verdict(metrics: dict, policy: dict) -> list[str]:
-    task = metrics["task_metric"]
-    by_kind = {a["kind"]: a for a in metrics["artifacts"] if a["status"] == "ok"}
-    base, tuned = by_kind.get("base"), by_kind.get("fused") or by_kind.get("adapter")
+    task, result = metrics["task_metric"], metrics.get("verdict") or {}
     lines = []
-    if base and tuned and _value(base, task) is not None and _value(tuned, task) is not None:
-        before, after = _value(base, task), _value(tuned, task)
-        gain = after - before
-        answer = "Yes" if gain >= policy["rule"]["within_points"] else ("No" if gain <= 0 else "Barely")
-        lines.append(
-            f"**Did fine-tuning help? {answer}.** {LABELS.get(task, task)} (`{task}`) on "
-            f"{metrics['test_records']} test prompts: base {before:.1f} → "
-            f"fine-tuned ({tuned['kind']}) {after:.1f} ({gain:+.1f} points); test loss {base['loss']:.3f} → "
-            f"{tuned['loss']:.3f}."
-        )
+    if result.get("answer") in ANSWERS:
+        lines.append(f"**Did fine-tuning help? {ANSWERS[result['answer']]}** {_difference_sentence(task, result)}")
     else:
         lines.append(
             "**Did fine-tuning help?** Not measured: the base or the fine-tuned model could not be scored (see "
             "Failures)."
         )
+    reason = metrics.get("task_metric_reason") or "set in eval.task_metric"
+    lines += ["", f"Decided by {LABELS.get(task, task)} (`{task}`): {reason}."]
     ship = policy["ship"]
     if ship:
         lines += [
             "",
-            f"**Ship:** `{ship['path']}` ({ship['format']}, {human_bytes(ship['bytes'])}, {task} "
-            f"{ship['task_metric']:.1f}): {policy['reason']}.",
+            f"**Ship:** `{ship['path']}` ({ship['format']}, {human_bytes(ship['bytes'])}, "
+            f"{_figure(task, ship['task_metric'])}): {policy['reason']}.",
         ]
     else:
         lines += ["", f"**Ship:** nothing qualifies: {policy['reason']}."]
     return lines
+
+
+def _figure(task: str, value: float) -> str:
+    if task == "loss":
+        return f"test loss {value:.3f}, perplexity {math.exp(value):.2f}"
+    return f"{task} {value:.1f}"
+
+
+def _difference_sentence(task: str, v: dict) -> str:
+    """The figures behind the answer: base → fine-tuned, the difference and its 95% paired interval."""
+    n = f"{v['records']} test records"
+    if task == "loss":
+        return (
+            f"Test loss on {n}: base {v['base']:.3f} → fine-tuned ({v['tuned_kind']}) {v['tuned']:.3f}; perplexity "
+            f"{math.exp(v['base']):.2f} → {math.exp(v['tuned']):.2f}, ×{v['perplexity_ratio']:.3f} "
+            f"(95% interval ×{v['perplexity_ratio_low']:.3f} to ×{v['perplexity_ratio_high']:.3f}, paired bootstrap)."
+        )
+    return (
+        f"{LABELS.get(task, task)} on {n}: base {v['base']:.1f} → fine-tuned ({v['tuned_kind']}) {v['tuned']:.1f} "
+        f"({v['difference']:+.1f} points, 95% interval {v['low']:+.1f} to {v['high']:+.1f}, paired bootstrap); "
+        f"test loss {v['base_loss']:.3f} → {v['tuned_loss']:.3f}."
+    )
 
 
 def metric_table(metrics: dict) -> list[str]:
@@ -117,20 +145,80 @@ def metric_table(metrics: dict) -> list[str]:
                 f"| {a['id']} | {human_bytes(a['bytes'])} | failed | " + " | ".join([""] * (len(header) - 3)) + " |"
             )
             continue
-        values = [_fmt(_value(a, c)) if a["metrics"].get(c, {}).get("status") == "ok" else "failed" for c in columns]
+        values = [_cell(a, c) for c in columns]
         delta = (a.get("delta_vs_base") or {}).get(task)
+        speed = (a.get("generation") or {}).get("tokens_per_second")
         rows.append(
             f"| {a['id']} | {human_bytes(a['bytes'])} | {_fmt(a['loss'], 4)} | {_fmt(a['perplexity'], 3)} | "
             + " | ".join(values)
-            + f" | {'' if delta is None else f'{delta:+.1f}'} | {_fmt(a['generation']['tokens_per_second'])} |"
+            + f" | {_signed(delta, task)} | {_fmt(speed)} |"
         )
     meaning = f" {LABELS.get(task, task)}: {MEANINGS[task]}." if task in MEANINGS else ""
     return [
-        f"Metrics in points (0–100, higher is better) on {metrics['test_records']} test records; loss and "
-        f"perplexity on the answer tokens.{meaning}",
+        f"Metrics in points (0–100, higher is better); loss and perplexity on the answer tokens of "
+        f"{metrics['test_records']} test records.{meaning}",
         "",
         *rows,
+        "",
+        *what_was_generated(metrics),
     ]
+
+
+def ship_table(policy: dict, task: str) -> list[str]:
+    """Each shippable artifact against the ship rule's reference, with its paired interval."""
+    rows = policy.get("comparisons") or []
+    if not rows:
+        return []
+    rule = policy["rule"]
+    unit = "perplexity ratio" if task == "loss" else "points"
+    lines = [
+        f"## Ship rule: against `{rule['reference']}`",
+        "",
+        f"| artifact | difference ({unit}) | 95% interval | qualifies |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        if "difference" not in r:
+            lines.append(f"| {r['id']} | – | – | no (not measured) |")
+        elif task == "loss":
+            lines.append(
+                f"| {r['id']} | ×{r['perplexity_ratio']:.3f} | ×{r['perplexity_ratio_low']:.3f} to "
+                f"×{r['perplexity_ratio_high']:.3f} | {'yes' if r['qualifies'] else 'no'} |"
+            )
+        else:
+            lines.append(
+                f"| {r['id']} | {r['difference']:+.1f} | {r['low']:+.1f} to {r['high']:+.1f} | "
+                f"{'yes' if r['qualifies'] else 'no'} |"
+            )
+    return lines + [""]
+
+
+def _signed(delta, task: str) -> str:
+    return "" if delta is None else f"{delta:+.3f}" if task == "loss" else f"{delta:+.1f}"
+
+
+def _cell(artifact: dict, metric: str) -> str:
+    entry = (artifact.get("metrics") or {}).get(metric)
+    if entry is None:
+        return "–"
+    return _fmt(entry["value"]) if entry["status"] == "ok" else "failed"
+
+
+def what_was_generated(metrics: dict) -> list[str]:
+    """Which artifacts answered the test prompts and which were scored on loss only, and why."""
+    answered = [a["id"] for a in metrics["artifacts"] if a["status"] == "ok" and a.get("generation")]
+    loss_only = [a for a in metrics["artifacts"] if a["status"] == "ok" and not a.get("generation")]
+    lines = [
+        f"Answers generated for {metrics.get('answered_records', metrics['test_records'])} of "
+        f"{metrics['test_records']} test records by {', '.join(f'`{i}`' for i in answered) or 'no artifact'}."
+    ]
+    if loss_only:
+        lines.append(
+            "Scored on loss only: "
+            + ", ".join(f"`{a['id']}` ({a.get('loss_only_reason', 'loss only')})" for a in loss_only)
+            + " (eval.proven=answers generates for them too)."
+        )
+    return lines
 
 
 def _fmt(value, digits: int = 1) -> str:
@@ -242,31 +330,41 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def _chart_value(artifact: dict, task: str) -> float:
+    return artifact["perplexity"] if task == "loss" else _value(artifact, task)
+
+
+def _axis_label(task: str) -> str:
+    return "test perplexity (lower is better)" if task == "loss" else f"{task} (points)"
+
+
 def _bar_chart(path: Path, ok: list[dict], task: str) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(ok) + 1.4))
     names = [a["id"].split("/", 1)[-1] for a in ok]
-    values = [_value(a, task) for a in ok]
+    values = [_chart_value(a, task) for a in ok]
     colors = [
         "#999999" if a["kind"] == "base" else "#2a7ab9" if a["kind"] in ("adapter", "fused") else "#e08a1e" for a in ok
     ]
     ax.barh(names[::-1], values[::-1], color=colors[::-1])
+    top = max(values, default=1) * 1.15 if task == "loss" else 105
     for y, v in enumerate(values[::-1]):
-        ax.text(v + 1, y, f"{v:.1f}", va="center", fontsize=8)
-    ax.set_xlim(0, 105)
-    ax.set_xlabel(f"{task} (points)")
-    ax.set_title(f"{task} per artifact")
+        ax.text(v + top / 100, y, f"{v:.2f}" if task == "loss" else f"{v:.1f}", va="center", fontsize=8)
+    ax.set_xlim(0, top)
+    ax.set_xlabel(_axis_label(task))
+    ax.set_title(f"{'perplexity' if task == 'loss' else task} per artifact")
     _save(fig, path)
 
 
 def _size_chart(path: Path, ok: list[dict], task: str) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for a in sorted(ok, key=lambda a: a["bytes"]):
-        ax.scatter(a["bytes"] / 1e6, _value(a, task), s=40, label=a["id"].split("/", 1)[-1])
+        ax.scatter(a["bytes"] / 1e6, _chart_value(a, task), s=40, label=a["id"].split("/", 1)[-1])
     ax.legend(fontsize=7, loc="best")  # a legend, not labels by the points: artifacts of one size crowd together
     ax.set_xscale("log")
     ax.set_xlabel("size (MB, log scale)")
-    ax.set_ylabel(f"{task} (points)")
-    ax.set_ylim(-5, 105)
+    ax.set_ylabel(_axis_label(task))
+    if task != "loss":
+        ax.set_ylim(-5, 105)
     ax.set_title("size vs quality")
     _save(fig, path)
 
@@ -296,7 +394,10 @@ def write_summary(out: Path, eval_dir: Path, experiments_csv: Path, results: dic
     """eval_out/summary.md, written to `out`: one row per experiment in runs/experiments.csv, with its eval
     results when present (read from eval_dir/<experiment>/, or from the folder `results` gives for it)."""
     rows = list(csv.DictReader(experiments_csv.open(encoding="utf-8"))) if experiments_csv.is_file() else []
-    header = "| experiment | type | rank | lr | steps | best val loss | task metric | base | fine-tuned | Δ | ships |"
+    header = (
+        "| experiment | type | rank | lr | steps | best val loss | task metric | base | fine-tuned | Δ "
+        "| helped? (95% interval of the gain) | ships |"
+    )
     lines = [
         "# Experiments",
         "",
@@ -311,23 +412,20 @@ def write_summary(out: Path, eval_dir: Path, experiments_csv: Path, results: dic
 
 
 def _summary_row(row: dict, out_dir: Path) -> str:
-    task = base = tuned = delta = ship = "–"
+    task = base = tuned = delta = helped = ship = "–"
     metrics_path, policy_path = out_dir / "metrics.json", out_dir / "generation_policy.json"
     if metrics_path.is_file() and policy_path.is_file():
         metrics = contracts.read_json(metrics_path, "eval_metrics")
         policy = contracts.read_json(policy_path, "generation_policy")
-        task = metrics["task_metric"]
-        by_kind = {a["kind"]: a for a in metrics["artifacts"] if a["status"] == "ok"}
-        b, t = by_kind.get("base"), by_kind.get("fused") or by_kind.get("adapter")
-        if b and t and _value(b, task) is not None and _value(t, task) is not None:
-            base, tuned, delta = (
-                f"{_value(b, task):.1f}",
-                f"{_value(t, task):.1f}",
-                f"{_value(t, task) - _value(b, task):+.1f}",
-            )
+        task, v = metrics["task_metric"], metrics.get("verdict") or {}
+        if v.get("answer") in ANSWERS:
+            digits = 3 if task == "loss" else 1
+            base, tuned = f"{v['base']:.{digits}f}", f"{v['tuned']:.{digits}f}"
+            delta = f"{v['tuned'] - v['base']:+.{digits}f}"
+            helped = f"{v['answer']} ({v['low']:+.{digits}f} to {v['high']:+.{digits}f})"
         ship = f"`{policy['ship']['id']}`" if policy["ship"] else "nothing"
     best = row.get("best_val_loss") or ""
     best = f"{float(best):.3f}" if best else "–"
     cells = [row["experiment"], row["fine_tune_type"], row.get("rank") or "–", row["learning_rate"], row["steps"]]
-    cells += [best, task, base, tuned, delta, ship]
+    cells += [best, task, base, tuned, delta, helped, ship]
     return "| " + " | ".join(str(c) for c in cells) + " |"

@@ -30,7 +30,7 @@ KEY_VERSION = 1
 # eval settings that act on the answers after scoring (or pick what is scored), not on any one score
 AFTER_SCORING = ("artifacts", "task_metric", "plugins", "examples", "ship")
 # eval's modules that only read the answers and scores (the rest of eval, and what it imports, scores)
-NOT_SCORING = ("metrics.py", "report.py")
+NOT_SCORING = ("metrics.py", "report.py", "verdict.py")
 
 
 def common_key(eval_slice: dict, contract: dict) -> dict:

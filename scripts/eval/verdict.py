@@ -127,3 +127,82 @@ def qualifies(metric: str, difference: dict | None, within_points: float, within
     if lower_is_better(metric):
         return difference["perplexity_ratio_low"] <= 1 + within_percent / 100
     return difference["high"] >= -within_points
+
+
+def _value(artifact: dict, metric: str):
+    if metric == "loss":
+        return artifact.get("loss")
+    return (artifact.get("metrics") or {}).get(metric, {}).get("value")
+
+
+def outcome(results: list[dict], metric: str) -> dict | None:
+    """ "Did fine-tuning help?": the fine-tuned model (fused, else base + adapter) against the base, on
+    the deciding metric, with the paired interval and the answer; None when either was not scored."""
+    by_kind = {r["kind"]: r for r in results if r["status"] == "ok"}
+    base, tuned = by_kind.get("base"), by_kind.get("fused") or by_kind.get("adapter")
+    if base is None or tuned is None or _value(base, metric) is None or _value(tuned, metric) is None:
+        return None
+    difference = paired_difference(metric, tuned, base)
+    if difference is None:
+        return None
+    return {
+        "answer": answer(difference),
+        "metric": metric,
+        "base_id": base["id"],
+        "tuned_id": tuned["id"],
+        "tuned_kind": tuned["kind"],
+        "base": _value(base, metric),
+        "tuned": _value(tuned, metric),
+        "base_loss": base["loss"],
+        "tuned_loss": tuned["loss"],
+        "confidence": CONFIDENCE,
+        **difference,
+    }
+
+
+def ship_decision(results: list[dict], metric: str, ship) -> dict:
+    """{"ship", "reason", "rule", "candidates", "comparisons"}: the smallest shippable artifact that
+    qualifies against the reference (see qualifies), each comparison with its interval."""
+    rule = {
+        "metric": metric,
+        "reference": ship.reference,
+        "within_points": ship.within_points,
+        "within_percent": ship.within_percent,
+        "prefer": "smallest",
+    }
+    scored = [r for r in results if r["status"] == "ok" and _value(r, metric) is not None]
+    reference = next((r for r in scored if r["kind"] == ship.reference), None)
+    decision = {"ship": None, "reason": None, "rule": rule, "candidates": [], "comparisons": []}
+    if reference is None:
+        decision["reason"] = f"no {ship.reference} artifact scored on {metric} to compare with"
+        return decision
+    for r in (r for r in scored if r["kind"] in ship.kinds):
+        difference = paired_difference(metric, r, reference)
+        ok = qualifies(metric, difference, ship.within_points, ship.within_percent)
+        decision["comparisons"].append({"id": r["id"], "qualifies": ok, **(difference or {})})
+        if ok:
+            decision["candidates"].append(r)
+    if not decision["candidates"]:
+        decision["reason"] = (
+            f"every shippable artifact is shown worse than the {ship.reference} model by more than "
+            f"{_tolerance(metric, ship)}"
+        )
+        return decision
+    best = min(decision["candidates"], key=lambda r: (r["bytes"], r["id"]))
+    decision["ship"] = {k: best[k] for k in ("id", "kind", "format", "path", "bytes")} | {
+        "task_metric": _value(best, metric)
+    }
+    decision["candidates"] = [r["id"] for r in decision["candidates"]]
+    decision["reason"] = (
+        f"the smallest artifact not shown (95% paired interval over the test records) to be worse than the "
+        f"{ship.reference} model by more than {_tolerance(metric, ship)}"
+    )
+    return decision
+
+
+def _tolerance(metric: str, ship) -> str:
+    return (
+        f"{ship.within_percent:g}% in perplexity"
+        if lower_is_better(metric)
+        else f"{ship.within_points:g} points of {metric}"
+    )
