@@ -23,7 +23,7 @@ CALL = json.dumps({"name": "get_weather", "arguments": {"city": "Oslo"}})
         ("messages", ["A long paragraph."] * 10, [150] * 10, None, "loss"),
         ("messages", ["Short mostly."] * 10, [10] * 8 + [300] * 2, None, "loss"),
     ],
-    ids=["text", "tool-calls", "few-calls-short", "json", "short-sql", "long-free-form", "long-tail"],
+    ids=["text", "tool-calls", "few-calls-short", "json", "short-sql", "long-free-form", "cut-by-max-tokens"],
 )
 def test_the_deciding_metric_follows_the_data(fmt, references, lengths, schemas, expected):
     metric, why = verdict.choose_task_metric(fmt, references, lengths, schemas, max_tokens=48)

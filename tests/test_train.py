@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 import model as model_stage
 import prepare
 import train
-from helpers import REPO, error_line, make, write_override
+from helpers import REPO, error_line, make, trained, write_override
 from lm import tokens
 from train import data as train_data
 
@@ -268,3 +268,11 @@ def test_each_experiment_keeps_its_own_settings(project, tiny_model_dir):
     assert make(project, "-q", "train", "EXP=a", check=False).returncode != 0  # a's settings differ from the defaults
     rows = {r["experiment"]: r for r in csv.DictReader(open(project / "runs" / "experiments.csv"))}
     assert set(rows) == {"a", "b"} and rows["a"]["learning_rate"] == "0.001"
+
+
+def test_a_run_too_short_to_save_a_checkpoint_still_finishes(project, tiny_model_dir):
+    """No checkpoint saved (iters < save_every) and no better validation loss (no best adapter): the
+    run commits an empty checkpoints folder instead of failing on a missing one."""
+    trained(tiny_model_dir, "train.iters=2", "train.save_every=6", "train.learning_rate=1e-12")
+    run_dir = paths.RUNS_DIR / "main"
+    assert (run_dir / "train.manifest.json").is_file() and (run_dir / "checkpoints").is_dir()

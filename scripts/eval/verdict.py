@@ -48,6 +48,12 @@ def choose_task_metric(fmt: str, references: list[str], reference_tokens: list[i
         return "normalized_match", (
             f"the test answers are short (median {median:.0f} tokens, 90% within {p90:.0f} <= eval.max_tokens)"
         )
+    if median <= SHORT_ANSWER_TOKENS:
+        return "loss", (
+            f"more than 10% of the test answers are longer than eval.max_tokens={max_tokens} (90% within "
+            f"{p90:.0f} tokens): a match on cut answers says little, so test loss decides (raise eval.max_tokens "
+            "to decide by normalized_match)"
+        )
     return "loss", (
         f"the test answers are long free-form text (median {median:.0f} tokens, 90% within {p90:.0f}): a match on "
         "answers capped at eval.max_tokens says little, so test loss decides and chrF is shown"

@@ -91,6 +91,7 @@ class Checkpoints:
 
     def _fresh(self) -> LoopState:
         shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True)  # a run too short to save a checkpoint still has the (empty) folder
         return LoopState()
 
     def _read_latest(self) -> dict:
