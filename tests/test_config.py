@@ -47,6 +47,7 @@ EXPECTED_ENUM_KEYS = {
     "quantize.mlx",
     "quantize.group_size",
     "eval.artifacts",
+    "eval.proven",
     "eval.ship.kinds",
     "eval.ship.reference",
     "eval.task_metric",
