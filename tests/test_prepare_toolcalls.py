@@ -61,6 +61,7 @@ def test_bad_tool_definitions_say_what_is_wrong(given, message):
         {"name": "f", "arguments": '{"a": 1}'},
         {"type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}},
         [{"name": "f", "parameters": {"a": 1}}],
+        {"type": "function", "function": {"name": "f", "arguments": '"{\\"a\\": 1}"'}},  # encoded twice
     ],
 )
 def test_every_call_shape_becomes_openai_tool_calls(given):

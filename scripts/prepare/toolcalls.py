@@ -88,6 +88,8 @@ def _normalize_call(call) -> dict:
     if not isinstance(name, str) or not name:
         raise ValueError("a tool call has no function name")
     arguments = _json_value(spec.get("arguments", spec.get("parameters", {})), f"the arguments of {name!r}")
+    if isinstance(arguments, str):  # encoded twice, as some exported datasets have it
+        arguments = _json_value(arguments, f"the arguments of {name!r}")
     if not isinstance(arguments, dict):
         raise ValueError(f"the arguments of {name!r} must be a JSON object, got {type(arguments).__name__}")
     out = {"type": "function", "function": {"name": name, "arguments": arguments}}
