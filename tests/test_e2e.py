@@ -65,7 +65,10 @@ def test_make_all_on_the_default_model_then_nothing_to_do(project):
     by_kind = {a["kind"]: a for a in metrics["artifacts"]}
     assert all(a["status"] == "ok" for a in metrics["artifacts"]), metrics["artifacts"]
     task = metrics["task_metric"]
+    assert task == "call_f1" and "tool calls" in metrics["task_metric_reason"]
     assert by_kind["fused"]["metrics"][task]["value"] - by_kind["base"]["metrics"][task]["value"] >= 30, (task, by_kind)
+    verdict = metrics["verdict"]
+    assert verdict["answer"] == "Yes" and verdict["records"] == 40 and verdict["low"] > 0, verdict
     policy = contracts.read_json(project / "eval_out" / "main" / "generation_policy.json", "generation_policy")
     assert policy["ship"] is not None
     report = (project / "eval_out" / "main" / "report.md").read_text()
