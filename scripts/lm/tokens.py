@@ -75,14 +75,16 @@ def assistant_spans(tokenizer, template: dict, messages: list[dict], tools) -> t
     return spans_in(texts, encode_with_offsets(tokenizer, texts[:1])[0])
 
 
-def turn_texts(template: dict, messages: list[dict], tools, special: dict) -> list[str]:
-    """[the whole conversation, then per assistant turn: the text before it (generation prompt
-    included) and the text through it], each rendered on its own."""
-    texts = [chat_template.render_chat(template, messages, special, tools=tools)]
+def turn_texts(template: dict, messages: list[dict], tools, special: dict, whole: str | None = None) -> list[str]:
+    """[the whole conversation (`whole`, when already rendered), then per assistant turn: the text
+    before it (generation prompt included) and the text through it], each rendered on its own."""
+    whole = chat_template.render_chat(template, messages, special, tools=tools) if whole is None else whole
+    texts = [whole]
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
             texts.append(chat_template.render_chat(template, messages[:i], special, tools, add_generation_prompt=True))
-            texts.append(chat_template.render_chat(template, messages[: i + 1], special, tools))
+            last = i == len(messages) - 1  # through the last message is the whole conversation
+            texts.append(whole if last else chat_template.render_chat(template, messages[: i + 1], special, tools))
     return texts
 
 

@@ -23,6 +23,7 @@ from pipeline.paths import SPLITS
 from pipeline.splits import removed_summary
 from pipeline.staging import staging_folder
 
+import numpy as np
 import orjson
 from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
 
@@ -179,10 +180,15 @@ def clean_one_split(name, recs, kind, template, special, tokenizer, cfg, origins
     stats["control_characters"] = quality.count_matching(texts, quality.CONTROL_CHARS)
     recs, stats["secrets"] = handle_secrets(name, recs, texts, cfg.prepare.secrets, origins)
     rendered = [training_text(r, kind, template, special) for r in recs]
-    lengths = quality.token_lengths(tokenizer, rendered)
+    if kind == "messages":  # one tokenization gives the lengths and the offsets the mask check reads
+        encoded = tokens.encode_with_offsets(tokenizer, rendered)
+        lengths = np.array([len(ids) for ids, _ in encoded], dtype=np.int64)
+        notes = mask_notes(recs, rendered, encoded, template, special)
+    else:
+        lengths, notes = quality.token_lengths(tokenizer, rendered), {}
     recs, lengths, stats["too_long"] = handle_too_long(name, recs, lengths, kind, tokenizer, cfg, origins)
     stats["tokens"] = quality.length_stats(lengths)
-    stats["last_turn_only"] = count_last_turn_only(name, recs, kind, template, special, tokenizer, origins)
+    stats["last_turn_only"] = count_last_turn_only(name, recs, notes, origins)
     stats["field_presence"] = quality.field_presence([quality.present_fields(r) for r in recs])
     return recs, stats
 
@@ -238,23 +244,29 @@ def handle_too_long(split, recs, lengths, kind, tokenizer, cfg, origins):
     return recs, lengths, stats
 
 
-def count_last_turn_only(split, recs, kind, template, special, tokenizer, origins) -> int:
-    """Chats whose assistant turns cannot all be masked apart with this template (lm.tokens.assistant_spans,
-    the same check train makes): train learns only their last turn. The first is named in one warning."""
-    if kind != "messages":
-        return 0
-    texts = [tokens.turn_texts(template, r["messages"], r.get("tools"), special) for r in recs]
-    encoded = tokens.encode_with_offsets(tokenizer, [group[0] for group in texts])
-    notes = [tokens.spans_in(group, whole)[2] for group, whole in zip(texts, encoded)]
-    broken = [(r, note) for r, note in zip(recs, notes) if note]
+def mask_notes(recs, rendered, encoded, template, special) -> dict[int, str]:
+    """{id(record): why} for the chats whose assistant turns cannot all be masked apart with this template
+    (lm.tokens.spans_in: the same check train makes); train learns only their last turn."""
+    notes = {}
+    for record, whole, encoding in zip(recs, rendered, encoded):
+        texts = tokens.turn_texts(template, record["messages"], record.get("tools"), special, whole=whole)
+        note = tokens.spans_in(texts, encoding)[2]
+        if note:
+            notes[id(record)] = note
+    return notes
+
+
+def count_last_turn_only(split, recs, notes: dict[int, str], origins) -> int:
+    """How many kept records train on their last turn only; the first is named in one warning."""
+    broken = [r for r in recs if id(r) in notes]
     if broken:
-        where = origins.get(id(broken[0][0])) or f"data {split}"
+        where = origins.get(id(broken[0])) or f"data {split}"
         log.warning(
             "%s: %d record(s) train on their last assistant turn only; first: %s: %s",
             split,
             len(broken),
             where,
-            broken[0][1],
+            notes[id(broken[0])],
         )
     return len(broken)
 
