@@ -198,9 +198,9 @@ FUSED_RIGHT = list(range(32))  # 80 points
 @pytest.mark.parametrize(
     "q4_right, expected",
     [
-        (FUSED_RIGHT, "q4"),  # the same answers: ships the smallest
-        (FUSED_RIGHT[:31], "q4"),  # one answer fewer: not shown worse by more than 2 points
-        (FUSED_RIGHT[:20], "q8"),  # 30 points worse, the whole interval below -2
+        (FUSED_RIGHT, "q4"),  # the same answers: the whole interval is 0, ships the smallest
+        (FUSED_RIGHT[:31], "q8"),  # one answer fewer: -2.5 points, not shown within 2 points
+        (FUSED_RIGHT[:20], "q8"),  # 30 points worse
         (FUSED_RIGHT, None),  # no fused model to compare with
     ],
 )
@@ -209,7 +209,7 @@ def test_ship_rule_reads_the_paired_interval(q4_right, expected):
     results = [
         _result("base", "base", 500, []),
         _result("fused", "fused", 500, FUSED_RIGHT),
-        _result("q8", "gguf", 150, FUSED_RIGHT[:31]),
+        _result("q8", "gguf", 150, FUSED_RIGHT),
         _result("q4", "gguf", 90, q4_right),
     ]
     if expected is None:

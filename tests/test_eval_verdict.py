@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -70,12 +71,30 @@ def test_loss_is_lower_is_better_and_weighted_by_tokens():
 
 def test_the_ship_rule_reads_the_interval():
     reference = scored([100] * 40)
-    close = scored([100] * 39 + [0])  # 2.5 points worse, interval reaches 0
+    one_worse = scored([100] * 39 + [0])  # 2.5 points worse: its interval reaches -7.5
     far = scored([100] * 20 + [0] * 20)  # 50 points worse
-    assert verdict.qualifies("call_f1", verdict.paired_difference("call_f1", close, reference), 2.0, 5.0)
+    assert not verdict.qualifies("call_f1", verdict.paired_difference("call_f1", one_worse, reference), 2.0, 5.0)
+    assert verdict.qualifies("call_f1", verdict.paired_difference("call_f1", one_worse, reference), 8.0, 5.0)
     assert not verdict.qualifies("call_f1", verdict.paired_difference("call_f1", far, reference), 2.0, 5.0)
     assert verdict.qualifies("call_f1", verdict.paired_difference("call_f1", reference, reference), 2.0, 5.0)
     base = {"per_record": {"loss": [[1.0 * n, n] for n in range(1, 41)]}}
     worse = {"per_record": {"loss": [[1.5 * n, n] for n in range(1, 41)]}}
     assert not verdict.qualifies("loss", verdict.paired_difference("loss", worse, base), 2.0, 5.0)
     assert verdict.qualifies("loss", verdict.paired_difference("loss", base, base), 2.0, 5.0)
+
+
+def test_a_loss_only_twin_ships_on_its_loss():
+    loss = [[1.0 * n, n] for n in range(1, 41)]
+    fused = {"id": "fused", "kind": "fused", "format": "mlx", "path": "f", "bytes": 500, "status": "ok", "loss": 1.0}
+    fused |= {
+        "metrics": {"call_f1": {"value": 80.0, "status": "ok"}},
+        "per_record": {"call_f1": [80.0] * 40, "loss": loss},
+    }
+    twin = {"id": "f16", "kind": "gguf", "format": "gguf-f16", "path": "g", "bytes": 250, "status": "ok", "loss": 1.0}
+    twin |= {"metrics": {}, "per_record": {"loss": loss}}
+    rule = SimpleNamespace(reference="fused", kinds=["fused", "gguf"], within_points=2.0, within_percent=5.0)
+    decision = verdict.ship_decision([fused, twin], "call_f1", rule)
+    assert decision["ship"]["id"] == "f16" and decision["ship"]["judged_by"] == "loss"
+    assert decision["ship"]["task_metric"] is None and "loss only" in decision["reason"]
+    worse = twin | {"id": "bad", "per_record": {"loss": [[1.2 * n, n] for n in range(1, 41)]}}
+    assert verdict.ship_decision([fused, worse], "call_f1", rule)["ship"]["id"] == "fused"

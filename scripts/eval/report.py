@@ -95,8 +95,8 @@ def verdict(metrics: dict, policy: dict) -> list[str]:
     if ship:
         lines += [
             "",
-            f"**Ship:** `{ship['path']}` ({ship['format']}, {human_bytes(ship['bytes'])}, "
-            f"{_figure(task, ship['task_metric'])}): {policy['reason']}.",
+            f"**Ship:** `{ship['path']}` ({ship['format']}, {human_bytes(ship['bytes'])}"
+            f"{'' if ship['task_metric'] is None else ', ' + _figure(task, ship['task_metric'])}): {policy['reason']}.",
         ]
     else:
         lines += ["", f"**Ship:** nothing qualifies: {policy['reason']}."]
@@ -169,26 +169,24 @@ def ship_table(policy: dict, task: str) -> list[str]:
     rows = policy.get("comparisons") or []
     if not rows:
         return []
-    rule = policy["rule"]
-    unit = "perplexity ratio" if task == "loss" else "points"
     lines = [
-        f"## Ship rule: against `{rule['reference']}`",
+        f"## Ship rule: against `{policy['rule']['reference']}`",
         "",
-        f"| artifact | difference ({unit}) | 95% interval | qualifies |",
-        "|---|---|---|---|",
+        "| artifact | judged by | difference | 95% interval | qualifies |",
+        "|---|---|---|---|---|",
     ]
     for r in rows:
+        metric, ok = r.get("metric", task), "yes" if r["qualifies"] else "no"
         if "difference" not in r:
-            lines.append(f"| {r['id']} | – | – | no (not measured) |")
-        elif task == "loss":
+            lines.append(f"| {r['id']} | {metric} | – | – | no (not measured) |")
+        elif metric == "loss":
             lines.append(
-                f"| {r['id']} | ×{r['perplexity_ratio']:.3f} | ×{r['perplexity_ratio_low']:.3f} to "
-                f"×{r['perplexity_ratio_high']:.3f} | {'yes' if r['qualifies'] else 'no'} |"
+                f"| {r['id']} | perplexity | ×{r['perplexity_ratio']:.3f} | ×{r['perplexity_ratio_low']:.3f} to "
+                f"×{r['perplexity_ratio_high']:.3f} | {ok} |"
             )
         else:
             lines.append(
-                f"| {r['id']} | {r['difference']:+.1f} | {r['low']:+.1f} to {r['high']:+.1f} | "
-                f"{'yes' if r['qualifies'] else 'no'} |"
+                f"| {r['id']} | {metric} | {r['difference']:+.1f} points | {r['low']:+.1f} to {r['high']:+.1f} | {ok} |"
             )
     return lines + [""]
 
