@@ -142,6 +142,36 @@ def test_kill_9_then_resume_gives_the_same_adapter(prepared):
     ]
 
 
+def metric_values(experiment: str) -> list[dict]:
+    """metrics.jsonl without the fields that measure time."""
+    timed = ("seconds", "tokens_per_second", "peak_memory_gb")
+    lines = (paths.RUNS_DIR / experiment / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in timed} for line in lines]
+
+
+def test_stopping_between_a_checkpoint_and_its_validation_resumes_to_the_same_files(prepared, monkeypatch):
+    # a checkpoint at step 15 falls inside a report window (every 2 steps), and step 15's validation line is
+    # written after the checkpoint, so both the window's average and that line must survive the stop
+    args = [*FAST, "train.iters=30", "train.save_every=5", "train.steps_per_eval=5", "experiments.name=resumed"]
+    assert train.main([a.replace("=resumed", "=straight") for a in args]) == 0
+
+    evaluate = train.TrainingLoop.evaluate
+
+    def stop_after_step_15(loop, step):
+        stop = evaluate(loop, step)
+        if step == 15:
+            raise KeyboardInterrupt
+        return stop
+
+    monkeypatch.setattr(train.TrainingLoop, "evaluate", stop_after_step_15)
+    assert train.main(args) == 130
+    monkeypatch.setattr(train.TrainingLoop, "evaluate", evaluate)
+    assert train.main(args) == 0
+
+    assert metric_values("resumed") == metric_values("straight")  # and so loss.png, drawn from them
+    assert adapter_bytes("resumed") == adapter_bytes("straight")
+
+
 def test_early_stopping_keeps_the_best_checkpoint(prepared, caplog):
     assert (
         train.main(

@@ -261,14 +261,12 @@ class TrainingLoop:
         self.checkpoints, self.metrics, self.state = checkpoints, metrics, state
         self.batches = train_data.BatchOrder(train_set, tcfg.batch_size, tcfg.seed)
         self.started = time.monotonic()
-        self.tokens_seen = 0
-        self.train_seconds = 0.0
         self.last_train_loss = float("nan")
 
     def run(self) -> None:
         step_fn = self.compiled_step()
         accum = int(self.tcfg.grad_accumulation_steps)
-        losses, tokens, window_seconds, window_steps = 0.0, 0, 0.0, 0
+        tokens, window_seconds = 0, 0.0
         grad = None
         bar = plog.StepProgress(self.iters, self.state.step, log)
         with bar:
@@ -289,17 +287,18 @@ class TrainingLoop:
                         f"checkpoint (step {self.state.step}) is kept",
                     )
                 seconds = time.perf_counter() - tic
-                losses += loss_value
                 tokens += int(ntoks.item())
                 window_seconds += seconds
-                window_steps += 1
-                self.train_seconds += seconds
-                self.tokens_seen += int(ntoks.item())
+                self.state.window_loss += loss_value
+                self.state.window_steps += 1
+                self.state.train_seconds += seconds
+                self.state.trained_tokens += int(ntoks.item())
                 self.state.step = step
                 bar.advance(step, loss_value, int(ntoks.item()) / seconds)
                 if step % self.tcfg.steps_per_report == 0 or step == self.iters:
-                    self.report(step, losses / window_steps, tokens / window_seconds, bar)
-                    losses, tokens, window_seconds, window_steps = 0.0, 0, 0.0, 0
+                    self.report(step, self.state.window_loss / self.state.window_steps, tokens / window_seconds, bar)
+                    self.state.window_loss, self.state.window_steps = 0.0, 0
+                    tokens, window_seconds = 0, 0.0
                 if step % accum == 0 and (step % self.tcfg.save_every == 0) and step < self.iters:
                     self.checkpoints.save(self.model, self.optimizer, self.state)
             else:
@@ -384,7 +383,7 @@ class TrainingLoop:
             "lr": lr,
             "tokens_per_second": round(tokens_per_second, 1),
             "peak_memory_gb": round(peak, 3),
-            "trained_tokens": self.tokens_seen,
+            "trained_tokens": self.state.trained_tokens,
         }
         self.metrics.write(line)
         bar.report(
@@ -402,10 +401,12 @@ class TrainingLoop:
             "best_val_loss": self.state.best_val_loss,
             "best_step": self.state.best_step,
             "final_train_loss": self.last_train_loss if math.isfinite(self.last_train_loss) else None,
-            "tokens_per_second": round(self.tokens_seen / self.train_seconds, 1) if self.train_seconds else 0.0,
-            "trained_tokens": self.tokens_seen,
+            "tokens_per_second": round(self.state.trained_tokens / self.state.train_seconds, 1)
+            if self.state.train_seconds
+            else 0.0,
+            "trained_tokens": self.state.trained_tokens,
             "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3),
-            "train_seconds": round(self.train_seconds, 2),
+            "train_seconds": round(self.state.train_seconds, 2),
         }
 
 

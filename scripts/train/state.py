@@ -32,6 +32,10 @@ class LoopState:
     evals_without_gain: int = 0
     val_losses: list = dataclasses.field(default_factory=list)
     stopped_early: bool = False
+    trained_tokens: int = 0
+    train_seconds: float = 0.0
+    window_loss: float = 0.0  # the running report window, so a resumed run reports the same averages
+    window_steps: int = 0
 
 
 def fingerprint(model_manifest: dict, catalog: dict, adapter_config: dict, train_config: dict) -> dict:
@@ -156,12 +160,14 @@ class Checkpoints:
 
 
 class MetricsLog:
-    """metrics.jsonl: one validated line per report; cut back to `keep_until` when a run resumes."""
+    """metrics.jsonl: one validated line per report; cut back to the checkpoint at `keep_until` when a run
+    resumes. The validation line of the checkpoint's own step is written after the checkpoint (it opens the
+    next step), so the resumed run writes it again and the old one goes."""
 
     def __init__(self, path: Path, keep_until: int):
         self.path = path
         lines = path.read_text().splitlines() if path.is_file() and keep_until > 0 else []
-        kept = [line for line in _whole_lines(lines, path) if orjson.loads(line)["step"] <= keep_until]
+        kept = [line for line in _whole_lines(lines, path) if _before_checkpoint(orjson.loads(line), keep_until)]
         path.parent.mkdir(parents=True, exist_ok=True)
         contracts.write_bytes_atomic(path, "".join(line + "\n" for line in kept).encode())
 
@@ -170,6 +176,10 @@ class MetricsLog:
         contracts.validate(record, "metrics", where=paths.display(self.path))
         with open(self.path, "ab") as f:
             f.write(orjson.dumps(record) + b"\n")
+
+
+def _before_checkpoint(record: dict, step: int) -> bool:
+    return record["step"] < step or (record["step"] == step and record["type"] != "val")
 
 
 def _whole_lines(lines: list[str], path: Path) -> list[str]:
