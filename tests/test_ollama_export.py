@@ -56,6 +56,28 @@ def test_modelfile_system_stands_in_for_the_templates_default(name):
     assert oe.render_go(go, THREE_TURNS[1:], spec.default_system) == jinja(name, THREE_TURNS[1:])
 
 
+WITH_TOOL_RESULT = [
+    {"role": "user", "content": "Weather in Oslo?"},
+    {"role": "assistant", "content": '{"name": "get_weather", "arguments": {"city": "Oslo"}}'},
+    {"role": "tool", "content": '{"temperature": -3}'},
+    {"role": "assistant", "content": "It is -3 degrees."},
+    {"role": "user", "content": "Thanks!"},
+]
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama-3", "smollm2"])
+def test_tool_results_render_like_jinja_where_the_template_writes_them(name):
+    spec, go = exported(name)
+    assert "tool" in spec.prefixes
+    assert oe.render_go(go, WITH_TOOL_RESULT, spec.default_system) == jinja(name, WITH_TOOL_RESULT)
+    assert oe.render_go(go, WITH_TOOL_RESULT[:3], spec.default_system) == jinja(name, WITH_TOOL_RESULT[:3])
+
+
+def test_a_template_without_tool_messages_has_no_tool_branch():
+    spec, go = exported("alpaca")  # prepare moves tool results into the user turn for such templates
+    assert "tool" not in spec.prefixes and '"tool"' not in go
+
+
 def test_chatml_prompt_is_exactly_the_chatml_text():
     _, go = exported("chatml")
     expected = (
@@ -86,7 +108,13 @@ def test_spec_pieces_for_alpaca_and_llama3():
     )
     llama, _ = exported("llama-3", bos_token="<|begin_of_text|>")
     assert llama.leading == "<|begin_of_text|>"
-    assert llama.suffixes == {"system": "<|eot_id|>", "user": "<|eot_id|>", "assistant": "<|eot_id|>"}
+    assert llama.suffixes == {
+        "system": "<|eot_id|>",
+        "user": "<|eot_id|>",
+        "assistant": "<|eot_id|>",
+        "tool": "<|eot_id|>",
+    }
+    assert llama.prefixes["tool"] == "<|start_header_id|>tool<|end_header_id|>\n\n"
 
 
 def test_bos_is_left_out_unless_given():

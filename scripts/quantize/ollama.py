@@ -13,6 +13,8 @@ How the pieces map onto Ollama:
   the Go rendering of [SYSTEM] + messages then equals the Jinja rendering of the messages alone.
 - The generation prompt follows the last message unless that is an assistant message, which is left
   open (no suffix) for Ollama to continue, the way Ollama's own templates use $last.
+- Tool results: a template that writes a `tool` message as one block (chatml, Llama 3) gets a tool
+  branch; for one that does not, prepare has already moved tool results into the user turn.
 - BOS: bos_token defaults to "" because Ollama's runner adds BOS itself when the GGUF asks for it;
   writing it into the template too would double it.
 """
@@ -31,6 +33,7 @@ from lm import chat_template
 from quantize import gotemplate
 
 ROLES = ("system", "user", "assistant")
+TOOL = "tool"  # a tool result: in the spec only when the template writes it as one block of its own
 EOS_PROBE = "ZQEOSPROBEQZ"
 SPECIAL_TOKEN = re.compile(r"<\|[^<>|\s]+\|>|<｜[^<>｜\s]+｜>|</?[A-Za-z][\w.]*>")
 GO_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -122,9 +125,26 @@ def infer_template_spec(chat_template: str, *, bos_token: str = "", eos_token: s
         # prefix, which is right whenever a system message comes first (always, once SYSTEM is set).
         leading, default_system = "", head[len(p0) : len(head) - len(suffixes["system"])]
     prefixes["system"] = _after(p0, leading, "the first system message starts differently")
+    tool = _tool_pieces(render, u1, a1, prefixes["assistant"], suffixes["assistant"])
+    if tool:
+        prefixes[TOOL], suffixes[TOOL] = tool
     spec = TemplateSpec(prefixes, suffixes, generation_prompt, leading, default_system)
     _verify(spec, render)
     return spec
+
+
+def _tool_pieces(render, user: dict, answer: dict, assistant_prefix: str, assistant_suffix: str):
+    """(prefix, suffix) of a tool message between two assistant turns, or None when the template refuses
+    tool messages, drops them, or writes them in a way that depends on their neighbours (prepare moves tool
+    results into the user turn for such templates, so the data has none)."""
+    result, after = _probe(TOOL, 1), _probe("assistant", 2)
+    try:
+        _, _, between, following, _ = _pieces(render([user, answer, result, after]), [user, answer, result, after])
+    except PipelineError:
+        return None
+    if not (between.startswith(assistant_suffix) and following.endswith(assistant_prefix)):
+        return None
+    return between[len(assistant_suffix) :], following[: len(following) - len(assistant_prefix)]
 
 
 def _probe(role: str, n: int) -> dict:
@@ -180,6 +200,9 @@ def _verify(spec: TemplateSpec, render) -> None:
         ([first, answer, second], True),
         ([system, first, answer, second, answer, third], True),
     ]
+    if TOOL in spec.prefixes:
+        result = {"role": TOOL, "content": '{"temperature": 21}'}
+        conversations += [([first, answer, result, answer], False), ([system, first, answer, result], True)]
     if spec.default_system is not None:  # the injected default must equal an explicit system message
         conversations.append(([{"role": "system", "content": spec.default_system}, first], True))
     for messages, prompt in conversations:
@@ -202,7 +225,7 @@ def go_template(spec: TemplateSpec) -> str:
     if spec.leading:
         lines.append(_go_text(spec.leading))
     lines += ["{{- range $i, $m := .Messages }}", "{{- $last := eq (len (slice $.Messages $i)) 1 }}"]
-    for n, role in enumerate(ROLES):
+    for n, role in enumerate(r for r in (*ROLES, TOOL) if r in spec.prefixes):
         suffix = _go_text(spec.suffixes[role])
         if role == "assistant" and suffix:  # the last assistant message stays open: Ollama continues it
             suffix = f"{{{{ if not $last }}}}{suffix}{{{{ end }}}}"
