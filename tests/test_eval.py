@@ -305,7 +305,15 @@ def test_generation_from_the_loss_pass_prompt_caches_gives_the_same_answers(quan
     prompts, _ = eval_stage.prompts_and_references(records, contract, tokenizer)
     items = eval_stage.loss_items_for(records, contract, tokenizer)
     ecfg = OmegaConf.create(
-        {"seed": 0, "temperature": 0.0, "top_p": 1.0, "max_tokens": 10, "batch_size": 3, "loss_batch_size": 2}
+        {
+            "seed": 0,
+            "temperature": 0.0,
+            "top_p": 1.0,
+            "max_tokens": 10,
+            "batch_size": 3,
+            "loss_batch_size": 2,
+            "fast_exp": True,
+        }
     )
     keep = {k: len(prompts[j]) for k, j in enumerate(items)}
     _, caches = eval_stage.mlx_nll(model, list(items.values()), 2, keep)
@@ -447,3 +455,11 @@ def test_a_bug_in_eval_is_raised_not_recorded_as_a_failed_artifact(finished_copy
     after = {p: p.read_bytes() for p in sorted((finished_copy / "eval_out").rglob("*")) if p.is_file()}
     assert {p: d for p, d in after.items() if p.parent.name != "logs"} == before  # nothing recorded
     assert not scores.cache_path("main", "base").exists()
+
+
+@pytest.mark.parametrize(
+    "setting, metric, expected",
+    [("auto", "call_f1", 100), ("auto", "loss", 20), (-1, "loss", 150), (30, "call_f1", 30), ("auto", "chrf", 100)],
+)
+def test_answered_records_follow_what_decides(setting, metric, expected):
+    assert eval_stage.answered_count(150, setting, metric) == expected

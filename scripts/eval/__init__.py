@@ -18,6 +18,7 @@ artifacts that failed or changed.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import logging
@@ -46,7 +47,7 @@ from mlx_lm.utils import dequantize_model
 from eval import metrics as eval_metrics
 from eval import report as eval_report
 from eval import scores, verdict
-from lm import llama_runner, tokens
+from lm import fast_math, llama_runner, tokens
 from lm.llama_runner import shared_prefix_length
 
 log = logging.getLogger("eval")
@@ -85,8 +86,9 @@ def run(cfg) -> Path:
     tracebacks: dict[str, str] = {}  # of the artifacts that could not be scored
     tool_schemas = read_tool_schemas(contract)
     prompts, references = prompts_and_references(records, contract, tokenizer)
-    caps = answer_caps(references[: answered_count(len(records), ecfg.answer_records)], tokenizer, ecfg.max_tokens)
     task_metric, task_reason = resolve_task_metric(ecfg.task_metric, contract, plugins, references, tokenizer, ecfg)
+    answered = answered_count(len(records), ecfg.answer_records, task_metric)
+    caps = answer_caps(references[:answered], tokenizer, ecfg.max_tokens)
     results, answers, skipped = [], {}, None
     if not records:
         skipped = f"the test split ({contract['splits']['test']}) has no records"
@@ -183,7 +185,14 @@ def resolve_task_metric(name: str, contract: dict, plugins: dict, references, to
     return name, "set in eval.task_metric"
 
 
-def answered_count(records: int, answer_records: int) -> int:
+ANSWERS_AUTO = {"answers decide": 100, "loss decides": 20}
+
+
+def answered_count(records: int, answer_records: int | str, task_metric: str) -> int:
+    """How many test records are answered: eval.answer_records, or for auto 100 when the task metric is
+    scored on answers and 20 when loss decides (the answers are then only shown, with chrF)."""
+    if answer_records == "auto":
+        answer_records = ANSWERS_AUTO["loss decides" if task_metric == "loss" else "answers decide"]
     return records if answer_records == -1 else min(records, answer_records)
 
 
@@ -337,6 +346,14 @@ def score_mlx(artifact, artifacts, prompts, loss_items, tokenizer, ecfg, caps: l
     """Loss and answers, eval.batch_size records at a time: the loss pass over prompt + reference keeps
     each answered prompt's KV cache, and generation starts from it instead of computing the prompt again."""
     model = load_mlx(artifact, artifacts)
+    with fast_math.cpu_fast_path(model) if ecfg.fast_exp else contextlib.nullcontext():
+        result = _score_loaded_mlx(model, prompts, loss_items, tokenizer, ecfg, caps)
+    del model
+    mx.clear_cache()
+    return result
+
+
+def _score_loaded_mlx(model, prompts, loss_items, tokenizer, ecfg, caps: list[int]) -> dict:
     per_item, seconds, generated = {}, 0.0, []
     for first in range(0, len(prompts), ecfg.batch_size):
         chunk = list(range(first, min(first + ecfg.batch_size, len(prompts))))
@@ -362,8 +379,6 @@ def score_mlx(artifact, artifacts, prompts, loss_items, tokenizer, ecfg, caps: l
             )
         seconds += time.monotonic() - start
         del caches, prompt_caches
-    del model
-    mx.clear_cache()
     return {"engine": "mlx", **loss_fields(per_item), **answers_and_speed(generated, tokenizer, seconds, caps)}
 
 
