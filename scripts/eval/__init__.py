@@ -18,7 +18,6 @@ artifacts that failed or changed.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import gc
 import logging
@@ -47,7 +46,7 @@ from mlx_lm.utils import dequantize_model
 from eval import metrics as eval_metrics
 from eval import report as eval_report
 from eval import scores, verdict
-from lm import fast_math, llama_runner, tokens
+from lm import llama_runner, tokens
 from lm.llama_runner import shared_prefix_length
 
 log = logging.getLogger("eval")
@@ -346,14 +345,6 @@ def score_mlx(artifact, artifacts, prompts, loss_items, tokenizer, ecfg, caps: l
     """Loss and answers, eval.batch_size records at a time: the loss pass over prompt + reference keeps
     each answered prompt's KV cache, and generation starts from it instead of computing the prompt again."""
     model = load_mlx(artifact, artifacts)
-    with fast_math.cpu_fast_path(model) if ecfg.fast_exp else contextlib.nullcontext():
-        result = _score_loaded_mlx(model, prompts, loss_items, tokenizer, ecfg, caps)
-    del model
-    mx.clear_cache()
-    return result
-
-
-def _score_loaded_mlx(model, prompts, loss_items, tokenizer, ecfg, caps: list[int]) -> dict:
     per_item, seconds, generated = {}, 0.0, []
     for first in range(0, len(prompts), ecfg.batch_size):
         chunk = list(range(first, min(first + ecfg.batch_size, len(prompts))))
@@ -379,6 +370,8 @@ def _score_loaded_mlx(model, prompts, loss_items, tokenizer, ecfg, caps: list[in
             )
         seconds += time.monotonic() - start
         del caches, prompt_caches
+    del model
+    mx.clear_cache()
     return {"engine": "mlx", **loss_fields(per_item), **answers_and_speed(generated, tokenizer, seconds, caps)}
 
 
