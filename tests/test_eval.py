@@ -99,6 +99,17 @@ def test_eval_scores_every_artifact_and_writes_the_report(quantized_project):
     assert {o["role"] for o in manifest["outputs"]} >= {"metrics", "generation_policy", "report", "final_generations"}
 
 
+def test_fewer_answered_records_than_loss_records(quantized_project):
+    assert eval_stage.main([*EVAL, "eval.answer_records=2", "eval.artifacts=[base,fused]"]) == 0
+    metrics = contracts.read_json(out_dir() / "metrics.json", "eval_metrics")
+    assert metrics["answered_records"] == 2 and metrics["test_records"] == 6
+    assert all(len(a["per_record"]["loss"]) == 6 for a in metrics["artifacts"])
+    assert all(len(a["per_record"]["call_f1"]) == 2 for a in metrics["artifacts"])
+    rows = [orjson.loads(line) for line in (out_dir() / "final_generations.jsonl").read_text().splitlines()]
+    assert [row["index"] for row in rows] == [0, 1] and set(rows[1]["outputs"]) == {"base", "main/fused"}
+    assert "2 of 6 test records" in (out_dir() / "report.md").read_text()
+
+
 def test_fast_loss_equals_the_plain_masked_loss(quantized_project):
 
     model, tokenizer = load(str(paths.RUNS_DIR / "main" / "fused"))

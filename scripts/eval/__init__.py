@@ -617,8 +617,10 @@ def generation_policy(experiment, results, contract, tokenizer, ecfg, task_metri
 
 
 def write_generations(path: Path, prompts, references, answers: dict[str, list[str]], tokenizer) -> None:
+    """One line per answered record (the first eval.answer_records) with every artifact's answer."""
+    answered = min((len(texts) for texts in answers.values()), default=0)
     with contracts.atomic_path(path) as tmp, open(tmp, "wb") as f:
-        for index, (prompt, reference) in enumerate(zip(prompts, references)):
+        for index, (prompt, reference) in enumerate(zip(prompts[:answered], references)):
             row = {
                 "index": index,
                 "prompt": tokenizer.decode(prompt),

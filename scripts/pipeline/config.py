@@ -277,24 +277,36 @@ def _type_fits(value, default) -> bool:
     return True
 
 
-def _coerce(layer: dict, defaults: dict) -> dict:
-    """Ints given for float knobs become floats, numbers given for string knobs become strings."""
+def _coerce(layer: dict, defaults: dict, prefix: str = "") -> dict:
+    """Ints given for float knobs become floats, numbers given for string knobs become strings (unless
+    the schema takes a number there too, as `eval.answer_records: auto | N` does)."""
     out = {}
     for key, value in layer.items():
         default = defaults.get(key)
         if isinstance(default, dict) and isinstance(value, dict):
-            out[key] = _coerce(value, default)
+            out[key] = _coerce(value, default, f"{prefix}{key}.")
         elif _is_interpolation(value):
             out[key] = value
         elif isinstance(default, float) and isinstance(value, int):
             out[key] = float(value)
-        elif isinstance(default, str) and isinstance(value, (int, float)):
+        elif isinstance(default, str) and isinstance(value, (int, float)) and not _takes_number(prefix + key):
             out[key] = str(value)
         elif isinstance(default, list) and isinstance(value, str):
             out[key] = [value]  # a list knob also takes a single value
         else:
             out[key] = value
     return out
+
+
+def _takes_number(dotted: str) -> bool:
+    def numeric(node: dict) -> bool:
+        node = _deref(node)
+        kinds = node.get("type", [])
+        kinds = [kinds] if isinstance(kinds, str) else kinds
+        return bool({"integer", "number"} & set(kinds)) or any(numeric(b) for b in node.get("anyOf", []))
+
+    node = schema_knobs().get(dotted)
+    return node is not None and numeric(node)
 
 
 def _is_interpolation(value) -> bool:
