@@ -184,14 +184,14 @@ def resolve_task_metric(name: str, contract: dict, plugins: dict, references, to
     return name, "set in eval.task_metric"
 
 
-ANSWERS_AUTO = {"answers decide": 100, "loss decides": 20}
+ANSWERED_AUTO, ANSWERED_AUTO_WHEN_LOSS_DECIDES = 100, 20
 
 
 def answered_count(records: int, answer_records: int | str, task_metric: str) -> int:
     """How many test records are answered: eval.answer_records, or for auto 100 when the task metric is
     scored on answers and 20 when loss decides (the answers are then only shown, with chrF)."""
     if answer_records == "auto":
-        answer_records = ANSWERS_AUTO["loss decides" if task_metric == "loss" else "answers decide"]
+        answer_records = ANSWERED_AUTO_WHEN_LOSS_DECIDES if task_metric == "loss" else ANSWERED_AUTO
     return records if answer_records == -1 else min(records, answer_records)
 
 
