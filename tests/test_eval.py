@@ -110,6 +110,30 @@ def test_fewer_answered_records_than_loss_records(quantized_project):
     assert "2 of 6 test records" in (out_dir() / "report.md").read_text()
 
 
+def test_proven_twins_are_scored_on_the_answered_records_only(quantized_project):
+    def artifacts(*kinds) -> dict:
+        assert eval_stage.main([*EVAL, "eval.answer_records=2", f"eval.artifacts=[{','.join(kinds)}]"]) == 0
+        return {a["id"]: a for a in contracts.read_json(out_dir() / "metrics.json", "eval_metrics")["artifacts"]}
+
+    alone = artifacts("base", "adapter")  # no fused model to be the twin of: scored like the rest
+    assert len(alone["main/adapter"]["per_record"]["loss"]) == 6
+    scored = artifacts("base", "adapter", "fused", "gguf")
+    twins = [i for i, a in scored.items() if a.get("loss_only_reason")]
+    assert twins == ["main/adapter", "main/main-f16.gguf"]
+    for twin in (scored[i] for i in twins):
+        pairs = scored["base"]["per_record"]["loss"][:2]
+        base_loss = sum(nll for nll, _ in pairs) / sum(n for _, n in pairs)
+        assert len(twin["per_record"]["loss"]) == 2 and twin["generation"] is None
+        assert twin["delta_vs_base"]["loss"] == pytest.approx(twin["loss"] - base_loss, abs=2e-4)
+    assert all(len(scored[i]["per_record"]["loss"]) == 6 for i in scored if i not in twins)
+    policy = contracts.read_json(out_dir() / "generation_policy.json", "generation_policy")
+    f16 = next(c for c in policy["comparisons"] if c["id"] == "main/main-f16.gguf")
+    assert f16["metric"] == "loss" and f16["records"] == 2
+    report = (out_dir() / "report.md").read_text()
+    assert re.search(r"\| main/main-f16\.gguf \| [^|]+ \| [\d.]+ \(2 rec\.\) \|", report)
+    assert "over the answered records (2" in report
+
+
 def test_fast_loss_equals_the_plain_masked_loss(quantized_project):
 
     model, tokenizer = load(str(paths.RUNS_DIR / "main" / "fused"))

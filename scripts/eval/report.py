@@ -139,6 +139,7 @@ def metric_table(metrics: dict) -> list[str]:
         "tok/s",
     ]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    most = max((_loss_records(a) for a in metrics["artifacts"] if a["status"] == "ok"), default=0)
     for a in metrics["artifacts"]:
         if a["status"] != "ok":
             rows.append(
@@ -149,9 +150,8 @@ def metric_table(metrics: dict) -> list[str]:
         delta = (a.get("delta_vs_base") or {}).get(task)
         speed = (a.get("generation") or {}).get("tokens_per_second")
         rows.append(
-            f"| {a['id']} | {human_bytes(a['bytes'])} | {_fmt(a['loss'], 4)} | {_fmt(a['perplexity'], 3)} | "
-            + " | ".join(values)
-            + f" | {_signed(delta, task)} | {_fmt(speed)} |"
+            f"| {a['id']} | {human_bytes(a['bytes'])} | {_fmt(a['loss'], 4)}{_subset(a, most)} | "
+            f"{_fmt(a['perplexity'], 3)} | " + " | ".join(values) + f" | {_signed(delta, task)} | {_fmt(speed)} |"
         )
     meaning = f" {LABELS.get(task, task)}: {MEANINGS[task]}." if task in MEANINGS else ""
     return [
@@ -162,6 +162,15 @@ def metric_table(metrics: dict) -> list[str]:
         "",
         *what_was_generated(metrics),
     ]
+
+
+def _loss_records(artifact: dict) -> int:
+    return len(artifact["per_record"]["loss"])
+
+
+def _subset(artifact: dict, most: int) -> str:
+    """A marker on a loss measured on fewer records than the others (a proven twin's)."""
+    return f" ({_loss_records(artifact)} rec.)" if _loss_records(artifact) < most else ""
 
 
 def ship_table(policy: dict, task: str) -> list[str]:
@@ -211,10 +220,12 @@ def what_was_generated(metrics: dict) -> list[str]:
         f"{metrics['test_records']} test records by {', '.join(f'`{i}`' for i in answered) or 'no artifact'}."
     ]
     if loss_only:
+        records = min(_loss_records(a) for a in loss_only)
         lines.append(
-            "Scored on loss only: "
+            f"Scored on loss only, over the answered records ({records}; its Δ is against the base model on "
+            "the same records): "
             + ", ".join(f"`{a['id']}` ({a.get('loss_only_reason', 'loss only')})" for a in loss_only)
-            + " (eval.proven=answers generates for them too)."
+            + " (eval.proven=answers scores them in full)."
         )
     return lines
 

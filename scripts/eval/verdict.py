@@ -68,10 +68,12 @@ def lower_is_better(metric: str) -> bool:
 def paired_difference(metric: str, candidate: dict, reference: dict, seed: int = 0) -> dict | None:
     """The candidate minus the reference on `metric` over their common records, signed so that above
     zero is better, with a bootstrap interval: {"difference", "low", "high", "records"}; for loss also
-    the perplexity ratio and its interval. None when either lacks per-record values."""
+    the perplexity ratio and its interval. None when either lacks per-record values. Records are in
+    test order and a proven twin is scored on the first of them, so the common records are a prefix."""
     a, b = _per_record(candidate, metric), _per_record(reference, metric)
-    if a is None or b is None or len(a) != len(b) or len(a) == 0:
+    if a is None or b is None or min(len(a), len(b)) == 0:
         return None
+    a, b = a[: len(b)], b[: len(a)]
     rng = np.random.default_rng(seed)
     samples = rng.integers(0, len(a), size=(RESAMPLES, len(a)))
     if lower_is_better(metric):
