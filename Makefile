@@ -21,7 +21,7 @@ STATE := .state
 SLICES := $(STATE)/config
 VERBOSE ?=
 SECTION ?=
-CONFIG_ARGS := $(if $(OVERRIDE),--override $(OVERRIDE)) $(if $(EXP),experiments.name=$(EXP)) $(SET)
+CONFIG_ARGS := $(if $(OVERRIDE),--override $(OVERRIDE)) $(if $(EXP),experiment.name=$(EXP)) $(SET)
 # A stage is a module of scripts/: scripts/<stage>.py, or the folder scripts/<stage>/ (its __main__.py).
 RUN_STAGE := PYTHONPATH=scripts $(PY) -m
 STAGE_ARGS := $(CONFIG_ARGS) $(if $(VERBOSE),--verbose)

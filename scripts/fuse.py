@@ -45,7 +45,7 @@ def main(argv=None) -> int:
 
 
 def run(cfg) -> Path:
-    experiment = cfg.experiments.name
+    experiment = cfg.experiment.name
     run_dir = paths.run_dir(experiment)
     stage = StageRun("fuse", {"fuse": config.section(cfg, "fuse")}, experiment=experiment)
     model_manifest = stages.read_manifest("model")

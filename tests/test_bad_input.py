@@ -141,8 +141,8 @@ add("unknown_gguf_type", "quantize", ["quantize.gguf_types=[Q9_X]"], r"quantize\
 add("unknown_mlx_quantization", "quantize", ["quantize.mlx=[affine-5]"], r"quantize\.mlx", r"affine-5")
 add("group_size_not_allowed", "quantize", ["quantize.group_size=48"], r"quantize\.group_size")
 add("zero_tolerance", "fuse", ["fuse.tolerance=0"], r"fuse\.tolerance")
-add("experiment_name_with_a_path", "train", ["experiments.name=../escape"], r"experiments\.name")
-add("empty_experiment_name", "train", ["experiments.name="], r"experiments\.name")
+add("experiment_name_with_a_path", "train", ["experiment.name=../escape"], r"experiment\.name")
+add("empty_experiment_name", "train", ["experiment.name="], r"experiment\.name")
 add(
     "interpolation_of_a_missing_key", "train", ["train.iters=${train.nope}"], r"train\.iters", r"train\.nope.*not found"
 )

@@ -10,6 +10,7 @@ from pipeline.config import (
     default_comments,
     describe,
     load_config,
+    load_workspace,
     schema_knobs,
     valid_keys,
     write_slices,
@@ -56,7 +57,7 @@ EXPECTED_ENUM_KEYS = {
 
 def test_defaults_load_read_only(project):
     cfg = load_config()
-    assert cfg.experiments.name == "main"
+    assert cfg.experiment.name == "main"
     with pytest.raises(ReadonlyConfigError):
         cfg.model.dtype = "float16"
 
@@ -70,10 +71,10 @@ def test_precedence_default_then_override_file_then_command_line(project):
 
 
 def test_explicit_override_file_replaces_config_override_yaml(project, tmp_path):
-    write_override(project, "experiments:\n  name: from-user-file\n")
+    write_override(project, "experiment:\n  name: from-user-file\n")
     other = tmp_path / "exp.yaml"
-    other.write_text("experiments:\n  name: from-explicit-file\n")
-    assert load_config(override_file=other).experiments.name == "from-explicit-file"
+    other.write_text("experiment:\n  name: from-explicit-file\n")
+    assert load_config(override_file=other).experiment.name == "from-explicit-file"
 
 
 def test_misspelt_key_in_override_names_file_and_closest_key(project):
@@ -111,9 +112,9 @@ def test_wrong_types_are_errors(project, override, message):
 
 
 def test_int_given_for_float_and_number_for_string_are_accepted(project):
-    cfg = load_config(["doctor.min_gflops=50", "experiments.name=2024"])
+    cfg = load_config(["doctor.min_gflops=50", "experiment.name=2024"])
     assert cfg.doctor.min_gflops == 50.0 and isinstance(cfg.doctor.min_gflops, float)
-    assert cfg.experiments.name == "2024"
+    assert cfg.experiment.name == "2024"
 
 
 def test_missing_override_file_is_an_error(project):
@@ -150,19 +151,19 @@ def test_slices_are_rewritten_only_when_their_content_changes(project, tmp_path)
 
 def test_experiment_sections_are_kept_per_experiment(project, tmp_path):
     out, runs = tmp_path / "slices", tmp_path / "runs"
-    write_slices(load_config(["experiments.name=a", "train.learning_rate=1e-3"]), out, runs)
-    write_slices(load_config(["experiments.name=b"]), out, runs)
+    write_slices(load_config(["experiment.name=a", "train.learning_rate=1e-3"]), out, runs)
+    write_slices(load_config(["experiment.name=b"]), out, runs)
     assert (runs / "a" / ".config" / "train.json").read_text() != (runs / "b" / ".config" / "train.json").read_text()
     assert not (out / "train.json").exists() and (out / "data.json").exists()
     before = (runs / "a" / ".config" / "train.json").stat().st_mtime_ns
-    write_slices(load_config(["experiments.name=a", "train.learning_rate=1e-3"]), out, runs)
+    write_slices(load_config(["experiment.name=a", "train.learning_rate=1e-3"]), out, runs)
     assert (runs / "a" / ".config" / "train.json").stat().st_mtime_ns == before
 
 
 @pytest.mark.parametrize("name", ["../escape", "a b", "", "-x"])
 def test_experiment_name_must_be_a_plain_folder_name(project, name):
     with pytest.raises(ConfigError, match="not a plain folder name"):
-        load_config([f"experiments.name={name}"])
+        load_config([f"experiment.name={name}"])
 
 
 def test_every_default_knob_has_a_comment():
@@ -185,18 +186,21 @@ def test_every_default_knob_has_a_comment():
 @pytest.mark.parametrize("path", SHIPPED_YAML, ids=lambda path: path.name)
 def test_every_shipped_yaml_loads_and_validates(project, path):
     if path.name == "default.yaml":
-        assert load_config().experiments.name == "main"
+        assert load_config().experiment.name == "main"
     else:
         load_config(override_file=path)
 
 
 def test_the_commented_example_overrides_are_valid(project, tmp_path):
     header, _, body = (REPO / "config" / "override.example.yaml").read_text().partition("\n\n")
-    uncommented = [m[1] for m in re.finditer(r"^# ( *[A-Za-z_][\w-]*:.*)$", body, flags=re.M)]
+    uncommented = [m[1] for m in re.finditer(r"^# ( *(?:- +)?[A-Za-z_][\w.-]*:.*)$", body, flags=re.M)]
     assert uncommented, "override.example.yaml has no commented keys to try"
     example = tmp_path / "example.yaml"
     example.write_text("\n".join(uncommented) + "\n")
-    load_config(override_file=example)
+    workspace = load_workspace(override_file=example)
+    assert len(workspace.names()) == 8  # the example experiments, crossed with its sweep
+    for name in workspace.names():
+        workspace.config(name)
 
 
 def test_the_enumerated_keys_are_the_expected_ones():

@@ -110,8 +110,8 @@ def test_same_seed_same_bytes_other_seed_other_bytes(prepared):
 
 
 def test_kill_9_then_resume_gives_the_same_adapter(prepared):
-    args = [*FAST, "train.iters=30", "train.save_every=5", "experiments.name=resumed"]
-    assert train.main([a.replace("experiments.name=resumed", "experiments.name=straight") for a in args]) == 0
+    args = [*FAST, "train.iters=30", "train.save_every=5", "experiment.name=resumed"]
+    assert train.main([a.replace("experiment.name=resumed", "experiment.name=straight") for a in args]) == 0
     straight = adapter_bytes("straight")
 
     env = {**os.environ, "PIPELINE_ROOT": str(paths.ROOT), "PYTHONPATH": str(REPO / "scripts"), "CI": "1"}
@@ -152,7 +152,7 @@ def metric_values(experiment: str) -> list[dict]:
 def test_stopping_between_a_checkpoint_and_its_validation_resumes_to_the_same_files(prepared, monkeypatch):
     # a checkpoint at step 15 falls inside a report window (every 2 steps), and step 15's validation line is
     # written after the checkpoint, so both the window's average and that line must survive the stop
-    args = [*FAST, "train.iters=30", "train.save_every=5", "train.steps_per_eval=5", "experiments.name=resumed"]
+    args = [*FAST, "train.iters=30", "train.save_every=5", "train.steps_per_eval=5", "experiment.name=resumed"]
     assert train.main([a.replace("=resumed", "=straight") for a in args]) == 0
 
     evaluate = train.TrainingLoop.evaluate

@@ -70,7 +70,7 @@ def main(argv=None) -> int:
 
 def run(cfg) -> Path:
     ecfg = cfg.eval
-    experiment = cfg.experiments.name
+    experiment = cfg.experiment.name
     run_dir, out_dir = paths.run_dir(experiment), paths.eval_dir(experiment)
     stage = StageRun("eval", {"eval": config.section(cfg, "eval")}, experiment=experiment)
     artifacts = read_artifacts(experiment)

@@ -103,7 +103,7 @@ def _stage_folder(name: str, cfg) -> Path:
     stage = stages.get(name)
     if stage.manifest is None or (stage.per_experiment and cfg is None):
         return paths.STATE_DIR
-    return stage.manifest_path(cfg.experiments.name if cfg is not None else None).parent
+    return stage.manifest_path(cfg.experiment.name if cfg is not None else None).parent
 
 
 def _error_log(name: str, cfg) -> Path:

@@ -22,7 +22,7 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import NamedTuple
 
-from pipeline import contracts, paths, stages
+from pipeline import contracts, experiments, paths, stages
 from pipeline.contracts import write_text_if_changed
 from pipeline.errors import ConfigError, PipelineError
 
@@ -32,7 +32,6 @@ from jsonschema import ValidationError
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-_EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _SCHEMA_NAME = "config"
 _SPLITS_TOLERANCE = 1e-6
 _KNOB_LINE = re.compile(r"(?P<indent> *)(?P<key>[A-Za-z_][\w-]*):(?P<rest>.*)")
@@ -69,7 +68,18 @@ def load_config(
     override_file: str | Path | None = None,
     default_file: str | Path | None = None,
 ) -> DictConfig:
-    """The resolved, read-only config. `override_file` None means config/override.yaml if present."""
+    """The resolved, read-only config of one experiment: the one `experiment.name` names, or the only one.
+    `override_file` None means config/override.yaml if present."""
+    workspace = load_workspace(overrides, override_file, default_file)
+    return workspace.config(workspace.selected())
+
+
+def load_workspace(
+    overrides: Sequence[str] = (),
+    override_file: str | Path | None = None,
+    default_file: str | Path | None = None,
+) -> Workspace:
+    """Every layer of the config, merged, and the experiments it describes (pipeline.experiments)."""
     default_path = Path(default_file) if default_file else paths.DEFAULT_CONFIG
     defaults = _read_yaml(default_path)
     layers = [(paths.display(default_path), defaults)]
@@ -78,21 +88,72 @@ def load_config(
         _check_against_defaults(layer, defaults, source)
         layers.append((source, _coerce(layer, defaults)))
         merged = OmegaConf.merge(merged, layers[-1][1])
-    try:
+    values = _resolved(merged, layers)
+    experiments.check_name(values["experiment"]["name"], "experiment.name")
+
+    def check_layer(layer: dict, source: str) -> dict:
+        _check_against_defaults(layer, defaults, source)
+        return _coerce(layer, defaults)
+
+    return Workspace(defaults, layers, merged, experiments.expand(values, check_layer))
+
+
+class Workspace(NamedTuple):
+    defaults: dict
+    layers: list  # (source, mapping), lowest precedence first
+    merged: DictConfig  # every layer merged, not yet resolved
+    experiments: list[experiments.Experiment]
+
+    def names(self) -> list[str]:
+        return [e.name for e in self.experiments]
+
+    def experiment(self, name: str) -> experiments.Experiment:
+        return next(e for e in self.experiments if e.name == name)
+
+    def selected(self) -> str:
+        """The experiment a stage runs: the one experiment.name names, or the only one there is."""
+        asked = _resolved(self.merged, self.layers)["experiment"]["name"]
+        names = self.names()
+        if asked in names:
+            return asked
+        set_by = [source for source, layer in self.layers[1:] if _sets(layer, ("experiment", "name"))]
+        if len(names) == 1 and not set_by:
+            return names[0]
+        if not set_by:
+            raise ConfigError(
+                f"{len(names)} experiments are configured and none is named",
+                where="experiment.name",
+                fix=f"name one, e.g. make <stage> EXP={names[0]} (`make experiments` lists them: "
+                + ", ".join(names[:6])
+                + (", ..." if len(names) > 6 else "")
+                + ")",
+            )
+        close = difflib.get_close_matches(asked, names, n=1, cutoff=0.5)
+        raise ConfigError(
+            f"there is no experiment named '{asked}'",
+            where=set_by[-1],
+            fix=(f"did you mean '{close[0]}'? " if close else "") + "`make experiments` lists the configured ones",
+        )
+
+    def config(self, name: str) -> DictConfig:
+        """The resolved, checked, read-only config of experiment `name`."""
+        experiment = self.experiment(name)
+        layers = [*self.layers, *experiment.layers, ("experiment", {"experiment": {"name": name}})]
+        merged = self.merged
+        for _, layer in layers[len(self.layers) :]:
+            merged = OmegaConf.merge(merged, layer)
+        check_values(_resolved(merged, layers), layers)
         OmegaConf.resolve(merged)
+        OmegaConf.set_struct(merged, True)
+        OmegaConf.set_readonly(merged, True)
+        return merged
+
+
+def _resolved(merged: DictConfig, layers) -> dict:
+    try:
+        return OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as exc:
         raise _interpolation_error(exc, merged, layers) from None
-    name = merged.experiments.name
-    if not isinstance(name, str) or not _EXPERIMENT_NAME.fullmatch(name):
-        raise ConfigError(
-            f"experiment name '{name or ''}' is not a plain folder name",
-            where="experiments.name",
-            fix="use letters, digits, '.', '_' and '-' (it becomes runs/<name>/)",
-        )
-    check_values(OmegaConf.to_container(merged), layers)
-    OmegaConf.set_struct(merged, True)
-    OmegaConf.set_readonly(merged, True)
-    return merged
 
 
 def section(cfg: DictConfig, name: str) -> dict:
@@ -686,7 +747,7 @@ def write_slices(cfg: DictConfig, out_dir: Path, experiments_root: Path | None =
     for name in cfg:
         folder = out_dir
         if experiments_root is not None and name in stages.experiment_sections():
-            folder = experiments_root / cfg.experiments.name / ".config"
+            folder = experiments_root / cfg.experiment.name / ".config"
         text = orjson.dumps(section(cfg, name), option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2).decode() + "\n"
         if write_text_if_changed(folder / f"{name}.json", text):
             changed.append(name)
@@ -723,10 +784,10 @@ def _cli(argv: Sequence[str] | None = None) -> int:
         if args.mk:
             sources = cfg.data.source
             sources = [sources] if isinstance(sources, str) else [str(source) for source in sources]
-            stale = stages.stale_stages(cfg.experiments.name, sources)
+            stale = stages.stale_stages(cfg.experiment.name, sources)
             for stage, reasons in stale.items():
                 print(f"{stage}: runs again, " + "; ".join(reasons), file=sys.stderr)
-            include = f"EXP_NAME := {cfg.experiments.name}\n" + stages.make_include(cfg.experiments.name, stale)
+            include = f"EXP_NAME := {cfg.experiment.name}\n" + stages.make_include(cfg.experiment.name, stale)
             write_text_if_changed(args.mk, include)
     return 0
 

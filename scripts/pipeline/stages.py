@@ -35,7 +35,7 @@ class Stage:
         return paths.ROOT / self.manifest.format(experiment=experiment)
 
     def logged_sections(self) -> tuple[str, ...]:
-        return ("experiments", *self.sections) if self.per_experiment else self.sections
+        return ("experiment", *self.sections) if self.per_experiment else self.sections
 
 
 _STAGES = (

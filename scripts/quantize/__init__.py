@@ -75,7 +75,7 @@ def main(argv=None) -> int:
 
 def run(cfg) -> Path:
     qcfg = cfg.quantize
-    experiment = cfg.experiments.name
+    experiment = cfg.experiment.name
     run_dir = paths.run_dir(experiment)
     stage = StageRun("quantize", {"quantize": config.section(cfg, "quantize")}, experiment=experiment)
     mlx_quants = [parse_mlx_spec(s, qcfg.group_size) for s in qcfg.mlx]

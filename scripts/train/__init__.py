@@ -65,7 +65,7 @@ def main(argv=None) -> int:
 
 def run(cfg) -> dict:
     tcfg = cfg.train
-    experiment = cfg.experiments.name
+    experiment = cfg.experiment.name
     run_dir = paths.run_dir(experiment)
     stage = StageRun("train", {"train": config.section(cfg, "train")}, experiment=experiment)
     model_manifest = stages.read_manifest("model")
