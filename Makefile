@@ -21,7 +21,7 @@ STATE := .state
 SLICES := $(STATE)/config
 VERBOSE ?=
 SECTION ?=
-CONFIG_ARGS := $(if $(OVERRIDE),--override $(OVERRIDE)) $(if $(EXP),experiment.name=$(EXP)) $(SET)
+CONFIG_ARGS := $(if $(OVERRIDE),--override $(OVERRIDE)) $(SET)
 # A stage is a module of scripts/: scripts/<stage>.py, or the folder scripts/<stage>/ (its __main__.py).
 RUN_STAGE := PYTHONPATH=scripts $(PY) -m
 STAGE_ARGS := $(CONFIG_ARGS) $(if $(VERBOSE),--verbose)
@@ -34,18 +34,19 @@ endif
 export CMAKE_ARGS
 
 # Every goal but these reads the config: .state/config.mk is remade first (one JSON slice per config
-# section, each rewritten only when its content changes: shared sections in .state/config/, an
-# experiment's own in runs/<experiment>/.config/). It gives EXP_NAME, the experiment's name, and from
-# the stage registry (scripts/pipeline/stages.py) each stage's prerequisites, <stage>_DEPS: the code it
-# runs (its script or folder and every project module they import), its config slices, the files it
-# reads and the manifests of the stages before it.
-NO_CONFIG_GOALS := help setup lock clean distclean doctor test lint format settings
+# section, each rewritten only when its content changes: shared sections in .state/config/, each
+# experiment's own in runs/<experiment>/.config/). It gives EXPERIMENTS (every configured experiment),
+# SELECTED (EXP, or all of them) and, from the stage registry (scripts/pipeline/stages.py), each stage's
+# <stage>_TARGETS (the manifests `make <stage>` builds) and prerequisites, <stage>_DEPS for a shared
+# stage and <stage>_DEPS_<experiment> for the others: the code it runs (its script or folder and every
+# project module they import), its config slices, the files it reads and the manifests before it.
+NO_CONFIG_GOALS := help setup lock clean distclean doctor test lint format settings experiments
 ifneq ($(filter-out $(NO_CONFIG_GOALS),$(or $(MAKECMDGOALS),$(.DEFAULT_GOAL))),)
 include $(STATE)/config.mk
 endif
 
 $(STATE)/config.mk: $(SETUP_STAMP) FORCE
-	@PYTHONPATH=scripts $(PY) -m pipeline.config slices --out $(SLICES) --experiments-root runs --mk $@ $(CONFIG_ARGS)
+	@PYTHONPATH=scripts $(PY) -m pipeline.config slices --out $(SLICES) --experiments-root runs --mk $@ $(CONFIG_ARGS) $(if $(EXP),experiment.name=$(EXP))
 
 .PHONY: FORCE
 FORCE:
@@ -82,44 +83,52 @@ doctor: | $(SETUP_STAMP)
 settings: | $(SETUP_STAMP)
 	@PYTHONPATH=scripts $(PY) -m pipeline.config describe $(SECTION)
 
-## Run the whole pipeline on the configured model and data
+## Run the whole pipeline for every configured experiment (or EXP=name)
 all: model prepare train fuse quantize eval
 
+## List the configured experiments and what each changes, without running anything
+experiments: | $(SETUP_STAMP)
+	@PYTHONPATH=scripts $(PY) -m pipeline.config experiments $(CONFIG_ARGS)
+
 ## Convert the base model (default: SmolLM2-135M-Instruct, shipped offline) into an MLX folder
-model: runs/model.manifest.json
+model: $(model_TARGETS)
 
 runs/model.manifest.json: $(model_DEPS) | $(SETUP_STAMP)
 	$(RUN_STAGE) model $(STAGE_ARGS)
 
 ## Turn the configured dataset into train/valid/test JSONL with a data contract, catalog and quality report
-prepare: data/prepare.manifest.json
+prepare: $(prepare_TARGETS)
 
 data/prepare.manifest.json: $(prepare_DEPS) | $(SETUP_STAMP)
 	$(RUN_STAGE) prepare $(STAGE_ARGS)
 
-## Fine-tune the base model on the prepared data (LoRA by default): runs/<experiment>/adapter, metrics, loss curve
-train: runs/$(EXP_NAME)/train.manifest.json
+# Each experiment's stages: one pattern rule a stage, its prerequisites from config.mk (the stem is the
+# experiment's name).
+.SECONDEXPANSION:
 
-runs/$(EXP_NAME)/train.manifest.json: $(train_DEPS) | $(SETUP_STAMP)
-	$(RUN_STAGE) train $(STAGE_ARGS)
+## Fine-tune the base model on the prepared data (LoRA by default): runs/<experiment>/adapter, metrics, loss curve
+train: $(train_TARGETS)
+
+runs/%/train.manifest.json: $$(train_DEPS_$$*) | $(SETUP_STAMP)
+	$(RUN_STAGE) train experiment.name=$* $(STAGE_ARGS)
 
 ## Merge the experiment's adapter into full-precision base weights: runs/<experiment>/fused, artifacts.json
-fuse: runs/$(EXP_NAME)/fuse.manifest.json
+fuse: $(fuse_TARGETS)
 
-runs/$(EXP_NAME)/fuse.manifest.json: $(fuse_DEPS) | $(SETUP_STAMP)
-	$(RUN_STAGE) fuse $(STAGE_ARGS)
+runs/%/fuse.manifest.json: $$(fuse_DEPS_$$*) | $(SETUP_STAMP)
+	$(RUN_STAGE) fuse experiment.name=$* $(STAGE_ARGS)
 
 ## Make the deployable files: MLX quantized models, GGUFs (checked in llama.cpp), Ollama Modelfile, Docker image
-quantize: runs/$(EXP_NAME)/quantize.manifest.json
+quantize: $(quantize_TARGETS)
 
-runs/$(EXP_NAME)/quantize.manifest.json: $(quantize_DEPS) | $(SETUP_STAMP)
-	$(RUN_STAGE) quantize $(STAGE_ARGS)
+runs/%/quantize.manifest.json: $$(quantize_DEPS_$$*) | $(SETUP_STAMP)
+	$(RUN_STAGE) quantize experiment.name=$* $(STAGE_ARGS)
 
 ## Score every artifact on the test split: eval_out/<experiment>/report.md, metrics.json, generation_policy.json
-eval: eval_out/$(EXP_NAME)/eval.manifest.json
+eval: $(eval_TARGETS)
 
-eval_out/$(EXP_NAME)/eval.manifest.json: $(eval_DEPS) | $(SETUP_STAMP)
-	$(RUN_STAGE) eval $(STAGE_ARGS)
+eval_out/%/eval.manifest.json: $$(eval_DEPS_$$*) | $(SETUP_STAMP)
+	$(RUN_STAGE) eval experiment.name=$* $(STAGE_ARGS)
 
 ## Check style: ruff lint and format (ruff.toml); `make format` applies the fixes
 lint: | $(SETUP_STAMP)
@@ -143,4 +152,4 @@ clean:
 distclean: clean
 	rm -rf $(VENV) .cache
 
-.PHONY: help setup lock doctor settings all model prepare train fuse quantize eval lint format test clean distclean
+.PHONY: help setup lock doctor settings all experiments model prepare train fuse quantize eval lint format test clean distclean

@@ -45,10 +45,15 @@ def test_code_files_follow_imports_into_the_shared_packages():
 def test_makefile_targets_are_the_registry_manifests():
     makefile = (REPO / "Makefile").read_text()
     for name in stages.PIPELINE:
-        manifest = stages.get(name).manifest.format(experiment="$(EXP_NAME)")
-        assert re.search(rf"^{name}: {re.escape(manifest)}$", makefile, re.M), name
-        assert re.search(rf"^{re.escape(manifest)}: \$\({name}_DEPS\) \| \$\(SETUP_STAMP\)$", makefile, re.M), name
-        assert f"$(RUN_STAGE) {name} $(STAGE_ARGS)" in makefile, name
+        stage = stages.get(name)
+        assert re.search(rf"^{name}: \$\({name}_TARGETS\)$", makefile, re.M), name
+        if stage.per_experiment:
+            rule = rf"{re.escape(stage.manifest.format(experiment='%'))}: \$\$\({name}_DEPS_\$\$\*\)"
+            recipe = f"$(RUN_STAGE) {name} experiment.name=$* $(STAGE_ARGS)"
+        else:
+            rule, recipe = rf"{re.escape(stage.manifest)}: \$\({name}_DEPS\)", f"$(RUN_STAGE) {name} $(STAGE_ARGS)"
+        assert re.search(rf"^{rule} \| \$\(SETUP_STAMP\)$", makefile, re.M), name
+        assert recipe in makefile, name
     assert re.search(r"^all: " + " ".join(stages.PIPELINE) + "$", makefile, re.M)
 
 
@@ -67,14 +72,17 @@ def test_experiment_sections_are_those_of_the_per_experiment_stages():
 
 
 def test_make_include_lists_code_slices_and_upstream_manifests(project):
-    include = stages.make_include("exp1")
+    include = stages.make_include(["exp1", "exp2"], ["exp2"])
     deps = dict(line.split(" := ", 1) for line in include.splitlines() if " := " in line)
-    assert "scripts/quantize/ollama.py" in deps["quantize_DEPS"].split()
-    assert "runs/exp1/.config/quantize.json" in deps["quantize_DEPS"].split()
-    assert "runs/exp1/fuse.manifest.json" in deps["quantize_DEPS"].split()
+    assert "scripts/quantize/ollama.py" in deps["quantize_DEPS_exp1"].split()
+    assert "runs/exp1/.config/quantize.json" in deps["quantize_DEPS_exp1"].split()
+    assert "runs/exp1/fuse.manifest.json" in deps["quantize_DEPS_exp1"].split()
+    assert "runs/exp2/fuse.manifest.json" in deps["quantize_DEPS_exp2"].split()
+    assert deps["quantize_TARGETS"] == "runs/exp2/quantize.manifest.json"  # the selected experiment's
+    assert deps["EXPERIMENTS"] == "exp1 exp2" and deps["prepare_TARGETS"] == "data/prepare.manifest.json"
     assert ".state/config/prepare.json" in deps["prepare_DEPS"].split()
     assert "$(wildcard config/templates/*.jinja)" in deps["prepare_DEPS"]
-    assert "scripts/quantize/ollama.py" not in deps["eval_DEPS"].split()
+    assert "scripts/quantize/ollama.py" not in deps["eval_DEPS_exp1"].split()
 
 
 def test_a_missing_upstream_manifest_says_which_make_to_run(project):
@@ -280,9 +288,10 @@ def test_a_changed_or_missing_source_forces_prepare_in_the_make_include(recorded
     (recorded_sources / "one.jsonl").unlink()  # prepare itself says what is wrong when it runs
     stale = stages.stale_stages("main", SOURCES)
     assert stale == {"prepare": ["the data it read has changed since: mydata/one.jsonl is missing"]}
-    deps = dict(line.split(" := ", 1) for line in stages.make_include("main", stale).splitlines() if " := " in line)
+    include = stages.make_include(["main"], stale={"main": stale})
+    deps = dict(line.split(" := ", 1) for line in include.splitlines() if " := " in line)
     assert deps["prepare_DEPS"].split()[-1] == "FORCE"
-    assert "FORCE" not in deps["train_DEPS"]  # train re-runs because prepare's manifest is rewritten
+    assert "FORCE" not in deps["train_DEPS_main"]  # train re-runs because prepare's manifest is rewritten
     paths.PREPARE_MANIFEST.write_text("{broken")  # reported by stale_outputs, not a crash here
     assert stages.stale_sources(SOURCES) == []
 

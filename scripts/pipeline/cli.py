@@ -41,7 +41,7 @@ def run_stage(name: str, args: argparse.Namespace, run: Callable[[DictConfig], o
     log = logging.getLogger(name)
     cfg = None
     try:
-        cfg = config.load_config(args.overrides, args.override)
+        cfg = config.load_config(args.overrides, args.override, shared=not stages.get(name).per_experiment)
         resolved = {s: config.section(cfg, s) for s in stages.get(name).logged_sections()}
         log.info("resolved config:\n%s", config.dump_yaml(resolved))
         run(cfg)

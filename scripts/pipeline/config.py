@@ -67,11 +67,13 @@ def load_config(
     overrides: Sequence[str] = (),
     override_file: str | Path | None = None,
     default_file: str | Path | None = None,
+    shared: bool = False,
 ) -> DictConfig:
-    """The resolved, read-only config of one experiment: the one `experiment.name` names, or the only one.
-    `override_file` None means config/override.yaml if present."""
+    """The resolved, read-only config of one experiment: the one `experiment.name` names, or the only one
+    (`shared`: a stage every experiment shares, which may take the first). `override_file` None means
+    config/override.yaml if present."""
     workspace = load_workspace(overrides, override_file, default_file)
-    return workspace.config(workspace.selected())
+    return workspace.config(workspace.selected(shared))
 
 
 def load_workspace(
@@ -110,14 +112,15 @@ class Workspace(NamedTuple):
     def experiment(self, name: str) -> experiments.Experiment:
         return next(e for e in self.experiments if e.name == name)
 
-    def selected(self) -> str:
-        """The experiment a stage runs: the one experiment.name names, or the only one there is."""
+    def selected(self, shared: bool = False) -> str:
+        """The experiment a stage runs: the one experiment.name names, or the only one there is (`shared`:
+        the first, when none is named; the sections a shared stage reads are the same in all)."""
         asked = _resolved(self.merged, self.layers)["experiment"]["name"]
         names = self.names()
         if asked in names:
             return asked
         set_by = [source for source, layer in self.layers[1:] if _sets(layer, ("experiment", "name"))]
-        if len(names) == 1 and not set_by:
+        if (len(names) == 1 or shared) and not set_by:
             return names[0]
         if not set_by:
             raise ConfigError(
@@ -746,7 +749,7 @@ def write_slices(cfg: DictConfig, out_dir: Path, experiments_root: Path | None =
     changed = []
     for name in cfg:
         folder = out_dir
-        if experiments_root is not None and name in stages.experiment_sections():
+        if experiments_root is not None and (name in stages.experiment_sections() or name == "experiment"):
             folder = experiments_root / cfg.experiment.name / ".config"
         text = orjson.dumps(section(cfg, name), option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2).decode() + "\n"
         if write_text_if_changed(folder / f"{name}.json", text):
@@ -754,18 +757,68 @@ def write_slices(cfg: DictConfig, out_dir: Path, experiments_root: Path | None =
     return changed
 
 
+def write_workspace_slices(workspace: Workspace, out_dir: Path, experiments_root: Path) -> dict[str, DictConfig]:
+    """Every experiment's slices (each experiment's config checked on the way), and {name: config}."""
+    configs = {name: workspace.config(name) for name in workspace.names()}
+    first, *others = configs.values()
+    shared = [s for s in first if s not in stages.experiment_sections() and s in stages.shared_sections()]
+    for cfg in others:
+        changed = [s for s in shared if section(cfg, s) != section(first, s)]
+        if changed:
+            raise ConfigError(
+                f"experiment '{cfg.experiment.name}' changes {', '.join(changed)}: experiments on different "
+                "models or data are not supported yet",
+                where=workspace.experiment(cfg.experiment.name).layers[0][0],
+                fix="vary train, fuse, quantize and eval settings; set model, data and prepare for all experiments",
+            )
+    for cfg in configs.values():
+        write_slices(cfg, out_dir, experiments_root)
+    return configs
+
+
+def _make_include(workspace: Workspace, configs: dict[str, DictConfig], selected: list[str]) -> str:
+    sources = next(iter(configs.values())).data.source
+    sources = [sources] if isinstance(sources, str) else [str(source) for source in sources]
+    stale, told = {}, set()
+    for name in configs:
+        stale[name] = stages.stale_stages(name, sources)
+        for stage, reasons in stale[name].items():
+            label = f"{stage} ({name})" if stages.get(stage).per_experiment and len(configs) > 1 else stage
+            if label not in told:
+                told.add(label)
+                print(f"{label}: runs again, " + "; ".join(reasons), file=sys.stderr)
+    return stages.make_include(workspace.names(), selected, stale)
+
+
+def experiments_table(workspace: Workspace) -> str:
+    """The expanded experiments, each with the settings it changes (`make experiments`)."""
+    rows = [
+        (e.name, ", ".join(f"{k}={v}" for k, v in e.varied.items()) or "(the config as it is)")
+        for e in workspace.experiments
+    ]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{len(rows)} experiment{'s' if len(rows) != 1 else ''}:"]
+    lines += [f"  {name:<{width}}  {what}" for name, what in rows]
+    return "\n".join(lines)
+
+
 def _cli(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.config", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     slices = sub.add_parser("slices", help="write one JSON file per config section (and a Make include)")
     slices.add_argument("--out", type=Path, default=paths.CONFIG_SLICE_DIR)
-    slices.add_argument("--mk", type=Path, help="also write this Make include, giving EXP_NAME")
-    slices.add_argument("--experiments-root", type=Path, help="write experiment sections to <root>/<name>/.config/")
+    slices.add_argument("--mk", type=Path, help="also write this Make include (targets and prerequisites)")
+    slices.add_argument(
+        "--experiments-root", type=Path, default=paths.RUNS_DIR, help="experiment slices go to <root>/<name>/.config/"
+    )
     slices.add_argument("--override", metavar="FILE")
     slices.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     show = sub.add_parser("show", help="print the resolved config as YAML")
     show.add_argument("--override", metavar="FILE")
     show.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    listing = sub.add_parser("experiments", help="list the experiments and what each changes")
+    listing.add_argument("--override", metavar="FILE")
+    listing.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     describe_cmd = sub.add_parser("describe", help="every key: default, allowed values, what it does")
     describe_cmd.add_argument("section", nargs="?")
     args = parser.parse_args(argv)
@@ -773,22 +826,22 @@ def _cli(argv: Sequence[str] | None = None) -> int:
         print(describe(args.section))
         return 0
     try:
-        cfg = load_config(args.overrides, args.override)
+        workspace = load_workspace(args.overrides, args.override)
+        if args.command == "show":
+            print(dump_yaml(OmegaConf.to_container(workspace.config(workspace.selected()), resolve=True)))
+        elif args.command == "experiments":
+            for name in workspace.names():
+                workspace.config(name)  # every experiment checked, as make would
+            print(experiments_table(workspace))
+        else:
+            configs = write_workspace_slices(workspace, args.out, args.experiments_root)
+            asked = any(_sets(layer, ("experiment", "name")) for _, layer in workspace.layers[1:])
+            selected = [workspace.selected()] if asked or len(configs) == 1 else workspace.names()
+            if args.mk:
+                write_text_if_changed(args.mk, _make_include(workspace, configs, selected))
     except PipelineError as exc:
         print(f"config error: {exc.line()}", file=sys.stderr)
         return 2
-    if args.command == "show":
-        print(dump_yaml(OmegaConf.to_container(cfg, resolve=True)))
-    else:
-        write_slices(cfg, args.out, args.experiments_root)
-        if args.mk:
-            sources = cfg.data.source
-            sources = [sources] if isinstance(sources, str) else [str(source) for source in sources]
-            stale = stages.stale_stages(cfg.experiment.name, sources)
-            for stage, reasons in stale.items():
-                print(f"{stage}: runs again, " + "; ".join(reasons), file=sys.stderr)
-            include = f"EXP_NAME := {cfg.experiment.name}\n" + stages.make_include(cfg.experiment.name, stale)
-            write_text_if_changed(args.mk, include)
     return 0
 
 

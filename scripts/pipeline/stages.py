@@ -124,6 +124,11 @@ def experiment_sections() -> set[str]:
     return {section for stage in _STAGES if stage.per_experiment for section in stage.sections}
 
 
+def shared_sections() -> set[str]:
+    """Config sections of the stages every experiment shares (the base model, the prepared data)."""
+    return {section for stage in _STAGES if stage.manifest and not stage.per_experiment for section in stage.sections}
+
+
 def make_command(name: str, experiment: str | None) -> str:
     exp = f" EXP={experiment}" if STAGES[name].per_experiment and experiment else ""
     return f"make {name}{exp}"
@@ -308,20 +313,35 @@ def stale_stages(experiment: str, sources: Sequence[str] | None = None) -> dict[
     return found
 
 
-def make_include(experiment: str, stale: dict[str, list[str]] | None = None) -> str:
-    """Make variables <stage>_DEPS: code, config slices, extra inputs and upstream manifests of each stage;
-    a stage in `stale` (stale_stages) also depends on FORCE, so Make runs it again, and so every stage after
-    it, whose prerequisites include its manifest."""
+def make_include(
+    experiments: Sequence[str], selected: Sequence[str] | None = None, stale: dict[str, dict] | None = None
+) -> str:
+    """Make variables for every experiment: <stage>_TARGETS, the manifests `make <stage>` builds (the
+    `selected` experiments' for a per-experiment stage), and <stage>_DEPS (shared stages) or
+    <stage>_DEPS_<experiment>: code, config slices, extra inputs and upstream manifests. A stage in
+    `stale[experiment]` (stale_stages) also depends on FORCE, so Make runs it again, and so every stage
+    after it, whose prerequisites include its manifest."""
+    selected = list(experiments if selected is None else selected)
     stale = stale or {}
-    lines = ["# Written by `python -m pipeline.config slices` from scripts/pipeline/stages.py; do not edit."]
+    lines = [
+        "# Written by `python -m pipeline.config slices` from scripts/pipeline/stages.py; do not edit.",
+        "EXPERIMENTS := " + " ".join(experiments),
+        "SELECTED := " + " ".join(selected),
+    ]
     shared = ("config/schemas/*.json",)  # every stage validates contract files against these
     for stage in _STAGES:
         code = [paths.display(p) for p in code_files(stage.name)]
-        slices = [_slice_file(section, experiment) for section in stage.sections]
-        upstream = [STAGES[u].manifest.format(experiment=experiment) for u in stage.upstream]
         globs = [f"$(wildcard {pattern})" for pattern in (*shared, *stage.inputs)]
-        force = ["FORCE"] if stage.name in stale else []
-        lines.append(f"{stage.name}_DEPS := " + " ".join([*code, *slices, *globs, *upstream, *force]))
+        owners = experiments if stage.per_experiment else experiments[:1]
+        for experiment in owners:
+            slices = [_slice_file(section, experiment) for section in stage.sections]
+            upstream = [STAGES[u].manifest.format(experiment=experiment) for u in stage.upstream]
+            force = ["FORCE"] if stage.name in stale.get(experiment, {}) else []
+            variable = f"{stage.name}_DEPS_{experiment}" if stage.per_experiment else f"{stage.name}_DEPS"
+            lines.append(f"{variable} := " + " ".join([*code, *slices, *globs, *upstream, *force]))
+        if stage.manifest:
+            targets = [stage.manifest.format(experiment=e) for e in (selected if stage.per_experiment else owners)]
+            lines.append(f"{stage.name}_TARGETS := " + " ".join(targets))
     return "\n".join(lines) + "\n"
 
 
