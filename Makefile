@@ -84,7 +84,7 @@ settings: | $(SETUP_STAMP)
 	@PYTHONPATH=scripts $(PY) -m pipeline.config describe $(SECTION)
 
 ## Run the whole pipeline for every configured experiment (or EXP=name)
-all: model prepare train fuse quantize eval
+all: model prepare train fuse quantize eval summary
 
 ## List the configured experiments and what each changes, without running anything
 experiments: | $(SETUP_STAMP)
@@ -103,32 +103,41 @@ data/prepare.manifest.json: $(prepare_DEPS) | $(SETUP_STAMP)
 	$(RUN_STAGE) prepare $(STAGE_ARGS)
 
 # Each experiment's stages: one pattern rule a stage, its prerequisites from config.mk (the stem is the
-# experiment's name).
+# experiment's name). `make all` goes on past a failing experiment: the stage records why (in its
+# folder's logs/<stage>.failed.json), the experiment's later stages skip, and the summary at the end
+# fails naming it. Any other goal stops at the first failure.
 .SECONDEXPANSION:
+ON_FAILURE := $(if $(filter all,$(MAKECMDGOALS)),|| true)
 
 ## Fine-tune the base model on the prepared data (LoRA by default): runs/<experiment>/adapter, metrics, loss curve
 train: $(train_TARGETS)
 
 runs/%/train.manifest.json: $$(train_DEPS_$$*) | $(SETUP_STAMP)
-	$(RUN_STAGE) train experiment.name=$* $(STAGE_ARGS)
+	$(RUN_STAGE) train experiment.name=$* $(STAGE_ARGS) $(ON_FAILURE)
 
 ## Merge the experiment's adapter into full-precision base weights: runs/<experiment>/fused, artifacts.json
 fuse: $(fuse_TARGETS)
 
 runs/%/fuse.manifest.json: $$(fuse_DEPS_$$*) | $(SETUP_STAMP)
-	$(RUN_STAGE) fuse experiment.name=$* $(STAGE_ARGS)
+	$(RUN_STAGE) fuse experiment.name=$* $(STAGE_ARGS) $(ON_FAILURE)
 
 ## Make the deployable files: MLX quantized models, GGUFs (checked in llama.cpp), Ollama Modelfile, Docker image
 quantize: $(quantize_TARGETS)
 
 runs/%/quantize.manifest.json: $$(quantize_DEPS_$$*) | $(SETUP_STAMP)
-	$(RUN_STAGE) quantize experiment.name=$* $(STAGE_ARGS)
+	$(RUN_STAGE) quantize experiment.name=$* $(STAGE_ARGS) $(ON_FAILURE)
 
 ## Score every artifact on the test split: eval_out/<experiment>/report.md, metrics.json, generation_policy.json
 eval: $(eval_TARGETS)
 
 eval_out/%/eval.manifest.json: $$(eval_DEPS_$$*) | $(SETUP_STAMP)
-	$(RUN_STAGE) eval experiment.name=$* $(STAGE_ARGS)
+	$(RUN_STAGE) eval experiment.name=$* $(STAGE_ARGS) $(ON_FAILURE)
+
+## Compare the experiments: runs/experiments.csv, eval_out/summary.md (+ charts); fails naming any unfinished
+summary: $(summary_TARGETS)
+
+eval_out/summary.manifest.json: $(summary_DEPS) | $(SETUP_STAMP)
+	$(RUN_STAGE) summary $(STAGE_ARGS) $(if $(EXP),experiment.name=$(EXP))
 
 ## Check style: ruff lint and format (ruff.toml); `make format` applies the fixes
 lint: | $(SETUP_STAMP)
@@ -152,4 +161,4 @@ clean:
 distclean: clean
 	rm -rf $(VENV) .cache
 
-.PHONY: help setup lock doctor settings all experiments model prepare train fuse quantize eval lint format test clean distclean
+.PHONY: help setup lock doctor settings all experiments model prepare train fuse quantize eval summary lint format test clean distclean

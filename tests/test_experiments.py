@@ -65,8 +65,9 @@ def test_listed_experiments_cross_the_grid_and_change_any_section(project):
     assert workspace.config("small-s3").eval.max_tokens != 16
 
 
-def test_seeds_alone_keep_the_experiment_name(project):
-    assert names("sweep:\n  seeds: [0, 1]\n") == ["main-s0", "main-s1"]
+def test_seeds_alone_are_named_by_the_seed(project):
+    assert names("sweep:\n  seeds: [0, 1]\n") == ["s0", "s1"]
+    assert load_workspace(["experiment.name=s1"], override_file=_file("sweep:\n  seeds: [0, 1]\n")).selected() == "s1"
 
 
 def test_short_names_that_collide_fall_back_to_full_keys_and_values(project):

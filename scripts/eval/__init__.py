@@ -130,8 +130,6 @@ def run(cfg) -> Path:
         eval_report.write_report(tmp, experiment, metrics, policy, run_dir, contract)
         if tracebacks:
             write_error_log(tmp / "logs" / "eval-error.log", tracebacks)
-    summary_out = stage.staged(paths.EVAL_SUMMARY)
-    eval_report.write_summary(summary_out, paths.EVAL_DIR, paths.EXPERIMENTS_CSV, {experiment: staged_dir})
     manifest_path = stages.get("eval").manifest_path(experiment)
     if tracebacks:
         # The report shows the failure, so it replaces the last one; the manifest that vouched for the

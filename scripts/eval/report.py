@@ -6,7 +6,6 @@ table, charts, training facts and side-by-side examples follow.
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
@@ -397,44 +396,3 @@ def _loss_chart(path: Path, metrics_path: Path) -> bool:
     ax.set_title("training and validation loss")
     _save(fig, path)
     return True
-
-
-def write_summary(out: Path, eval_dir: Path, experiments_csv: Path, results: dict[str, Path]) -> None:
-    """eval_out/summary.md, written to `out`: one row per experiment in runs/experiments.csv, with its eval
-    results when present (read from eval_dir/<experiment>/, or from the folder `results` gives for it)."""
-    rows = list(csv.DictReader(experiments_csv.open(encoding="utf-8"))) if experiments_csv.is_file() else []
-    header = (
-        "| experiment | type | rank | lr | steps | best val loss | task metric | base | fine-tuned | Δ "
-        "| helped? (95% interval of the gain) | ships |"
-    )
-    lines = [
-        "# Experiments",
-        "",
-        f"From `{paths.display(experiments_csv)}` and each experiment's `eval_out/<experiment>/metrics.json`.",
-        "",
-        header,
-        "|" + "---|" * (header.count("|") - 1),
-    ]
-    for row in rows:
-        lines.append(_summary_row(row, results.get(row["experiment"], eval_dir / row["experiment"])))
-    contracts.write_bytes_atomic(out, ("\n".join(lines) + "\n").encode("utf-8"))
-
-
-def _summary_row(row: dict, out_dir: Path) -> str:
-    task = base = tuned = delta = helped = ship = "–"
-    metrics_path, policy_path = out_dir / "metrics.json", out_dir / "generation_policy.json"
-    if metrics_path.is_file() and policy_path.is_file():
-        metrics = contracts.read_json(metrics_path, "eval_metrics")
-        policy = contracts.read_json(policy_path, "generation_policy")
-        task, v = metrics["task_metric"], metrics.get("verdict") or {}
-        if v.get("answer") in ANSWERS:
-            digits = 3 if task == "loss" else 1
-            base, tuned = f"{v['base']:.{digits}f}", f"{v['tuned']:.{digits}f}"
-            delta = f"{v['tuned'] - v['base']:+.{digits}f}"
-            helped = f"{v['answer']} ({v['low']:+.{digits}f} to {v['high']:+.{digits}f})"
-        ship = f"`{policy['ship']['id']}`" if policy["ship"] else "nothing"
-    best = row.get("best_val_loss") or ""
-    best = f"{float(best):.3f}" if best else "–"
-    cells = [row["experiment"], row["fine_tune_type"], row.get("rank") or "–", row["learning_rate"], row["steps"]]
-    cells += [best, task, base, tuned, delta, helped, ship]
-    return "| " + " | ".join(str(c) for c in cells) + " |"

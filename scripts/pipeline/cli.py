@@ -11,10 +11,11 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline import config, paths, stages
+from pipeline import config, contracts, paths, stages
 from pipeline.errors import PipelineError
 from pipeline.log import setup_logging
 
+import orjson
 from omegaconf import DictConfig
 
 
@@ -42,26 +43,63 @@ def run_stage(name: str, args: argparse.Namespace, run: Callable[[DictConfig], o
     cfg = None
     try:
         cfg = config.load_config(args.overrides, args.override, shared=not stages.get(name).per_experiment)
+        if failed_upstream := upstream_failure(name, cfg):
+            log.error("skipped: %s", failed_upstream)
+            return 2
         resolved = {s: config.section(cfg, s) for s in stages.get(name).logged_sections()}
         log.info("resolved config:\n%s", config.dump_yaml(resolved))
         run(cfg)
     except PipelineError as exc:
         log.debug("cause of the error below:", exc_info=exc)
         log.error("error: %s", exc.line())
-        return 2
+        return _failed(name, cfg, exc.line(), 2)
     except OSError as exc:
         if exc.errno not in _DISK_ERRORS:
-            return _report_bug(name, cfg, exc, log)
+            return _failed(name, cfg, _report_bug(name, cfg, exc, log), 1)
         log.debug("cause of the error below:", exc_info=exc)
         log.error("error: %s", _disk_error(exc, name, cfg).line())
-        return 2
+        return _failed(name, cfg, _disk_error(exc, name, cfg).line(), 2)
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
     except Exception as exc:  # a bug, not bad input: still one line for the user
-        return _report_bug(name, cfg, exc, log)
+        return _failed(name, cfg, _report_bug(name, cfg, exc, log), 1)
     _error_log(name, cfg).unlink(missing_ok=True)  # an old bug report no longer describes this stage's outputs
+    failure_record(name, cfg).unlink(missing_ok=True)
     return 0
+
+
+def failure_record(name: str, cfg) -> Path:
+    """<the stage's folder>/logs/<stage>.failed.json: why the stage last failed, until it next succeeds
+    (the summary of `make all` reads it)."""
+    return _stage_folder(name, cfg) / "logs" / f"{name}.failed.json"
+
+
+def _failed(name: str, cfg, reason: str, code: int) -> int:
+    if cfg is None:  # the config itself is wrong: no experiment to blame
+        return code
+    record = {"stage": name, "error": reason, "at": dt.datetime.now().isoformat(timespec="seconds")}
+    try:
+        contracts.write_bytes_atomic(failure_record(name, cfg), orjson.dumps(record, option=orjson.OPT_INDENT_2))
+    except OSError:
+        pass  # the disk refuses: the error line above is all there is
+    return code
+
+
+def upstream_failure(name: str, cfg) -> str | None:
+    """Why an earlier stage of the same experiment failed and has not succeeded since, if it did: the
+    stage would only fail on the missing input (`make all` goes on past a failed experiment)."""
+    stage = stages.get(name)
+    if not stage.per_experiment:
+        return None
+    for upstream in stage.upstream:
+        record = failure_record(upstream, cfg)
+        if record.is_file():
+            try:
+                return f"{upstream} failed: {orjson.loads(record.read_bytes())['error']}"
+            except (OSError, ValueError, KeyError):
+                return f"{upstream} failed (see {paths.display(record)})"
+    return None
 
 
 _DISK_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
@@ -76,7 +114,7 @@ def _disk_error(exc: OSError, name: str, cfg) -> PipelineError:
     return PipelineError(f"cannot write: {exc.strerror}", where=paths.display(where), fix=fix)
 
 
-def _report_bug(name: str, cfg, exc: BaseException, log: logging.Logger) -> int:
+def _report_bug(name: str, cfg, exc: BaseException, log: logging.Logger) -> str:
     first = str(exc).splitlines()[0] if str(exc) else ""
     saved = _error_log(name, cfg)
     try:
@@ -89,14 +127,12 @@ def _report_bug(name: str, cfg, exc: BaseException, log: logging.Logger) -> int:
     except OSError:
         where = "run it again with -v (make ... VERBOSE=1) for the traceback"
     log.debug("traceback:", exc_info=exc)
-    log.error(
-        "error: %s: %s -- fix: this is a bug in the %s stage, not in your input: %s; please report it with that file",
-        type(exc).__name__,
-        first,
-        name,
-        where,
+    line = (
+        f"{type(exc).__name__}: {first} -- fix: this is a bug in the {name} stage, not in your input: {where}; "
+        "please report it with that file"
     )
-    return 1
+    log.error("error: %s", line)
+    return line
 
 
 def _stage_folder(name: str, cfg) -> Path:

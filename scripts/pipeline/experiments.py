@@ -3,7 +3,7 @@ under `sweep` (the product of its lists; `_` a list of settings varied together)
 seed of `sweep.seeds`. With none listed and no sweep there is one experiment, `experiment.name`.
 
 A listed experiment is a name and a partial override of any section. A grid experiment's name is made
-from what varies (`r4-lr1e-4`, `smol-r16-s1`), so the same grid always gives the same names; two
+from what varies (`r4-lr1e-4`, `smol-r16-s1`, `s0`), so the same grid always gives the same names; two
 experiments that would share a name are an error, as is any key default.yaml does not have.
 """
 
@@ -61,13 +61,13 @@ def expand(values: dict, check_layer) -> list[Experiment]:
     for (name, layers), point in itertools.product(listed, grid):
         for seed in seeds:
             seed_layers = [] if seed is None else [("sweep.seeds", unflatten({SEED_KEY: seed}))]
-            parts = [name] if name else ([] if point else [values["experiment"]["name"]])
+            parts = [name] if name else []
             parts += [_part(key, value, short=True) for key, value in point]
             if seed is not None:
                 parts.append(_part(SEED_KEY, seed, short=True))
             all_layers = (*layers, *([("sweep", unflatten(dict(point)))] if point else []), *seed_layers)
             experiments.append((parts, all_layers, name, point, seed))
-    if len(experiments) == 1 and experiments[0][0] == [values["experiment"]["name"]]:
+    if len(experiments) == 1 and not experiments[0][0]:
         return [Experiment(values["experiment"]["name"], (), {})]
     return _named(experiments)
 
@@ -76,9 +76,7 @@ def _named(experiments: list) -> list[Experiment]:
     names = [_join(parts) for parts, *_ in experiments]
     if len(set(names)) < len(names):  # short labels collided: label every key by its full path
         names = [
-            _join(
-                parts[: 1 if name or not point else 0] + [_part(k, v, short=False) for k, v in point] + _seed_part(seed)
-            )
+            _join(parts[: 1 if name else 0] + [_part(k, v, short=False) for k, v in point] + _seed_part(seed))
             for parts, _, name, point, seed in experiments
         ]
     seen: dict[str, int] = {}
@@ -235,7 +233,7 @@ def format_value(value) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, float):
-        if value != 0 and not 1e-3 <= abs(value) < 1e5:
+        if value != 0 and not 1e-2 <= abs(value) < 1e5:
             mantissa, exponent = f"{value:.12e}".split("e")
             return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
         return f"{value:.12g}"

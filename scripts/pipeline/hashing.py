@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 from collections.abc import Callable, Iterable
@@ -118,7 +119,14 @@ class Sha256Cache:
         if not self._dirty:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(orjson.dumps(self._entries))
-        os.replace(tmp, self.path)
+        # Stages running side by side (make -j) each add what they hashed to what the file holds now.
+        with open(self.path.with_name(f".{self.path.name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                entries = {**orjson.loads(self.path.read_bytes()), **self._entries}
+            except (OSError, orjson.JSONDecodeError):
+                entries = self._entries
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(orjson.dumps(entries))
+            os.replace(tmp, self.path)
         self._dirty = False

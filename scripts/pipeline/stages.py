@@ -80,7 +80,6 @@ _STAGES = (
             "runs/{experiment}/checkpoints/",
             "runs/{experiment}/metrics.jsonl",
             "runs/{experiment}/loss.png",
-            "runs/experiments.csv",
         ),
     ),
     Stage(
@@ -108,11 +107,20 @@ _STAGES = (
         True,
         ("model", "prepare", "train", "quantize"),
         "eval_out/{experiment}/eval.manifest.json",
-        ("eval_out/{experiment}/", "eval_out/summary.md"),
+        ("eval_out/{experiment}/",),
+    ),
+    Stage(
+        "summary",
+        "experiment summary",
+        ("experiments", "sweep"),
+        False,
+        ("train", "eval"),  # of every experiment it compares
+        "eval_out/summary.manifest.json",
+        ("runs/experiments.csv", "eval_out/summary.md", "eval_out/summary/"),
     ),
 )
 STAGES = {stage.name: stage for stage in _STAGES}
-PIPELINE = ("model", "prepare", "train", "fuse", "quantize", "eval")  # the order `make all` runs them in
+PIPELINE = ("model", "prepare", "train", "fuse", "quantize", "eval", "summary")  # the order `make all` runs them in
 
 
 def get(name: str) -> Stage:
@@ -335,7 +343,11 @@ def make_include(
         owners = experiments if stage.per_experiment else experiments[:1]
         for experiment in owners:
             slices = [_slice_file(section, experiment) for section in stage.sections]
-            upstream = [STAGES[u].manifest.format(experiment=experiment) for u in stage.upstream]
+            # A shared stage after per-experiment ones (summary) reads theirs for every selected experiment.
+            readers = selected if not stage.per_experiment else [experiment]
+            upstream = list(
+                dict.fromkeys(STAGES[u].manifest.format(experiment=e) for u in stage.upstream for e in readers)
+            )
             force = ["FORCE"] if stage.name in stale.get(experiment, {}) else []
             variable = f"{stage.name}_DEPS_{experiment}" if stage.per_experiment else f"{stage.name}_DEPS"
             lines.append(f"{variable} := " + " ".join([*code, *slices, *globs, *upstream, *force]))

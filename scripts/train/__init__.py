@@ -14,8 +14,6 @@ or train every assistant turn of a chat.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import time
@@ -23,7 +21,7 @@ from functools import partial
 from pathlib import Path
 
 import pipeline  # noqa: F401  (loads the fast BLAS before MLX)
-from pipeline import cli, config, contracts, hashing, paths, runtime, stages
+from pipeline import cli, config, contracts, paths, runtime, stages
 from pipeline import log as plog
 from pipeline.errors import PipelineError
 from pipeline.manifest import StageRun, file_entry, output_path
@@ -96,10 +94,9 @@ def run(cfg) -> dict:
     )
     loop.run()
 
-    adapter_dir = write_adapter(stage.staged(run_dir / "adapter"), model, adapter_config, checkpoints, state, tcfg)
+    write_adapter(stage.staged(run_dir / "adapter"), model, adapter_config, checkpoints, state, tcfg)
     plot_losses(metrics.path, stage.staged(run_dir / "loss.png"), experiment)
     summary = loop.summary()
-    write_experiment_row(stage.staged(paths.EXPERIMENTS_CSV), experiment, tcfg, summary, adapter_dir)
     inputs = [
         file_entry("model", paths.MODEL_MANIFEST),
         file_entry("data_contract", paths.DATA_CONTRACT),
@@ -446,61 +443,3 @@ def plot_losses(metrics_path: Path, out: Path, experiment: str) -> None:
     with contracts.atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
-
-
-EXPERIMENT_COLUMNS = (
-    "schema_version",
-    "experiment",
-    "fine_tune_type",
-    "rank",
-    "learning_rate",
-    "batch_size",
-    "steps",
-    "stopped_early",
-    "first_val_loss",
-    "best_val_loss",
-    "best_step",
-    "final_train_loss",
-    "tokens_per_second",
-    "peak_memory_gb",
-    "train_seconds",
-    "adapter_sha256",
-)
-
-
-def write_experiment_row(out: Path, experiment: str, tcfg, summary: dict, adapter_dir: Path) -> None:
-    """runs/experiments.csv with this experiment's row replaced, written to `out`."""
-    row = {
-        "schema_version": contracts.schema_version("experiment_row"),
-        "experiment": experiment,
-        "fine_tune_type": tcfg.fine_tune_type,
-        "rank": tcfg.lora.rank if tcfg.fine_tune_type != "full" else None,
-        "learning_rate": float(tcfg.learning_rate),
-        "batch_size": int(tcfg.batch_size),
-        **{
-            k: summary[k]
-            for k in (
-                "steps",
-                "stopped_early",
-                "first_val_loss",
-                "best_val_loss",
-                "best_step",
-                "final_train_loss",
-                "tokens_per_second",
-                "peak_memory_gb",
-                "train_seconds",
-            )
-        },
-        "adapter_sha256": hashing.sha256_file(adapter_dir / "adapters.safetensors"),
-    }
-    contracts.validate(row, "experiment_row", where="runs/experiments.csv")
-    path = paths.EXPERIMENTS_CSV
-    rows = []
-    if path.is_file():
-        rows = [r for r in csv.DictReader(io.StringIO(path.read_text())) if r.get("experiment") != experiment]
-    rows.append({k: ("" if v is None else v) for k, v in row.items()})
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=EXPERIMENT_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(sorted(rows, key=lambda r: r["experiment"]))
-    contracts.write_bytes_atomic(out, buffer.getvalue().encode())

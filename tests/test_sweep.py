@@ -1,0 +1,112 @@
+"""Several experiments in one workspace through Make: a sweep runs every experiment once and then
+nothing, a changed experiment re-runs alone, a failing one does not stop the others, and the summary
+compares them (runs/experiments.csv, eval_out/summary.md), with the mean ± sd over seeds."""
+
+from __future__ import annotations
+
+import csv
+import re
+
+from pipeline import contracts
+
+from helpers import make, write_override
+from test_make import BRIEF, mtimes
+
+SWEEP = """
+experiments:
+  - name: a
+  - name: b
+    train: {lora: {rank: 4}}
+sweep:
+  train.learning_rate: [1.0e-3, 5.0e-3]
+"""
+NAMES = ["a-lr1e-3", "a-lr5e-3", "b-lr1e-3", "b-lr5e-3"]
+
+
+def rows(project) -> dict[str, dict]:
+    with open(project / "runs" / "experiments.csv", newline="") as f:
+        return {r["experiment"]: r for r in csv.DictReader(f)}
+
+
+def manifests(project, name: str) -> dict[str, float]:
+    """The mtime of each stage manifest of one experiment."""
+    found = {}
+    for stage, folder in (("train", "runs"), ("fuse", "runs"), ("quantize", "runs"), ("eval", "eval_out")):
+        path = project / folder / name / f"{stage}.manifest.json"
+        found[stage] = path.stat().st_mtime_ns if path.exists() else None
+    return found
+
+
+def test_a_sweep_runs_each_experiment_once_and_a_change_reruns_only_it(project, tiny_model_dir):
+    write_override(project, f"model:\n  source: {tiny_model_dir}\n{BRIEF}{SWEEP}")
+    listing = make(project, "experiments").stdout
+    assert "4 experiments:" in listing and "b-lr5e-3" in listing and "train.lora.rank=4" in listing
+    make(project, "all")
+    table = rows(project)
+    assert list(table) == NAMES and all(r["status"] == "ok" for r in table.values())
+    assert len({r["adapter_sha256"] for r in table.values()}) == 4
+    assert table["b-lr1e-3"]["train.lora.rank"] == "4" and table["a-lr1e-3"]["train.lora.rank"] == "8"
+    assert table["a-lr5e-3"]["train.learning_rate"] == "0.005"
+    for row in table.values():
+        contracts.validate(_typed(row), "experiment_row", where="experiments.csv")
+    summary = (project / "eval_out" / "summary.md").read_text()
+    assert re.search(r"^\*\*Best: `[ab]-lr\de-3`\*\*", summary, re.M) and summary.count("| ok (") == 4
+
+    stamps = mtimes(project)
+    again = make(project, "all")
+    assert "Nothing to be done for 'all'" in again.stdout and mtimes(project) == stamps
+
+    before = {name: manifests(project, name) for name in NAMES}
+    write_override(project, f"model:\n  source: {tiny_model_dir}\n{BRIEF}{SWEEP.replace('rank: 4', 'rank: 2')}")
+    make(project, "all")
+    after = {name: manifests(project, name) for name in NAMES}
+    for name in NAMES:
+        changed = {stage for stage in before[name] if after[name][stage] != before[name][stage]}
+        assert changed == ({"train", "fuse", "quantize", "eval"} if name.startswith("b") else set()), name
+    assert rows(project)["b-lr1e-3"]["train.lora.rank"] == "2"
+
+
+def test_a_failing_experiment_does_not_stop_the_others(project, tiny_model_dir):
+    # b's batch is larger than the training split: train refuses it; a and c complete
+    write_override(
+        project,
+        f"model:\n  source: {tiny_model_dir}\n{BRIEF}"
+        "experiments:\n  - name: a\n  - name: b\n    train: {batch_size: 5000}\n  - name: c\n",
+    )
+    result = make(project, "all", check=False)
+    assert result.returncode != 0
+    assert re.search(r"1 of 3 experiments did not complete: b \(train: .*batch", result.stderr), result.stderr
+    table = rows(project)
+    assert [table[n]["status"] for n in "abc"] == ["ok", "failed", "ok"]
+    assert table["b"]["failed_stage"] == "train" and "batch" in table["b"]["reason"]
+    assert "skipped: train failed" in result.stderr  # b's later stages do not pile up errors of their own
+    assert (project / "eval_out" / "a" / "eval.manifest.json").is_file()
+    assert not (project / "eval_out" / "b" / "eval.manifest.json").exists()
+
+
+def test_seeds_give_mean_and_sd_in_the_summary(project, tiny_model_dir):
+    write_override(project, f"model:\n  source: {tiny_model_dir}\n{BRIEF}sweep:\n  seeds: [0, 1]\n")
+    make(project, "all")
+    table = rows(project)
+    assert list(table) == ["s0", "s1"] and [table[n]["seed"] for n in table] == ["0", "1"]
+    values = [float(table[n]["fused_task"]) for n in table]
+    mean, sd = sum(values) / 2, abs(values[0] - values[1]) / 2**0.5
+    summary = (project / "eval_out" / "summary.md").read_text()
+    assert "## Over seeds" in summary
+    digits = 3 if table["s0"]["task_metric"] in ("loss", "perplexity") else 1
+    assert f"{mean:.{digits}f} ± {sd:.{digits}f}" in summary, summary
+
+
+def _typed(row: dict) -> dict:
+    """A CSV row back to the types the schema checks (numbers, nulls)."""
+    out = {}
+    for key, value in row.items():
+        if value == "":
+            out[key] = None
+            continue
+        try:
+            number = float(value)
+            out[key] = int(number) if number.is_integer() and "." not in value and "e" not in value else number
+        except ValueError:
+            out[key] = value
+    return out
