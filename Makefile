@@ -90,23 +90,33 @@ all: model prepare train fuse quantize eval summary
 experiments: | $(SETUP_STAMP)
 	@PYTHONPATH=scripts $(PY) -m pipeline.config experiments $(CONFIG_ARGS)
 
+# The base model and prepared data the workspace's config names; an experiment that changes model, data
+# or prepare gets its own (a variant, named after what it changes: runs/model-<variant>.manifest.json,
+# data/<variant>/), made once for all experiments that share it, with the config of the first (OWNER).
+# Pattern rules take each stem's prerequisites from config.mk.
+.SECONDEXPANSION:
+
 ## Convert the base model (default: SmolLM2-135M-Instruct, shipped offline) into an MLX folder
 model: $(model_TARGETS)
 
 runs/model.manifest.json: $(model_DEPS) | $(SETUP_STAMP)
-	$(RUN_STAGE) model $(STAGE_ARGS)
+	$(RUN_STAGE) model $(STAGE_ARGS) experiment.name=$(model_OWNER)
+
+runs/model-%.manifest.json: $$(model_DEPS_$$*) | $(SETUP_STAMP)
+	$(RUN_STAGE) model $(STAGE_ARGS) experiment.name=$(model_OWNER_$*)
 
 ## Turn the configured dataset into train/valid/test JSONL with a data contract, catalog and quality report
 prepare: $(prepare_TARGETS)
 
 data/prepare.manifest.json: $(prepare_DEPS) | $(SETUP_STAMP)
-	$(RUN_STAGE) prepare $(STAGE_ARGS)
+	$(RUN_STAGE) prepare $(STAGE_ARGS) experiment.name=$(prepare_OWNER)
 
-# Each experiment's stages: one pattern rule a stage, its prerequisites from config.mk (the stem is the
-# experiment's name). `make all` goes on past a failing experiment: the stage records why (in its
-# folder's logs/<stage>.failed.json), the experiment's later stages skip, and the summary at the end
-# fails naming it. Any other goal stops at the first failure.
-.SECONDEXPANSION:
+data/%/prepare.manifest.json: $$(prepare_DEPS_$$*) | $(SETUP_STAMP)
+	$(RUN_STAGE) prepare $(STAGE_ARGS) experiment.name=$(prepare_OWNER_$*)
+
+# Each experiment's stages: one pattern rule a stage (the stem is the experiment's name). `make all` goes
+# on past a failing experiment: the stage records why (in its folder's logs/<stage>.failed.json), the
+# experiment's later stages skip, and the summary at the end fails naming it. Other goals stop there.
 ON_FAILURE := $(if $(filter all,$(MAKECMDGOALS)),|| true)
 
 ## Fine-tune the base model on the prepared data (LoRA by default): runs/<experiment>/adapter, metrics, loss curve

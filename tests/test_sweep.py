@@ -8,7 +8,9 @@ import csv
 import re
 
 from pipeline import contracts
+from pipeline.hashing import sha256_file
 
+from fixtures.tiny_model import UPPERCASE_TEMPLATE, build_tiny_model
 from helpers import make, write_override
 from test_make import BRIEF, mtimes
 
@@ -110,3 +112,34 @@ def _typed(row: dict) -> dict:
         except ValueError:
             out[key] = value
     return out
+
+
+def test_two_base_models_each_prepare_their_data_once(project, tiny_model_dir, tmp_path_factory):
+    other_model = build_tiny_model(tmp_path_factory.mktemp("tiny-upper"), seed=1, chat_template=UPPERCASE_TEMPLATE)
+    write_override(
+        project,
+        BRIEF.replace("docker: {enabled: false}", "docker: {enabled: false}, ollama: {enabled: false}")
+        + f"experiments:\n  - name: a\n    model: {{source: {tiny_model_dir}}}\n"
+        f"  - name: a-r2\n    model: {{source: {tiny_model_dir}}}\n    train: {{lora: {{rank: 2}}}}\n"
+        f"  - name: upper\n    model: {{source: {other_model}}}\n",
+    )
+    result = make(project, "all")
+    assert result.stderr.count("[prepare] resolved config") == 2  # once per model, not per experiment
+    assert result.stderr.count("[model] resolved config") == 2
+    own, upper = tiny_model_dir.name, other_model.name
+    data = {name: project / "data" / name for name in (own, upper)}
+    assert all((folder / "prepare.manifest.json").is_file() for folder in data.values())
+    assert not (project / "data" / "prepare.manifest.json").exists()  # no experiment uses the default model
+    contracts_ = {n: contracts.read_json(f / "data_contract.json", "data_contract") for n, f in data.items()}
+    assert contracts_[own]["template"]["sha256"] != contracts_[upper]["template"]["sha256"]
+    for experiment, model in (("a", own), ("a-r2", own), ("upper", upper)):
+        manifest = contracts.read_json(project / "runs" / experiment / "train.manifest.json", "run_manifest")
+        used = next(i for i in manifest["inputs"] if i["role"] == "data_contract")
+        assert used["path"] == f"data/{model}/data_contract.json"
+        assert used["sha256"] == sha256_file(data[model] / "data_contract.json")
+    table = rows(project)
+    assert [table[n]["status"] for n in ("a", "a-r2", "upper")] == ["ok"] * 3
+    assert table["upper"]["model.source"] == str(other_model)
+    summary = (project / "eval_out" / "summary.md").read_text()
+    assert all(f"| {n} |" in summary for n in ("a", "a-r2", "upper"))
+    assert "Nothing to be done for 'all'" in make(project, "all").stdout

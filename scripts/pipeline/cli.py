@@ -42,7 +42,10 @@ def run_stage(name: str, args: argparse.Namespace, run: Callable[[DictConfig], o
     log = logging.getLogger(name)
     cfg = None
     try:
-        cfg = config.load_config(args.overrides, args.override, shared=not stages.get(name).per_experiment)
+        workspace = config.load_workspace(args.overrides, args.override)
+        experiment = workspace.selected(shared=not stages.get(name).per_experiment)
+        cfg = workspace.config(experiment)
+        paths.use_variant(*workspace.variant(experiment))  # the base model and prepared data it uses
         if failed_upstream := upstream_failure(name, cfg):
             log.error("skipped: %s", failed_upstream)
             return 2

@@ -13,6 +13,7 @@ content changes, so that Make re-runs exactly the stages whose settings changed:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import re
 import sys
@@ -100,11 +101,14 @@ def load_workspace(
     return Workspace(defaults, layers, merged, experiments.expand(values, check_layer))
 
 
-class Workspace(NamedTuple):
+@dataclasses.dataclass
+class Workspace:
     defaults: dict
     layers: list  # (source, mapping), lowest precedence first
     merged: DictConfig  # every layer merged, not yet resolved
     experiments: list[experiments.Experiment]
+    _configs: dict = dataclasses.field(default_factory=dict, repr=False)
+    _variants: dict | None = dataclasses.field(default=None, repr=False)
 
     def names(self) -> list[str]:
         return [e.name for e in self.experiments]
@@ -138,8 +142,37 @@ class Workspace(NamedTuple):
             fix=(f"did you mean '{close[0]}'? " if close else "") + "`make experiments` lists the configured ones",
         )
 
+    def variant(self, name: str) -> tuple[str | None, str | None]:
+        """The (model, prepared data) variant experiment `name` uses, for paths.use_variant: None where it
+        uses the workspace's own (model, data and prepare as configured outside `experiments`), else a name
+        made from what it changes (`tiny-b`), the same for every experiment that changes them alike."""
+        if self._variants is None:
+            self._variants = self._all_variants()
+        return self._variants[name]
+
+    def _all_variants(self) -> dict[str, tuple[str | None, str | None]]:
+        base = _resolved(self.merged, self.layers)
+        found = {}
+        for index, sections in enumerate((VARIANT_SECTIONS[:1], VARIANT_SECTIONS)):
+            contents = {}
+            for name in self.names():
+                values = OmegaConf.to_container(self.config(name), resolve=True)
+                if all(values[s] == base[s] for s in sections):
+                    contents[name] = None
+                    continue
+                flat = experiments.flatten({s: values[s] for s in sections})
+                base_flat = experiments.flatten({s: base[s] for s in sections})
+                changed = {k: v for k, v in flat.items() if base_flat.get(k) != v}
+                contents[name] = (experiments.variant_name(changed), orjson.dumps(flat, option=orjson.OPT_SORT_KEYS))
+            slugs = experiments.distinct_names({c for c in contents.values() if c})
+            for name, content in contents.items():
+                found.setdefault(name, [None, None])[index] = slugs[content] if content else None
+        return {name: tuple(pair) for name, pair in found.items()}
+
     def config(self, name: str) -> DictConfig:
         """The resolved, checked, read-only config of experiment `name`."""
+        if name in self._configs:
+            return self._configs[name]
         experiment = self.experiment(name)
         layers = [*self.layers, *experiment.layers, ("experiment", {"experiment": {"name": name}})]
         merged = self.merged
@@ -149,7 +182,11 @@ class Workspace(NamedTuple):
         OmegaConf.resolve(merged)
         OmegaConf.set_struct(merged, True)
         OmegaConf.set_readonly(merged, True)
+        self._configs[name] = merged
         return merged
+
+
+VARIANT_SECTIONS = ("model", "data", "prepare")  # what the base model (the first) and prepared data depend on
 
 
 def _resolved(merged: DictConfig, layers) -> dict:
@@ -743,12 +780,15 @@ def _table(rows: Sequence[Sequence[str]], widths: Sequence[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_slices(cfg: DictConfig, out_dir: Path, experiments_root: Path | None = None) -> list[str]:
+def write_slices(
+    cfg: DictConfig, out_dir: Path, experiments_root: Path | None = None, variant: tuple = (None, None)
+) -> list[str]:
     """One JSON file per top-level section, rewritten only when its content changes. Sections that
-    belong to one experiment go to <experiments_root>/<name>/.config/, so each experiment keeps its own."""
+    belong to one experiment go to <experiments_root>/<name>/.config/, so each experiment keeps its own;
+    those of a model or prepared-data variant (Workspace.variant) to <out_dir>/<variant>/."""
     changed = []
     for name in cfg:
-        folder = out_dir
+        folder = out_dir / stages.shared_slice_dir(name, variant).relative_to(paths.CONFIG_SLICE_DIR)
         if experiments_root is not None and (name in stages.experiment_sections() or name == "experiment"):
             folder = experiments_root / cfg.experiment.name / ".config"
         text = orjson.dumps(section(cfg, name), option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2).decode() + "\n"
@@ -760,34 +800,25 @@ def write_slices(cfg: DictConfig, out_dir: Path, experiments_root: Path | None =
 def write_workspace_slices(workspace: Workspace, out_dir: Path, experiments_root: Path) -> dict[str, DictConfig]:
     """Every experiment's slices (each experiment's config checked on the way), and {name: config}."""
     configs = {name: workspace.config(name) for name in workspace.names()}
-    first, *others = configs.values()
-    shared = [s for s in first if s not in stages.experiment_sections() and s in stages.shared_sections()]
-    for cfg in others:
-        changed = [s for s in shared if section(cfg, s) != section(first, s)]
-        if changed:
-            raise ConfigError(
-                f"experiment '{cfg.experiment.name}' changes {', '.join(changed)}: experiments on different "
-                "models or data are not supported yet",
-                where=workspace.experiment(cfg.experiment.name).layers[0][0],
-                fix="vary train, fuse, quantize and eval settings; set model, data and prepare for all experiments",
-            )
-    for cfg in configs.values():
-        write_slices(cfg, out_dir, experiments_root)
+    for name, cfg in configs.items():
+        write_slices(cfg, out_dir, experiments_root, workspace.variant(name))
     return configs
 
 
 def _make_include(workspace: Workspace, configs: dict[str, DictConfig], selected: list[str]) -> str:
-    sources = next(iter(configs.values())).data.source
-    sources = [sources] if isinstance(sources, str) else [str(source) for source in sources]
     stale, told = {}, set()
-    for name in configs:
+    for name, cfg in configs.items():
+        sources = [cfg.data.source] if isinstance(cfg.data.source, str) else [str(s) for s in cfg.data.source]
+        paths.use_variant(*workspace.variant(name))
         stale[name] = stages.stale_stages(name, sources)
         for stage, reasons in stale[name].items():
             label = f"{stage} ({name})" if stages.get(stage).per_experiment and len(configs) > 1 else stage
             if label not in told:
                 told.add(label)
                 print(f"{label}: runs again, " + "; ".join(reasons), file=sys.stderr)
-    return stages.make_include(workspace.names(), selected, stale)
+    paths.use_variant(None, None)
+    variants = {name: workspace.variant(name) for name in configs}
+    return stages.make_include(workspace.names(), selected, stale, variants)
 
 
 def experiments_table(workspace: Workspace) -> str:

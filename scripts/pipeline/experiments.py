@@ -10,6 +10,7 @@ experiments that would share a name are an error, as is any key default.yaml doe
 from __future__ import annotations
 
 import copy
+import hashlib
 import dataclasses
 import itertools
 import re
@@ -34,6 +35,7 @@ LABELS = {
     "train.seed": "s",
     "train.fine_tune_type": "",
     "model.source": "",
+    "data.source": "",
 }
 
 
@@ -211,6 +213,23 @@ def _seeds(sweep: dict) -> list[int | None]:
     if len(set(seeds)) < len(seeds):
         raise ConfigError("'sweep.seeds' repeats a seed", where="sweep", fix="list each seed once")
     return list(seeds)
+
+
+def variant_name(changed: dict) -> str:
+    """A folder name for a base model or prepared data that differs from the workspace's in `changed`
+    (dotted key: value): `tiny-b` for model.source=models/tiny-b."""
+    return _join(_part(key, value, short=True) for key, value in changed.items())
+
+
+def distinct_names(variants: set[tuple[str, bytes]]) -> dict[tuple[str, bytes], str]:
+    """{(name, content): name}, a short content hash added where two different contents share a name."""
+    counts: dict[str, int] = {}
+    for name, _ in variants:
+        counts[name] = counts.get(name, 0) + 1
+    return {
+        (name, content): name if counts[name] == 1 else f"{name}-{hashlib.sha256(content).hexdigest()[:6]}"
+        for name, content in variants
+    }
 
 
 # --- names --------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ def use_root(root: str | os.PathLike) -> None:
     """Point every shared path at a project root (tests run stages in a temporary copy)."""
     global ROOT, SCRIPTS_DIR, CONFIG_DIR, SCHEMA_DIR, TEMPLATE_DIR, DEFAULT_CONFIG, USER_OVERRIDE
     global DATA_DIR, RUNS_DIR, EVAL_DIR, DIST_DIR, STATE_DIR, CONFIG_SLICE_DIR
-    global MODEL_MANIFEST, DATA_CONTRACT, DATA_CATALOG, DATA_REPORT, PREPARE_MANIFEST, EXPERIMENTS_CSV, EVAL_SUMMARY
+    global EXPERIMENTS_CSV, EVAL_SUMMARY
     ROOT = Path(root).resolve()
     SCRIPTS_DIR = ROOT / "scripts"
     CONFIG_DIR = ROOT / "config"
@@ -26,13 +26,31 @@ def use_root(root: str | os.PathLike) -> None:
     DIST_DIR = ROOT / "dist"
     STATE_DIR = ROOT / ".state"
     CONFIG_SLICE_DIR = STATE_DIR / "config"
-    MODEL_MANIFEST = RUNS_DIR / "model.manifest.json"
+    EXPERIMENTS_CSV = RUNS_DIR / "experiments.csv"
+    EVAL_SUMMARY = EVAL_DIR / "summary.md"
+    use_variant(None, None)
+
+
+def use_variant(model: str | None, data: str | None) -> None:
+    """Point the shared stages' paths at the base model and the prepared data one experiment uses. The
+    workspace's own (model, data and prepare as configured outside `experiments`) are runs/model.manifest.json
+    and data/; an experiment that changes them has its own, named after what it changes: runs/model-<model>
+    .manifest.json and data/<data>/ (pipeline.config.Workspace.variant)."""
+    global MODEL_VARIANT, DATA_VARIANT, DATA_DIR, MODEL_MANIFEST, DATA_CONTRACT, DATA_CATALOG, DATA_REPORT
+    global PREPARE_MANIFEST
+    MODEL_VARIANT, DATA_VARIANT = model, data
+    fields = variant_fields(model, data)
+    MODEL_MANIFEST = ROOT / f"runs/model{fields['model']}.manifest.json"
+    DATA_DIR = ROOT / f"data/{fields['data']}".rstrip("/")
     DATA_CONTRACT = DATA_DIR / "data_contract.json"
     DATA_CATALOG = DATA_DIR / "data_catalog.json"
     DATA_REPORT = DATA_DIR / "data_report.json"
     PREPARE_MANIFEST = DATA_DIR / "prepare.manifest.json"
-    EXPERIMENTS_CSV = RUNS_DIR / "experiments.csv"
-    EVAL_SUMMARY = EVAL_DIR / "summary.md"
+
+
+def variant_fields(model: str | None, data: str | None) -> dict[str, str]:
+    """What the stage registry's {model} and {data} placeholders become for a variant."""
+    return {"model": f"-{model}" if model else "", "data": f"{data}/" if data else ""}
 
 
 use_root(os.environ.get("PIPELINE_ROOT") or Path(__file__).resolve().parents[2])

@@ -32,7 +32,12 @@ class Stage:
     inputs: tuple[str, ...] = ()  # files it reads besides code, config and upstream outputs (globs)
 
     def manifest_path(self, experiment: str | None = None) -> Path:
-        return paths.ROOT / self.manifest.format(experiment=experiment)
+        return paths.ROOT / self.manifest_for(experiment, paths.MODEL_VARIANT, paths.DATA_VARIANT)
+
+    def manifest_for(self, experiment: str | None, model: str | None = None, data: str | None = None) -> str:
+        """The manifest of the experiment whose base model and prepared data are the `model` and `data`
+        variants (paths.use_variant), relative to the project root."""
+        return self.manifest.format(experiment=experiment, **paths.variant_fields(model, data))
 
     def logged_sections(self) -> tuple[str, ...]:
         return ("experiment", *self.sections) if self.per_experiment else self.sections
@@ -46,7 +51,7 @@ _STAGES = (
         ("model",),
         False,
         (),
-        "runs/model.manifest.json",
+        "runs/model{model}.manifest.json",
         ("<model.cache_dir>/<converted model>/",),
     ),
     Stage(
@@ -55,16 +60,16 @@ _STAGES = (
         ("data", "prepare"),
         False,
         ("model",),
-        "data/prepare.manifest.json",
+        "data/{data}prepare.manifest.json",
         (
-            "data/train.jsonl",
-            "data/valid.jsonl",
-            "data/test.jsonl",
-            "data/data_contract.json",
-            "data/data_catalog.json",
-            "data/data_report.json",
-            "data/data_report.md",
-            "data/tool_schemas.json",
+            "data/{data}train.jsonl",
+            "data/{data}valid.jsonl",
+            "data/{data}test.jsonl",
+            "data/{data}data_contract.json",
+            "data/{data}data_catalog.json",
+            "data/{data}data_report.json",
+            "data/{data}data_report.md",
+            "data/{data}tool_schemas.json",
         ),
         inputs=("config/templates/*.jinja",),
     ),
@@ -172,7 +177,8 @@ def checked_outputs(name: str, manifest: dict, experiment: str | None) -> list[d
     """The outputs a manifest vouches for: all but those a later stage rewrites (quantize adds its files to
     the artifacts.json fuse wrote), which that stage's manifest vouches for."""
     later = PIPELINE[PIPELINE.index(name) + 1 :] if name in PIPELINE else ()
-    rewritten = {out.format(experiment=experiment) for stage in later for out in STAGES[stage].outputs}
+    fields = paths.variant_fields(paths.MODEL_VARIANT, paths.DATA_VARIANT)
+    rewritten = {out.format(experiment=experiment, **fields) for stage in later for out in STAGES[stage].outputs}
     return [entry for entry in manifest["outputs"] if entry["path"] not in rewritten]
 
 
@@ -322,15 +328,20 @@ def stale_stages(experiment: str, sources: Sequence[str] | None = None) -> dict[
 
 
 def make_include(
-    experiments: Sequence[str], selected: Sequence[str] | None = None, stale: dict[str, dict] | None = None
+    experiments: Sequence[str],
+    selected: Sequence[str] | None = None,
+    stale: dict[str, dict] | None = None,
+    variants: dict[str, tuple[str | None, str | None]] | None = None,
 ) -> str:
-    """Make variables for every experiment: <stage>_TARGETS, the manifests `make <stage>` builds (the
-    `selected` experiments' for a per-experiment stage), and <stage>_DEPS (shared stages) or
-    <stage>_DEPS_<experiment>: code, config slices, extra inputs and upstream manifests. A stage in
-    `stale[experiment]` (stale_stages) also depends on FORCE, so Make runs it again, and so every stage
-    after it, whose prerequisites include its manifest."""
+    """Make variables for every experiment: <stage>_TARGETS, the manifests `make <stage>` builds (those
+    of the `selected` experiments), and each target's prerequisites (code, config slices, extra inputs,
+    upstream manifests): <stage>_DEPS_<experiment> for a per-experiment stage; for a shared one
+    <stage>_DEPS (the workspace's own model or data) or <stage>_DEPS_<variant> (`variants`: experiment ->
+    its (model, data) variant, paths.use_variant), with <stage>_OWNER[_<variant>], an experiment whose
+    config it runs with. A stage in `stale[experiment]` (stale_stages) also depends on FORCE, so Make runs
+    it again, and so every stage after it, whose prerequisites include its manifest."""
     selected = list(experiments if selected is None else selected)
-    stale = stale or {}
+    stale, variants = stale or {}, variants or {}
     lines = [
         "# Written by `python -m pipeline.config slices` from scripts/pipeline/stages.py; do not edit.",
         "EXPERIMENTS := " + " ".join(experiments),
@@ -340,24 +351,56 @@ def make_include(
     for stage in _STAGES:
         code = [paths.display(p) for p in code_files(stage.name)]
         globs = [f"$(wildcard {pattern})" for pattern in (*shared, *stage.inputs)]
-        owners = experiments if stage.per_experiment else experiments[:1]
-        for experiment in owners:
-            slices = [_slice_file(section, experiment) for section in stage.sections]
-            # A shared stage after per-experiment ones (summary) reads theirs for every selected experiment.
-            readers = selected if not stage.per_experiment else [experiment]
-            upstream = list(
-                dict.fromkeys(STAGES[u].manifest.format(experiment=e) for u in stage.upstream for e in readers)
-            )
-            force = ["FORCE"] if stage.name in stale.get(experiment, {}) else []
-            variable = f"{stage.name}_DEPS_{experiment}" if stage.per_experiment else f"{stage.name}_DEPS"
-            lines.append(f"{variable} := " + " ".join([*code, *slices, *globs, *upstream, *force]))
+        targets = []
+        for rule in _rules(stage, experiments, selected, variants):
+            variant = variants.get(rule.owner, (None, None))
+            slices = [_slice_file(section, rule.owner, variant) for section in stage.sections]
+            upstream = [
+                STAGES[u].manifest_for(e, *variants.get(e, (None, None))) for u in stage.upstream for e in rule.reads
+            ]
+            force = ["FORCE"] if stage.name in stale.get(rule.owner, {}) else []
+            suffix = f"_{rule.key}" if rule.key else ""
+            deps = [*code, *slices, *globs, *dict.fromkeys(upstream), *force]
+            lines.append(f"{stage.name}_DEPS{suffix} := " + " ".join(deps))
+            if not stage.per_experiment:
+                lines.append(f"{stage.name}_OWNER{suffix} := {rule.owner}")
+            if stage.manifest and rule.wanted:
+                targets.append(stage.manifest_for(rule.owner, *variant))
         if stage.manifest:
-            targets = [stage.manifest.format(experiment=e) for e in (selected if stage.per_experiment else owners)]
             lines.append(f"{stage.name}_TARGETS := " + " ".join(targets))
     return "\n".join(lines) + "\n"
 
 
-def _slice_file(section: str, experiment: str) -> str:
-    if section in experiment_sections():
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    key: str | None  # the variable suffix: the experiment, the variant, or none (the workspace's own)
+    owner: str  # the experiment whose config the stage runs with
+    reads: tuple[str, ...]  # the experiments whose upstream manifests it reads
+    wanted: bool  # `make <stage>` builds it (a selected experiment needs it)
+
+
+def _rules(stage: Stage, experiments, selected, variants) -> list[_Rule]:
+    """One rule per experiment of a per-experiment stage; one per variant of a shared stage, owned by the
+    first experiment that uses it; one for the summary, after every selected experiment."""
+    if stage.per_experiment:
+        return [_Rule(e, e, (e,), e in selected) for e in experiments]
+    if any(STAGES[u].per_experiment for u in stage.upstream):
+        return [_Rule(None, selected[0], tuple(selected), True)]
+    index = 0 if stage.name == "model" else 1  # which variant: the model's or the prepared data's
+    groups: dict = {}
+    for experiment in experiments:
+        groups.setdefault(variants.get(experiment, (None, None))[index], []).append(experiment)
+    return [_Rule(key, users[0], (users[0],), any(u in selected for u in users)) for key, users in groups.items()]
+
+
+def _slice_file(section: str, experiment: str, variant: tuple[str | None, str | None] = (None, None)) -> str:
+    if section in experiment_sections() or section == "experiment":
         return paths.display(paths.run_dir(experiment) / ".config" / f"{section}.json")
-    return paths.display(paths.CONFIG_SLICE_DIR / f"{section}.json")
+    return paths.display(shared_slice_dir(section, variant) / f"{section}.json")
+
+
+def shared_slice_dir(section: str, variant: tuple[str | None, str | None]) -> Path:
+    """Where a shared section's slice is: .state/config/, or .state/config/<variant>/ for the model
+    section of a model variant and the data and prepare sections of a prepared-data variant."""
+    key = variant[0] if section == "model" else variant[1] if section in ("data", "prepare") else None
+    return paths.CONFIG_SLICE_DIR / key if key else paths.CONFIG_SLICE_DIR

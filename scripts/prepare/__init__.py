@@ -357,7 +357,7 @@ def stage_files(staging, cfg, cleaned, kind, template, sources, report, tool_sch
         path = staging / f"{split}.jsonl"
         path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in cleaned[split]))
         catalog["splits"][split] = {
-            "path": f"data/{split}.jsonl",
+            "path": paths.display(paths.split_file(split)),
             "records": len(cleaned[split]),
             "bytes": path.stat().st_size,
             "sha256": hashing.sha256_file(path),
@@ -429,8 +429,8 @@ def data_contract(cfg, kind, template, sources, tool_schemas, model_manifest) ->
             }
             for s in sources
         ],
-        "splits": {name: f"data/{name}.jsonl" for name in SPLITS},
-        "tool_schemas": "data/tool_schemas.json" if tool_schemas else None,
+        "splits": {name: paths.display(paths.split_file(name)) for name in SPLITS},
+        "tool_schemas": paths.display(paths.DATA_DIR / "tool_schemas.json") if tool_schemas else None,
         "tokenizer": {
             "model": output_path(model_manifest, "model").name,
             "sha256": output_entry(model_manifest, "model")["sha256"],

@@ -148,7 +148,7 @@ def check_dataset_size(catalog: dict, report: dict, tcfg) -> None:
             raise PipelineError(
                 f"the {split} split has {records} records, fewer than one batch of {tcfg.batch_size}; "
                 f"prepare: {removed_summary(report, split)}",
-                where=f"data/{split}.jsonl",
+                where=paths.display(paths.split_file(split)),
                 fix=f"lower train.batch_size to {max(1, records)} or add data",
             )
 
