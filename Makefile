@@ -118,6 +118,7 @@ data/%/prepare.manifest.json: $$(prepare_DEPS_$$*) | $(SETUP_STAMP)
 # on past a failing experiment: the stage records why (in its folder's logs/<stage>.failed.json), the
 # experiment's later stages skip, and the summary at the end fails naming it. Other goals stop there.
 ON_FAILURE := $(if $(filter all,$(MAKECMDGOALS)),|| true)
+export PIPELINE_KEEP_GOING := $(if $(filter all,$(MAKECMDGOALS)),1)
 
 ## Fine-tune the base model on the prepared data (LoRA by default): runs/<experiment>/adapter, metrics, loss curve
 train: $(train_TARGETS)

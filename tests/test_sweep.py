@@ -114,7 +114,7 @@ def _typed(row: dict) -> dict:
     return out
 
 
-def test_two_base_models_each_prepare_their_data_once(project, tiny_model_dir, tmp_path_factory):
+def test_two_base_models_each_prepare_their_data_once_even_with_j2(project, tiny_model_dir, tmp_path_factory):
     other_model = build_tiny_model(tmp_path_factory.mktemp("tiny-upper"), seed=1, chat_template=UPPERCASE_TEMPLATE)
     write_override(
         project,
@@ -123,7 +123,7 @@ def test_two_base_models_each_prepare_their_data_once(project, tiny_model_dir, t
         f"  - name: a-r2\n    model: {{source: {tiny_model_dir}}}\n    train: {{lora: {{rank: 2}}}}\n"
         f"  - name: upper\n    model: {{source: {other_model}}}\n",
     )
-    result = make(project, "all")
+    result = make(project, "-j2", "all")  # two models converted and two datasets prepared side by side
     assert result.stderr.count("[prepare] resolved config") == 2  # once per model, not per experiment
     assert result.stderr.count("[model] resolved config") == 2
     own, upper = tiny_model_dir.name, other_model.name

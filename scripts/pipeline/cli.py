@@ -6,6 +6,7 @@ import argparse
 import datetime as dt
 import errno
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -78,8 +79,14 @@ def failure_record(name: str, cfg) -> Path:
     return _stage_folder(name, cfg) / "logs" / f"{name}.failed.json"
 
 
+def keep_going() -> bool:
+    """`make all` runs past a failed experiment (it sets PIPELINE_KEEP_GOING): a failure is then recorded
+    for the summary, and the experiment's later stages skip. Any other run leaves nothing behind."""
+    return os.environ.get("PIPELINE_KEEP_GOING") == "1"
+
+
 def _failed(name: str, cfg, reason: str, code: int) -> int:
-    if cfg is None:  # the config itself is wrong: no experiment to blame
+    if cfg is None or not keep_going():  # a wrong config has no experiment to blame
         return code
     record = {"stage": name, "error": reason, "at": dt.datetime.now().isoformat(timespec="seconds")}
     try:
@@ -93,7 +100,7 @@ def upstream_failure(name: str, cfg) -> str | None:
     """Why an earlier stage of the same experiment failed and has not succeeded since, if it did: the
     stage would only fail on the missing input (`make all` goes on past a failed experiment)."""
     stage = stages.get(name)
-    if not stage.per_experiment:
+    if not stage.per_experiment or not keep_going():
         return None
     for upstream in stage.upstream:
         record = failure_record(upstream, cfg)

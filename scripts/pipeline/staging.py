@@ -30,10 +30,18 @@ def staging_folder(parent: Path, stage: str, experiment: str | None) -> Path:
     return Path(parent) / (f".staging-{stage}-{experiment}" if experiment else f".staging-{stage}")
 
 
+def run_key(stage: str, experiment: str | None) -> str | None:
+    """What tells two runs of a stage apart: the experiment, or for a shared stage the model or
+    prepared-data variant it makes (paths.use_variant); None for the workspace's own."""
+    if experiment:
+        return experiment
+    return {"model": paths.MODEL_VARIANT, "prepare": paths.DATA_VARIANT}.get(stage)
+
+
 class Staging:
     def __init__(self, stage: str, experiment: str | None):
-        self.stage, self.experiment = stage, experiment
-        self.journal = paths.STATE_DIR / "commits" / (f"{stage}-{experiment}.json" if experiment else f"{stage}.json")
+        self.stage, self.experiment, self.key = stage, experiment, run_key(stage, experiment)
+        self.journal = paths.STATE_DIR / "commits" / (f"{stage}-{self.key}.json" if self.key else f"{stage}.json")
         self.staged: dict[Path, Path] = {}  # final path -> where it is being written
         self._lock = _exclusive_lock(self.journal.with_suffix(".lock"), stage, experiment)
         self.recover()
@@ -41,7 +49,7 @@ class Staging:
     def path(self, final: Path, keep: bool = False) -> Path:
         """Where to write `final`. Unless `keep` (work a resumed run continues), it starts out absent."""
         final = Path(final)
-        staged = staging_folder(final.parent, self.stage, self.experiment) / final.name
+        staged = staging_folder(final.parent, self.stage, self.key) / final.name
         if not keep:
             remove(staged)
         staged.parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +101,7 @@ class Staging:
         )
 
     def _swap(self, final: Path, staged: Path | None) -> dict:
-        old = staging_folder(final.parent, self.stage, self.experiment) / f"{final.name}.old"
+        old = staging_folder(final.parent, self.stage, self.key) / f"{final.name}.old"
         return {
             "final": str(final),
             "staged": str(staged) if staged else None,
