@@ -34,6 +34,7 @@ import orjson  # noqa: E402
 log = logging.getLogger("summary")
 CHART_DIR = "summary"  # under eval_out/
 LOWER_IS_BETTER = {"loss", "perplexity"}
+NOT_SETTINGS = (SEED_KEY, "train.init_from")  # columns of their own
 EXPERIMENT_STAGES = ("model", "prepare", "train", "fuse", "quantize", "eval")  # whose failure fails an experiment
 FIXED_COLUMNS = (
     "schema_version",
@@ -42,6 +43,7 @@ FIXED_COLUMNS = (
     "failed_stage",
     "reason",
     "seed",
+    "init_from",
     "steps",
     "first_val_loss",
     "best_val_loss",
@@ -73,7 +75,7 @@ def run(cfg, workspace) -> Path:
     stage = StageRun("summary", {s: config.section(cfg, s) for s in ("experiments", "sweep")})
     asked = any(config._sets(layer, ("experiment", "name")) for _, layer in workspace.layers[1:])
     selected = [workspace.selected()] if asked else workspace.names()
-    varied = list(dict.fromkeys(k for e in workspace.experiments for k in e.varied if k != SEED_KEY))
+    varied = list(dict.fromkeys(k for e in workspace.experiments for k in e.varied if k not in NOT_SETTINGS))
     rows = [experiment_row(e.name, e.varied, workspace.config(e.name), varied) for e in workspace.experiments]
     csv_path, md_path, chart_dir = paths.EXPERIMENTS_CSV, paths.EVAL_SUMMARY, paths.EVAL_DIR / CHART_DIR
     staged_csv, staged_md, staged_charts = stage.staged(csv_path), stage.staged(md_path), stage.staged(chart_dir)
@@ -118,6 +120,7 @@ def experiment_row(name: str, settings: dict, cfg, varied: list[str]) -> dict:
     row = {"schema_version": contracts.schema_version("experiment_row"), "experiment": name}
     row.update({key: settings.get(key, _value(cfg, key)) for key in varied})
     row["seed"] = int(cfg.train.seed)
+    row["init_from"] = cfg.train.init_from  # the experiment whose adapter it continued, if any
     failure = first_failure(cfg)
     train = _manifest("train", name)
     metrics, policy = _eval_outputs(name)

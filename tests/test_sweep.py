@@ -8,7 +8,11 @@ import csv
 import re
 
 from pipeline import contracts
+from pipeline.config import load_workspace
+from pipeline.errors import ConfigError
 from pipeline.hashing import sha256_file
+
+import pytest
 
 from fixtures.tiny_model import UPPERCASE_TEMPLATE, build_tiny_model
 from helpers import make, write_override
@@ -143,3 +147,41 @@ def test_two_base_models_each_prepare_their_data_once_even_with_j2(project, tiny
     summary = (project / "eval_out" / "summary.md").read_text()
     assert all(f"| {n} |" in summary for n in ("a", "a-r2", "upper"))
     assert "Nothing to be done for 'all'" in make(project, "all").stdout
+
+
+def test_an_experiment_continues_from_another_ones_adapter(project, tiny_model_dir):
+    def configure(a_learning_rate: str) -> None:
+        write_override(
+            project,
+            f"model:\n  source: {tiny_model_dir}\n{BRIEF}"
+            f"experiments:\n  - name: a\n    train: {{learning_rate: {a_learning_rate}}}\n"
+            "  - name: b\n    train: {init_from: a, iters: 2}\n",
+        )
+
+    configure("5.0e-3")
+    make(project, "all")
+    a, b = (contracts.read_json(project / "runs" / n / "train.manifest.json", "run_manifest") for n in "ab")
+    assert abs(b["details"]["first_val_loss"] - a["details"]["final_val_loss"]) < 1e-4
+    assert a["details"]["first_val_loss"] - b["details"]["first_val_loss"] > 1e-3  # b did not start from the base
+    started = next(i for i in b["inputs"] if i["role"] == "start_adapter")
+    assert started["path"] == "runs/a/adapter" and started["sha256"] == next(
+        o["sha256"] for o in a["outputs"] if o["role"] == "adapter"
+    )
+    assert rows(project)["b"]["init_from"] == "a"
+    b_trained = (project / "runs" / "b" / "train.manifest.json").stat().st_mtime_ns
+    configure("1.0e-3")  # a changes: b, which starts from a's adapter, trains again
+    make(project, "all")
+    assert (project / "runs" / "b" / "train.manifest.json").stat().st_mtime_ns != b_trained
+
+
+def test_init_from_must_name_another_experiment_without_a_cycle(project):
+    for text, pattern in (
+        ("experiments:\n  - name: a\n    train: {init_from: z}\n", r"starts from 'z'.*not configured"),
+        (
+            "experiments:\n  - name: a\n    train: {init_from: b}\n  - name: b\n    train: {init_from: a}\n",
+            r"goes round in a circle: a -> b -> a",
+        ),
+    ):
+        write_override(project, text)
+        with pytest.raises(ConfigError, match=pattern):
+            load_workspace()

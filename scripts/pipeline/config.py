@@ -98,7 +98,9 @@ def load_workspace(
         _check_against_defaults(layer, defaults, source)
         return _coerce(layer, defaults)
 
-    return Workspace(defaults, layers, merged, experiments.expand(values, check_layer))
+    workspace = Workspace(defaults, layers, merged, experiments.expand(values, check_layer))
+    workspace.check_lineage()
+    return workspace
 
 
 @dataclasses.dataclass
@@ -141,6 +143,43 @@ class Workspace:
             where=set_by[-1],
             fix=(f"did you mean '{close[0]}'? " if close else "") + "`make experiments` lists the configured ones",
         )
+
+    def init_from(self, name: str) -> str | None:
+        """The experiment whose adapter experiment `name` starts from (train.init_from), if any."""
+        return self.config(name).train.init_from
+
+    def check_lineage(self) -> None:
+        """train.init_from names another configured experiment on the same base model, and no chain of
+        them comes back to where it started."""
+        names = self.names()
+        for name in names:
+            parent = self.init_from(name)
+            if parent is None:
+                continue
+            where = next((source for source, _ in reversed(self.experiment(name).layers)), self.layers[-1][0])
+            if parent not in names:
+                close = difflib.get_close_matches(parent, names, n=1, cutoff=0.5)
+                raise ConfigError(
+                    f"experiment '{name}' starts from '{parent}' (train.init_from), which is not configured",
+                    where=where,
+                    fix=(f"did you mean '{close[0]}'? " if close else "") + "name one of `make experiments`",
+                )
+            if self.variant(parent)[0] != self.variant(name)[0]:
+                raise ConfigError(
+                    f"experiment '{name}' starts from '{parent}' (train.init_from), which trains another base model",
+                    where=where,
+                    fix="continue from an experiment on the same model.source",
+                )
+            seen = [name]
+            while parent is not None:
+                if parent in seen:
+                    raise ConfigError(
+                        "train.init_from goes round in a circle: " + " -> ".join([*seen, parent]),
+                        where=where,
+                        fix="let the first experiment of the chain start from the base model (train.init_from: null)",
+                    )
+                seen.append(parent)
+                parent = self.init_from(parent)
 
     def variant(self, name: str) -> tuple[str | None, str | None]:
         """The (model, prepared data) variant experiment `name` uses, for paths.use_variant: None where it
@@ -818,7 +857,8 @@ def _make_include(workspace: Workspace, configs: dict[str, DictConfig], selected
                 print(f"{label}: runs again, " + "; ".join(reasons), file=sys.stderr)
     paths.use_variant(None, None)
     variants = {name: workspace.variant(name) for name in configs}
-    return stages.make_include(workspace.names(), selected, stale, variants)
+    parents = {name: workspace.init_from(name) for name in configs}
+    return stages.make_include(workspace.names(), selected, stale, variants, parents)
 
 
 def experiments_table(workspace: Workspace) -> str:

@@ -10,8 +10,8 @@ experiments that would share a name are an error, as is any key default.yaml doe
 from __future__ import annotations
 
 import copy
-import hashlib
 import dataclasses
+import hashlib
 import itertools
 import re
 from collections.abc import Iterable

@@ -332,6 +332,7 @@ def make_include(
     selected: Sequence[str] | None = None,
     stale: dict[str, dict] | None = None,
     variants: dict[str, tuple[str | None, str | None]] | None = None,
+    parents: dict[str, str | None] | None = None,
 ) -> str:
     """Make variables for every experiment: <stage>_TARGETS, the manifests `make <stage>` builds (those
     of the `selected` experiments), and each target's prerequisites (code, config slices, extra inputs,
@@ -339,9 +340,10 @@ def make_include(
     <stage>_DEPS (the workspace's own model or data) or <stage>_DEPS_<variant> (`variants`: experiment ->
     its (model, data) variant, paths.use_variant), with <stage>_OWNER[_<variant>], an experiment whose
     config it runs with. A stage in `stale[experiment]` (stale_stages) also depends on FORCE, so Make runs
-    it again, and so every stage after it, whose prerequisites include its manifest."""
+    it again, and so every stage after it, whose prerequisites include its manifest. `parents`: experiment ->
+    the experiment whose adapter it starts from (train.init_from), whose train manifest its train needs."""
     selected = list(experiments if selected is None else selected)
-    stale, variants = stale or {}, variants or {}
+    stale, variants, parents = stale or {}, variants or {}, parents or {}
     lines = [
         "# Written by `python -m pipeline.config slices` from scripts/pipeline/stages.py; do not edit.",
         "EXPERIMENTS := " + " ".join(experiments),
@@ -358,6 +360,8 @@ def make_include(
             upstream = [
                 STAGES[u].manifest_for(e, *variants.get(e, (None, None))) for u in stage.upstream for e in rule.reads
             ]
+            if stage.name == "train" and parents.get(rule.owner):
+                upstream.append(stage.manifest_for(parents[rule.owner]))
             force = ["FORCE"] if stage.name in stale.get(rule.owner, {}) else []
             suffix = f"_{rule.key}" if rule.key else ""
             deps = [*code, *slices, *globs, *dict.fromkeys(upstream), *force]
@@ -382,7 +386,7 @@ class _Rule:
 def _rules(stage: Stage, experiments, selected, variants) -> list[_Rule]:
     """One rule per experiment of a per-experiment stage; one per variant of a shared stage, owned by the
     first experiment that uses it; one for the summary, after every selected experiment."""
-    if stage.per_experiment:
+    if stage.per_experiment:  # a selected experiment's parent (train.init_from) is trained first, by Make
         return [_Rule(e, e, (e,), e in selected) for e in experiments]
     if any(STAGES[u].per_experiment for u in stage.upstream):
         return [_Rule(None, selected[0], tuple(selected), True)]

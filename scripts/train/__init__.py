@@ -78,13 +78,20 @@ def run(cfg) -> dict:
     memory_guard(model, tcfg, contract, catalog)
     mx.random.seed(tcfg.seed)  # before the adapters exist: their initial weights come from this seed
     adapter_config = attach_adapters(model, tcfg)
+    start_from = start_adapter(tcfg, adapter_config)
+    if start_from is not None:
+        model.load_weights(str(start_from / "adapters.safetensors"), strict=False)
+        log.info("starting from the adapter of experiment '%s' (%s)", tcfg.init_from, paths.display(start_from))
     train_set = train_data.load_split("train", contract, tokenizer, tcfg.mask_prompt)
     valid_set = train_data.load_split("valid", contract, tokenizer, tcfg.mask_prompt)
     optimizer = build_optimizer(tcfg, iters)
 
     # Checkpoints and metrics of this run live in staging until it ends (a resumed run continues them);
     # the adapter, metrics, loss curve and checkpoints of the last finished run stay as they are till then.
-    fingerprint = train_state.fingerprint(model_manifest, catalog, adapter_config, config.section(cfg, "train"))
+    start_sha256 = file_entry("start_adapter", start_from)["sha256"] if start_from is not None else None
+    fingerprint = train_state.fingerprint(
+        model_manifest, catalog, adapter_config, config.section(cfg, "train"), start_sha256
+    )
     checkpoints = train_state.Checkpoints(stage.staged(run_dir / "checkpoints", keep=True), fingerprint)
     state = checkpoints.restore(model, optimizer, mode=tcfg.resume)
     metrics = train_state.MetricsLog(stage.staged(run_dir / "metrics.jsonl", keep=True), keep_until=state.step)
@@ -102,6 +109,7 @@ def run(cfg) -> dict:
         file_entry("data_contract", paths.DATA_CONTRACT),
         file_entry("train_split", paths.split_file("train")),
         file_entry("valid_split", paths.split_file("valid")),
+        *([file_entry("start_adapter", start_from)] if start_from is not None else []),
     ]
     outputs = [
         stage.entry("adapter", run_dir / "adapter"),
@@ -174,6 +182,30 @@ def attach_adapters(model, tcfg) -> dict:
     else:  # lora or dora (the config schema allows nothing else)
         linear_to_lora_layers(model, num_layers, lora_parameters, use_dora=tcfg.fine_tune_type == "dora")
     return {"fine_tune_type": tcfg.fine_tune_type, "num_layers": num_layers, "lora_parameters": lora_parameters}
+
+
+def start_adapter(tcfg, adapter_config: dict) -> Path | None:
+    """The adapter folder of the experiment this one continues (train.init_from), checked to have the
+    same shape as this one's; None when it starts from the base model."""
+    parent = tcfg.init_from
+    if parent is None:
+        return None
+    folder = output_path(stages.read_manifest("train", parent), "adapter")
+    theirs = orjson.loads((folder / "adapter_config.json").read_bytes())
+    mine = {"fine_tune_type": adapter_config["fine_tune_type"], "num_layers": adapter_config["num_layers"]}
+    mine |= {k: adapter_config["lora_parameters"].get(k) for k in ("rank", "keys")}
+    found = {k: theirs.get(k) for k in ("fine_tune_type", "num_layers")}
+    found |= {k: (theirs.get("lora_parameters") or {}).get(k) for k in ("rank", "keys")}
+    different = [k for k in mine if mine[k] != found[k] and not (k == "keys" and mine[k] is None)]
+    if different:
+        raise PipelineError(
+            f"the adapter of experiment '{parent}' has another shape: "
+            + ", ".join(f"{k} {found[k]} (this one: {mine[k]})" for k in different),
+            where="train.init_from",
+            fix="give this experiment the same fine_tune_type, num_layers, lora.rank and lora.keys as the one it "
+            "continues",
+        )
+    return folder
 
 
 OPTIMIZERS = {

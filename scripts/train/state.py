@@ -38,14 +38,18 @@ class LoopState:
     window_steps: int = 0
 
 
-def fingerprint(model_manifest: dict, catalog: dict, adapter_config: dict, train_config: dict) -> dict:
-    """What a checkpoint must match to be resumed: the model, the data, the adapter shape, the settings."""
+def fingerprint(
+    model_manifest: dict, catalog: dict, adapter_config: dict, train_config: dict, start_sha256: str | None = None
+) -> dict:
+    """What a checkpoint must match to be resumed: the model, the data, the adapter shape, the settings
+    and the adapter it started from (train.init_from)."""
     settings = {k: v for k, v in train_config.items() if k not in ("resume", "steps_per_report")}
     return {
         "model": output_entry(model_manifest, "model")["sha256"],
         "data": hashing.sha256_json({s: catalog["splits"][s]["sha256"] for s in ("train", "valid")}),
         "adapter": hashing.sha256_json(adapter_config),
         "settings": hashing.sha256_json(settings),
+        **({"start_adapter": start_sha256} if start_sha256 else {}),
     }
 
 
