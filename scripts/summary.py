@@ -4,17 +4,20 @@ Reads the config's experiments (and sweep), each experiment's runs/<experiment>/
 eval_out/<experiment>/metrics.json and generation_policy.json, and the failure records stages leave
 in their logs/ folders. Writes runs/experiments.csv (one experiment_row per experiment: what it
 varies, how training went, each artifact's test loss and task metric, what it ships),
-eval_out/summary.md with its charts in eval_out/summary/ and, last, eval_out/summary.manifest.json.
+eval_out/summary.md with its charts in eval_out/summary/, eval_out/summary.html (the same, one
+self-contained page) and, last, eval_out/summary.manifest.json.
 An experiment that failed or did not finish is a row too; the stage then exits non-zero naming it,
 after writing the table, so `make all` ends with one line saying which experiments to look at.
 """
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import logging
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -30,6 +33,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import orjson  # noqa: E402
+from markdown_it import MarkdownIt  # noqa: E402
 
 log = logging.getLogger("summary")
 CHART_DIR = "summary"  # under eval_out/
@@ -78,11 +82,14 @@ def run(cfg, workspace) -> Path:
     varied = list(dict.fromkeys(k for e in workspace.experiments for k in e.varied if k not in NOT_SETTINGS))
     rows = [experiment_row(e.name, e.varied, workspace.config(e.name), varied) for e in workspace.experiments]
     csv_path, md_path, chart_dir = paths.EXPERIMENTS_CSV, paths.EVAL_SUMMARY, paths.EVAL_DIR / CHART_DIR
+    html_path = md_path.with_suffix(".html")
     staged_csv, staged_md, staged_charts = stage.staged(csv_path), stage.staged(md_path), stage.staged(chart_dir)
     write_csv(staged_csv, rows, varied)
     staged_charts.mkdir(parents=True)
     charts = write_charts(staged_charts, rows, varied)
-    staged_md.write_text(summary_markdown(rows, varied, charts), encoding="utf-8")
+    markdown = summary_markdown(rows, varied, charts)
+    staged_md.write_text(markdown, encoding="utf-8")
+    stage.staged(html_path).write_text(summary_html(markdown, staged_charts), encoding="utf-8")
     unfinished = [r for r in rows if r["experiment"] in selected and r["status"] != "ok"]
     manifest_path = paths.EVAL_DIR / "summary.manifest.json"
     if unfinished:
@@ -105,6 +112,7 @@ def run(cfg, workspace) -> Path:
     outputs = [
         stage.entry("experiments_csv", csv_path),
         stage.entry("summary", md_path),
+        stage.entry("summary_html", html_path),
         stage.entry("charts", chart_dir),
     ]
     best = ranked(rows)[0] if rows else None
@@ -344,6 +352,29 @@ def _size(size) -> str:
             return f"{size:.1f} {unit}" if unit != "B" else f"{size} B"
         size /= 1000
     return f"{size:.1f} GB"
+
+
+STYLE = """
+body { font: 15px/1.45 -apple-system, system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; }
+table { border-collapse: collapse; margin: 1em 0; } th, td { border: 1px solid #ccc; padding: 4px 8px; }
+th { background: #f3f3f3; } td { text-align: right; } td:nth-child(2) { text-align: left; }
+img { max-width: 48%; margin: 0.5em 1%; } code { background: #f3f3f3; padding: 0 3px; }
+"""
+
+
+def summary_html(markdown: str, chart_dir: Path) -> str:
+    """The summary as one self-contained page: the same Markdown rendered, its charts inlined."""
+    body = MarkdownIt("commonmark").enable("table").render(markdown)
+
+    def inline(match: re.Match) -> str:
+        data = base64.b64encode((chart_dir / match[1]).read_bytes()).decode()
+        return f'src="data:image/png;base64,{data}"'
+
+    body = re.sub(rf'src="{CHART_DIR}/([^"/]+\.png)"', inline, body)
+    return (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>Experiments</title>'
+        f"<style>{STYLE}</style></head>\n<body>\n{body}</body></html>\n"
+    )
 
 
 # --- charts -----------------------------------------------------------------------------------------

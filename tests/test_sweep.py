@@ -57,6 +57,10 @@ def test_a_sweep_runs_each_experiment_once_and_a_change_reruns_only_it(project, 
         contracts.validate(_typed(row), "experiment_row", where="experiments.csv")
     summary = (project / "eval_out" / "summary.md").read_text()
     assert re.search(r"^\*\*Best: `[ab]-lr\de-3`\*\*", summary, re.M) and summary.count("| ok (") == 4
+    charts = re.findall(r"!\[[^]]*\]\(summary/([^)]+\.png)\)", summary)
+    assert len(charts) == 2 and all((project / "eval_out" / "summary" / c).is_file() for c in charts)
+    html = (project / "eval_out" / "summary.html").read_text()
+    assert "<table>" in html and html.count("data:image/png;base64,") == 2 and 'src="summary/' not in html
 
     stamps = mtimes(project)
     again = make(project, "all")

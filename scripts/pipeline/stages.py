@@ -121,7 +121,7 @@ _STAGES = (
         False,
         ("train", "eval"),  # of every experiment it compares
         "eval_out/summary.manifest.json",
-        ("runs/experiments.csv", "eval_out/summary.md", "eval_out/summary/"),
+        ("runs/experiments.csv", "eval_out/summary.md", "eval_out/summary.html", "eval_out/summary/"),
     ),
 )
 STAGES = {stage.name: stage for stage in _STAGES}
