@@ -466,6 +466,8 @@ def test_cached_scores_are_reused_until_what_they_depend_on_changes(finished_cop
     first = run()
     assert not any(a["cached"] for a in first.values())
     scores.cache_path("main", "base").write_text("{not json")  # a damaged cache entry is only a miss
+    for shared in (paths.STATE_DIR / "eval" / "_shared").glob("*.json"):  # the base's, kept for all experiments
+        shared.write_text("{not json")
     second = run("eval.examples=1", "eval.ship.within_points=5")  # settings that act after scoring
     assert {aid: a["cached"] for aid, a in second.items()} == {aid: aid != "base" for aid in first}
     same = ("loss", "perplexity", "metrics", "delta_vs_base")  # deterministic: re-scored base included

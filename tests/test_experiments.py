@@ -126,3 +126,10 @@ def test_bad_experiments_are_one_clear_error(project, case):
             workspace.config(name)
     line = err.value.line()
     assert "\n" not in line and re.search(pattern, line), line
+
+
+def test_the_shipped_example_sweep_is_valid(project):
+    workspace = load_workspace(override_file=paths.ROOT / "config" / "sweeps" / "rank-lr.yaml")
+    assert workspace.names() == ["r4-lr1e-4", "r4-lr2e-4", "r16-lr1e-4", "r16-lr2e-4"]
+    for name in workspace.names():
+        assert workspace.config(name).eval.artifacts == ["base", "fused"]

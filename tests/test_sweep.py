@@ -47,7 +47,9 @@ def test_a_sweep_runs_each_experiment_once_and_a_change_reruns_only_it(project, 
     write_override(project, f"model:\n  source: {tiny_model_dir}\n{BRIEF}{SWEEP}")
     listing = make(project, "experiments").stdout
     assert "4 experiments:" in listing and "b-lr5e-3" in listing and "train.lora.rank=4" in listing
-    make(project, "all")
+    first = make(project, "all")
+    base_lines = re.findall(r"\] base: loss .*", first.stderr)
+    assert len(base_lines) == 4 and sum("(cached" in line for line in base_lines) == 3  # the base is scored once
     table = rows(project)
     assert list(table) == NAMES and all(r["status"] == "ok" for r in table.values())
     assert len({r["adapter_sha256"] for r in table.values()}) == 4

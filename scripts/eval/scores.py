@@ -27,6 +27,7 @@ import orjson
 log = logging.getLogger("eval")
 
 KEY_VERSION = 1
+BASE_ID = "base"  # the base model's artifact id: the same artifact in every experiment on that model
 # eval settings that act on the answers after scoring (or pick what is scored), not on any one score
 AFTER_SCORING = ("artifacts", "task_metric", "plugins", "examples", "ship")
 # eval's modules that only read the answers and scores (the rest of eval, and what it imports, scores)
@@ -73,9 +74,22 @@ def cache_path(experiment: str, artifact_id: str) -> Path:
     return paths.STATE_DIR / "eval" / experiment / "scores" / (urllib.parse.quote(artifact_id, safe="-_.") + ".json")
 
 
+def shared_path(key: dict) -> Path:
+    """Where the base model's scores are kept for every experiment: its key says everything they depend
+    on (its sha256, the test split, the settings, the code), so experiments on the same model and data
+    with the same eval settings score it once."""
+    return paths.STATE_DIR / "eval" / "_shared" / f"{hashing.sha256_json(key)[:32]}.json"
+
+
 def cached(experiment: str, artifact_id: str, key: dict) -> dict | None:
     """The result recorded for this artifact under this key, or None (never scored, or something changed)."""
-    path = cache_path(experiment, artifact_id)
+    found = _read(cache_path(experiment, artifact_id), artifact_id, key)
+    if found is None and artifact_id == BASE_ID:
+        found = _read(shared_path(key), artifact_id, key)
+    return found
+
+
+def _read(path: Path, artifact_id: str, key: dict) -> dict | None:
     try:
         entry = orjson.loads(path.read_bytes())
     except FileNotFoundError:
@@ -89,9 +103,10 @@ def cached(experiment: str, artifact_id: str, key: dict) -> dict | None:
 
 
 def save(experiment: str, artifact_id: str, key: dict, result: dict) -> None:
-    path = cache_path(experiment, artifact_id)
     data = orjson.dumps({"key": key, "result": result}, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
-    contracts.write_bytes_atomic(path, data + b"\n")
+    contracts.write_bytes_atomic(cache_path(experiment, artifact_id), data + b"\n")
+    if artifact_id == BASE_ID:
+        contracts.write_bytes_atomic(shared_path(key), data + b"\n")
 
 
 def _version(package: str) -> str | None:
