@@ -100,6 +100,6 @@ def test_kill_9_at_a_random_moment_keeps_every_output_valid(stage, finished, tmp
 
 
 def output_digests(root: Path, stage: str) -> dict[str, str]:
-    manifest = json.loads((root / stages.get(stage).manifest.format(experiment="main")).read_text())
+    manifest = json.loads((root / stages.get(stage).manifest_for("main")).read_text())
     timed = {"metrics"}  # train's metrics.jsonl records seconds and tokens per second
     return {entry["path"]: entry["sha256"] for entry in manifest["outputs"] if entry["role"] not in timed}

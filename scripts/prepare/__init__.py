@@ -334,7 +334,7 @@ MOVED = {
 
 
 def write_outputs(stage, cfg, cleaned, kind, template, sources, report, tool_schemas, model_manifest) -> dict:
-    staging = staging_folder(paths.DATA_DIR, "prepare", None)
+    staging = staging_folder(paths.DATA_DIR, "prepare", stage.staging.key)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     final = stage_files(staging, cfg, cleaned, kind, template, sources, report, tool_schemas, model_manifest)
