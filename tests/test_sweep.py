@@ -12,6 +12,7 @@ from pipeline.config import load_workspace
 from pipeline.errors import ConfigError
 from pipeline.hashing import sha256_file
 
+import pandas
 import pytest
 
 from fixtures.tiny_model import UPPERCASE_TEMPLATE, build_tiny_model
@@ -57,6 +58,8 @@ def test_a_sweep_runs_each_experiment_once_and_a_change_reruns_only_it(project, 
     assert table["a-lr5e-3"]["train.learning_rate"] == "0.005"
     for row in table.values():
         contracts.validate(_typed(row), "experiment_row", where="experiments.csv")
+    frame = pandas.read_csv(project / "runs" / "experiments.csv")  # what a notebook or a spreadsheet reads
+    assert list(frame["experiment"]) == NAMES and frame["train.lora.rank"].tolist() == [8, 8, 4, 4]
     summary = (project / "eval_out" / "summary.md").read_text()
     assert re.search(r"^\*\*Best: `[ab]-lr\de-3`\*\*", summary, re.M) and summary.count("| ok (") == 4
     charts = re.findall(r"!\[[^]]*\]\(summary/([^)]+\.png)\)", summary)
