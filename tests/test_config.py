@@ -187,8 +187,10 @@ def test_every_default_knob_has_a_comment():
 def test_every_shipped_yaml_loads_and_validates(project, path):
     if path.name == "default.yaml":
         assert load_config().experiment.name == "main"
-    else:
-        load_config(override_file=path)
+    else:  # every experiment it describes (a sweep has several)
+        workspace = load_workspace(override_file=path)
+        for name in workspace.names():
+            workspace.config(name)
 
 
 def test_the_commented_example_overrides_are_valid(project, tmp_path):

@@ -104,8 +104,10 @@ def stage_mtimes(project) -> dict[str, int]:
 def rerun_after_editing(project, source: str) -> set[str]:
     """Touch one code file as an edit would, run `make all`, return the stages that ran again."""
     before = stage_mtimes(project)
-    later = time.time() + 2
-    os.utime(project / source, (later, later))
+    # now, not later: every manifest was written before this, and the stages re-run write theirs after it
+    # (a time in the future could still be ahead of a fast stage's new manifest, and run it once more)
+    now = time.time()
+    os.utime(project / source, (now, now))
     make(project, "all")
     after = stage_mtimes(project)
     return {stage for stage in MANIFESTS if after[stage] != before[stage]}
