@@ -84,7 +84,7 @@ settings: | $(SETUP_STAMP)
 	@PYTHONPATH=scripts $(PY) -m pipeline.config describe $(SECTION)
 
 ## Run the whole pipeline for every configured experiment (or EXP=name)
-all: model prepare train fuse quantize eval summary
+all: model prepare search train fuse quantize eval summary
 
 ## List the configured experiments and what each changes, without running anything
 experiments: | $(SETUP_STAMP)
@@ -117,31 +117,40 @@ data/%/prepare.manifest.json: $$(prepare_DEPS_$$*) | $(SETUP_STAMP)
 # Each experiment's stages: one pattern rule a stage (the stem is the experiment's name). `make all` goes
 # on past a failing experiment: the stage records why (in its folder's logs/<stage>.failed.json), the
 # experiment's later stages skip, and the summary at the end fails naming it. Other goals stop there.
-ON_FAILURE := $(if $(filter all,$(MAKECMDGOALS)),|| true)
-export PIPELINE_KEEP_GOING := $(if $(filter all,$(MAKECMDGOALS)),1)
+KEEP_GOING ?= $(if $(filter all,$(MAKECMDGOALS)),1)
+ON_FAILURE := $(if $(KEEP_GOING),|| true)
+export PIPELINE_KEEP_GOING := $(KEEP_GOING)
+
+## Run the hyperparameter search of sweep.search (Optuna, runs/search.db): each trial is an experiment
+search: $(search_TARGETS)
+
+# Each trial runs as `$(MAKE) eval EXP=<trial> IN_SEARCH=1 KEEP_GOING=1`; outside the search a trial's
+# stages wait for it (AFTER_<trial>, order-only), so `make -j2 all` never runs one twice at once.
+runs/search.manifest.json: $(search_DEPS) | $(SETUP_STAMP)
+	PIPELINE_MAKE="$(MAKE)" $(RUN_STAGE) search $(STAGE_ARGS)
 
 ## Fine-tune the base model on the prepared data (LoRA by default): runs/<experiment>/adapter, metrics, loss curve
 train: $(train_TARGETS)
 
-runs/%/train.manifest.json: $$(train_DEPS_$$*) | $(SETUP_STAMP)
+runs/%/train.manifest.json: $$(train_DEPS_$$*) | $(SETUP_STAMP) $$(AFTER_$$*)
 	$(RUN_STAGE) train experiment.name=$* $(STAGE_ARGS) $(ON_FAILURE)
 
 ## Merge the experiment's adapter into full-precision base weights: runs/<experiment>/fused, artifacts.json
 fuse: $(fuse_TARGETS)
 
-runs/%/fuse.manifest.json: $$(fuse_DEPS_$$*) | $(SETUP_STAMP)
+runs/%/fuse.manifest.json: $$(fuse_DEPS_$$*) | $(SETUP_STAMP) $$(AFTER_$$*)
 	$(RUN_STAGE) fuse experiment.name=$* $(STAGE_ARGS) $(ON_FAILURE)
 
 ## Make the deployable files: MLX quantized models, GGUFs (checked in llama.cpp), Ollama Modelfile, Docker image
 quantize: $(quantize_TARGETS)
 
-runs/%/quantize.manifest.json: $$(quantize_DEPS_$$*) | $(SETUP_STAMP)
+runs/%/quantize.manifest.json: $$(quantize_DEPS_$$*) | $(SETUP_STAMP) $$(AFTER_$$*)
 	$(RUN_STAGE) quantize experiment.name=$* $(STAGE_ARGS) $(ON_FAILURE)
 
 ## Score every artifact on the test split: eval_out/<experiment>/report.md, metrics.json, generation_policy.json
 eval: $(eval_TARGETS)
 
-eval_out/%/eval.manifest.json: $$(eval_DEPS_$$*) | $(SETUP_STAMP)
+eval_out/%/eval.manifest.json: $$(eval_DEPS_$$*) | $(SETUP_STAMP) $$(AFTER_$$*)
 	$(RUN_STAGE) eval experiment.name=$* $(STAGE_ARGS) $(ON_FAILURE)
 
 ## Compare the experiments: runs/experiments.csv, eval_out/summary.md (+ charts); fails naming any unfinished
@@ -172,4 +181,4 @@ clean:
 distclean: clean
 	rm -rf $(VENV) .cache
 
-.PHONY: help setup lock doctor settings all experiments model prepare train fuse quantize eval summary lint format test clean distclean
+.PHONY: help setup lock doctor settings all experiments model prepare search train fuse quantize eval summary lint format test clean distclean

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 import pipeline  # noqa: F401
-from pipeline import cli, config, contracts, paths, stages
+from pipeline import cli, config, contracts, paths, stages, study
 from pipeline.errors import PipelineError
 from pipeline.experiments import SEED_KEY, format_value
 from pipeline.manifest import StageRun, file_entry
@@ -87,7 +87,7 @@ def run(cfg, workspace) -> Path:
     write_csv(staged_csv, rows, varied)
     staged_charts.mkdir(parents=True)
     charts = write_charts(staged_charts, rows, varied)
-    markdown = summary_markdown(rows, varied, charts)
+    markdown = summary_markdown(rows, varied, charts, workspace.search and search_line(workspace.search))
     staged_md.write_text(markdown, encoding="utf-8")
     stage.staged(html_path).write_text(summary_html(markdown, staged_charts), encoding="utf-8")
     unfinished = [r for r in rows if r["experiment"] in selected and r["status"] != "ok"]
@@ -119,6 +119,22 @@ def run(cfg, workspace) -> Path:
     stage.finish(manifest_path, inputs, outputs, {"experiments": len(rows), "best": best and best["experiment"]})
     log.info("summary: %s (%d experiments; best %s)", paths.display(md_path), len(rows), best and best["experiment"])
     return md_path
+
+
+def search_line(search) -> str:
+    """What the search found: its study, how many trials ran and the best by the metric it optimized
+    (validation loss: the table's ranking by the test split can differ, which is the point of keeping it)."""
+    trials = study.trials(search)
+    complete = [t for t in trials if t.value is not None]
+    text = (
+        f"Hyperparameter search (study {search.study_name}): {len(trials)} of {search.trials} trials "
+        f"({len(complete)} complete; Optuna TPE, `{paths.display(study.storage_path())}`)."
+    )
+    if complete:
+        pick = min if search.direction == "minimize" else max
+        best = pick(complete, key=lambda t: t.value)
+        text += f" Best by {search.metric}: `{best.experiment}` ({best.value:.4f})."
+    return text
 
 
 # --- one row per experiment -------------------------------------------------------------------------
@@ -264,12 +280,16 @@ def seed_groups(rows: list[dict], varied: list[str]) -> list[dict]:
     return out
 
 
-def summary_markdown(rows: list[dict], varied: list[str], charts: list[tuple[str, str]]) -> str:
+def summary_markdown(
+    rows: list[dict], varied: list[str], charts: list[tuple[str, str]], search_line: str | None = None
+) -> str:
     order = ranked(rows)
     lines = ["# Experiments", ""]
     best = order[0] if order and order[0]["status"] == "ok" else None
     if best:
         lines += [_best_line(best), ""]
+    if search_line:
+        lines += [search_line, ""]
     done = sum(r["status"] == "ok" for r in rows)
     lines += [
         f"{len(rows)} experiments, {done} complete. Ranked by the fine-tuned (fused) model's task metric on the "

@@ -23,7 +23,7 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import NamedTuple
 
-from pipeline import contracts, experiments, paths, stages
+from pipeline import contracts, experiments, paths, stages, study
 from pipeline.contracts import write_text_if_changed
 from pipeline.errors import ConfigError, PipelineError
 
@@ -98,7 +98,13 @@ def load_workspace(
         _check_against_defaults(layer, defaults, source)
         return _coerce(layer, defaults)
 
-    workspace = Workspace(defaults, layers, merged, experiments.expand(values, check_layer))
+    search = study.parse(values, check_layer)
+    if search is not None:
+        study.refuse_grid(values)
+        listed = study.experiments(search, check_layer)
+    else:
+        listed = experiments.expand(values, check_layer)
+    workspace = Workspace(defaults, layers, merged, listed, search, values["experiment"]["name"])
     workspace.check_lineage()
     return workspace
 
@@ -109,6 +115,8 @@ class Workspace:
     layers: list  # (source, mapping), lowest precedence first
     merged: DictConfig  # every layer merged, not yet resolved
     experiments: list[experiments.Experiment]
+    search: study.Search | None = None  # sweep.search: the experiments are its trials so far (maybe none)
+    base_name: str = "main"  # experiment.name as configured: the shared stages' owner before any trial
     _configs: dict = dataclasses.field(default_factory=dict, repr=False)
     _variants: dict | None = dataclasses.field(default=None, repr=False)
 
@@ -116,7 +124,13 @@ class Workspace:
         return [e.name for e in self.experiments]
 
     def experiment(self, name: str) -> experiments.Experiment:
+        if not self.experiments and name == self.base_name:
+            return experiments.Experiment(name, (), {})  # a search before its first trial: the config as it is
         return next(e for e in self.experiments if e.name == name)
+
+    def owner(self) -> str:
+        """The experiment whose config the shared stages (model, prepare, search) run with."""
+        return self.experiments[0].name if self.experiments else self.base_name
 
     def selected(self, shared: bool = False) -> str:
         """The experiment a stage runs: the one experiment.name names, or the only one there is (`shared`:
@@ -125,6 +139,14 @@ class Workspace:
         names = self.names()
         if asked in names:
             return asked
+        if not names:
+            if shared:
+                return self.base_name
+            raise ConfigError(
+                "the search has run no trial yet, so there is no experiment to run a stage for",
+                where="sweep.search",
+                fix="run `make all` (or `make search`): each trial is an experiment",
+            )
         set_by = [source for source, layer in self.layers[1:] if _sets(layer, ("experiment", "name"))]
         if (len(names) == 1 or shared) and not set_by:
             return names[0]
@@ -187,7 +209,7 @@ class Workspace:
         made from what it changes (`tiny-b`), the same for every experiment that changes them alike."""
         if self._variants is None:
             self._variants = self._all_variants()
-        return self._variants[name]
+        return self._variants.get(name, (None, None))  # the base config of a search before its first trial
 
     def _all_variants(self) -> dict[str, tuple[str | None, str | None]]:
         base = _resolved(self.merged, self.layers)
@@ -202,7 +224,7 @@ class Workspace:
                 flat = experiments.flatten({s: values[s] for s in sections})
                 base_flat = experiments.flatten({s: base[s] for s in sections})
                 changed = {k: v for k, v in flat.items() if base_flat.get(k) != v}
-                contents[name] = (experiments.variant_name(changed), orjson.dumps(flat, option=orjson.OPT_SORT_KEYS))
+                contents[name] = (experiments.settings_name(changed), orjson.dumps(flat, option=orjson.OPT_SORT_KEYS))
             slugs = experiments.distinct_names({c for c in contents.values() if c})
             for name, content in contents.items():
                 found.setdefault(name, [None, None])[index] = slugs[content] if content else None
@@ -838,9 +860,12 @@ def write_slices(
 
 def write_workspace_slices(workspace: Workspace, out_dir: Path, experiments_root: Path) -> dict[str, DictConfig]:
     """Every experiment's slices (each experiment's config checked on the way), and {name: config}."""
-    configs = {name: workspace.config(name) for name in workspace.names()}
+    configs = {name: workspace.config(name) for name in workspace.names() or [workspace.owner()]}
     for name, cfg in configs.items():
         write_slices(cfg, out_dir, experiments_root, workspace.variant(name))
+    if workspace.search is not None:  # what the search stage depends on: its study (named after the config) and budget
+        text = orjson.dumps(dataclasses.asdict(workspace.search), option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2)
+        write_text_if_changed(out_dir / "search.json", text.decode() + "\n")
     return configs
 
 
@@ -858,7 +883,8 @@ def _make_include(workspace: Workspace, configs: dict[str, DictConfig], selected
     paths.use_variant(None, None)
     variants = {name: workspace.variant(name) for name in configs}
     parents = {name: workspace.init_from(name) for name in configs}
-    return stages.make_include(workspace.names(), selected, stale, variants, parents)
+    searched = workspace.search is not None
+    return stages.make_include(workspace.names(), selected, stale, variants, parents, workspace.owner(), searched)
 
 
 def experiments_table(workspace: Workspace) -> str:
@@ -867,10 +893,24 @@ def experiments_table(workspace: Workspace) -> str:
         (e.name, ", ".join(f"{k}={v}" for k, v in e.varied.items()) or "(the config as it is)")
         for e in workspace.experiments
     ]
-    width = max(len(name) for name, _ in rows)
-    lines = [f"{len(rows)} experiment{'s' if len(rows) != 1 else ''}:"]
+    width = max((len(name) for name, _ in rows), default=0)
+    lines = [f"{len(rows)} experiment{'s' if len(rows) != 1 else ''}" + (":" if rows else "")]
     lines += [f"  {name:<{width}}  {what}" for name, what in rows]
+    if workspace.search is not None:
+        search = workspace.search
+        lines.append(
+            f"search: study {search.study_name} in {paths.display(study.storage_path())}, "
+            f"{len(rows)} of {search.trials} trials run; it searches "
+            + ", ".join(f"{key} {_dimension_text(dim)}" for key, dim in search.space.items())
+        )
     return "\n".join(lines)
+
+
+def _dimension_text(dim: dict) -> str:
+    if "choices" in dim:
+        return "in {" + ", ".join(str(c) for c in dim["choices"]) + "}"
+    extra = " (log)" if dim["log"] else f" (step {dim['step']})" if dim["step"] else ""
+    return f"{dim['low']}..{dim['high']}{extra}"
 
 
 def _cli(argv: Sequence[str] | None = None) -> int:
@@ -907,7 +947,10 @@ def _cli(argv: Sequence[str] | None = None) -> int:
         else:
             configs = write_workspace_slices(workspace, args.out, args.experiments_root)
             asked = any(_sets(layer, ("experiment", "name")) for _, layer in workspace.layers[1:])
-            selected = [workspace.selected()] if asked or len(configs) == 1 else workspace.names()
+            if not workspace.names():
+                selected = []  # a search before its first trial: only the shared stages and the search
+            else:
+                selected = [workspace.selected()] if asked or len(configs) == 1 else workspace.names()
             if args.mk:
                 write_text_if_changed(args.mk, _make_include(workspace, configs, selected))
     except PipelineError as exc:

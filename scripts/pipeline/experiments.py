@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pipeline.errors import ConfigError
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-PAIRED, SEEDS = "_", "seeds"
+PAIRED, SEEDS, SEARCH = "_", "seeds", "search"  # search: pipeline.study
 RESERVED_SECTIONS = ("experiment", "experiments", "sweep")  # what an experiment cannot set
 SEED_KEY = "train.seed"
 # Short labels for the keys swept most; any other key is labelled by its last part.
@@ -160,7 +160,7 @@ def _refuse_reserved(layer: dict, where: str) -> None:
 def _grid_points(sweep: dict, check_layer) -> list[list[tuple[str, object]]]:
     """The grid's points, each [(dotted key, value), ...] in the order the keys are written; [[]]: no grid."""
     axes = []
-    for key, values in flatten(sweep or {}).items():
+    for key, values in flatten({k: v for k, v in (sweep or {}).items() if k != SEARCH}).items():
         if key == SEEDS:
             continue
         where = f"sweep.{key}"
@@ -215,9 +215,9 @@ def _seeds(sweep: dict) -> list[int | None]:
     return list(seeds)
 
 
-def variant_name(changed: dict) -> str:
-    """A folder name for a base model or prepared data that differs from the workspace's in `changed`
-    (dotted key: value): `tiny-b` for model.source=models/tiny-b."""
+def settings_name(changed: dict) -> str:
+    """A folder name made from settings (dotted key: value), like a grid experiment's: `r8-lr3.2e-4` for a
+    search trial, `tiny-b` for a base model variant with model.source=models/tiny-b."""
     return _join(_part(key, value, short=True) for key, value in changed.items())
 
 

@@ -74,6 +74,16 @@ _STAGES = (
         inputs=("config/templates/*.jinja",),
     ),
     Stage(
+        "search",
+        "hyperparameter search",
+        ("sweep",),
+        False,
+        ("model", "prepare"),
+        "runs/search.manifest.json",
+        ("runs/search.json",),
+        inputs=(".state/config/search.json",),
+    ),
+    Stage(
         "train",
         "trained adapter",
         ("train",),
@@ -125,7 +135,16 @@ _STAGES = (
     ),
 )
 STAGES = {stage.name: stage for stage in _STAGES}
-PIPELINE = ("model", "prepare", "train", "fuse", "quantize", "eval", "summary")  # the order `make all` runs them in
+PIPELINE = (
+    "model",
+    "prepare",
+    "search",
+    "train",
+    "fuse",
+    "quantize",
+    "eval",
+    "summary",
+)  # the order `make all` runs them in
 
 
 def get(name: str) -> Stage:
@@ -333,6 +352,8 @@ def make_include(
     stale: dict[str, dict] | None = None,
     variants: dict[str, tuple[str | None, str | None]] | None = None,
     parents: dict[str, str | None] | None = None,
+    owner: str | None = None,
+    searched: bool = False,
 ) -> str:
     """Make variables for every experiment: <stage>_TARGETS, the manifests `make <stage>` builds (those
     of the `selected` experiments), and each target's prerequisites (code, config slices, extra inputs,
@@ -341,8 +362,13 @@ def make_include(
     its (model, data) variant, paths.use_variant), with <stage>_OWNER[_<variant>], an experiment whose
     config it runs with. A stage in `stale[experiment]` (stale_stages) also depends on FORCE, so Make runs
     it again, and so every stage after it, whose prerequisites include its manifest. `parents`: experiment ->
-    the experiment whose adapter it starts from (train.init_from), whose train manifest its train needs."""
+    the experiment whose adapter it starts from (train.init_from), whose train manifest its train needs.
+    `owner`: the experiment the shared stages run with when there is none yet (a search before its first
+    trial). `searched`: the experiments are a search's trials, run by the search stage (one sub-make a
+    trial, IN_SEARCH=1); outside it their stages come after the search (AFTER_<experiment>, order-only)
+    and the summary after it too."""
     selected = list(experiments if selected is None else selected)
+    owner = owner or (experiments[0] if experiments else None)
     stale, variants, parents = stale or {}, variants or {}, parents or {}
     lines = [
         "# Written by `python -m pipeline.config slices` from scripts/pipeline/stages.py; do not edit.",
@@ -354,7 +380,7 @@ def make_include(
         code = [paths.display(p) for p in code_files(stage.name)]
         globs = [f"$(wildcard {pattern})" for pattern in (*shared, *stage.inputs)]
         targets = []
-        for rule in _rules(stage, experiments, selected, variants):
+        for rule in _rules(stage, experiments, selected, variants, owner, searched):
             variant = variants.get(rule.owner, (None, None))
             slices = [_slice_file(section, rule.owner, variant) for section in stage.sections]
             upstream = [
@@ -362,6 +388,8 @@ def make_include(
             ]
             if stage.name == "train" and parents.get(rule.owner):
                 upstream.append(stage.manifest_for(parents[rule.owner]))
+            if stage.name == "summary" and searched:
+                upstream.append(STAGES["search"].manifest_for(None))
             force = ["FORCE"] if stage.name in stale.get(rule.owner, {}) else []
             suffix = f"_{rule.key}" if rule.key else ""
             deps = [*code, *slices, *globs, *dict.fromkeys(upstream), *force]
@@ -372,6 +400,9 @@ def make_include(
                 targets.append(stage.manifest_for(rule.owner, *variant))
         if stage.manifest:
             lines.append(f"{stage.name}_TARGETS := " + " ".join(targets))
+    if searched:
+        after = STAGES["search"].manifest_for(None)
+        lines += [f"AFTER_{name} := $(if $(IN_SEARCH),,{after})" for name in experiments]
     return "\n".join(lines) + "\n"
 
 
@@ -383,13 +414,18 @@ class _Rule:
     wanted: bool  # `make <stage>` builds it (a selected experiment needs it)
 
 
-def _rules(stage: Stage, experiments, selected, variants) -> list[_Rule]:
+def _rules(stage: Stage, experiments, selected, variants, owner, searched) -> list[_Rule]:
     """One rule per experiment of a per-experiment stage; one per variant of a shared stage, owned by the
-    first experiment that uses it; one for the summary, after every selected experiment."""
+    first experiment that uses it; one for the summary, after every selected experiment; one for the
+    search when there is one (its trials share the workspace's model and data)."""
     if stage.per_experiment:  # a selected experiment's parent (train.init_from) is trained first, by Make
         return [_Rule(e, e, (e,), e in selected) for e in experiments]
+    if stage.name == "search":
+        return [_Rule(None, owner, (owner,), True)] if searched else []
     if any(STAGES[u].per_experiment for u in stage.upstream):
-        return [_Rule(None, selected[0], tuple(selected), True)]
+        return [_Rule(None, selected[0] if selected else owner, tuple(selected), True)]
+    if not experiments:
+        return [_Rule(None, owner, (owner,), True)]
     index = 0 if stage.name == "model" else 1  # which variant: the model's or the prepared data's
     groups: dict = {}
     for experiment in experiments:
