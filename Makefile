@@ -168,9 +168,11 @@ format: | $(SETUP_STAMP)
 	$(PY) -m ruff check --fix scripts tests
 	$(PY) -m ruff format scripts tests
 
-## Run the lint, then the tests (fast ones and the end-to-end ones marked slow)
+TEST_WORKERS ?= 2
+## Run the lint, then every test (end-to-end too) on TEST_WORKERS processes; those marked serial, alone
 test: lint | $(SETUP_STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not serial"
+	$(PY) -m pytest -m serial
 
 ## Remove everything the pipeline generated (keeps .venv and the converted-model cache)
 clean:

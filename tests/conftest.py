@@ -17,6 +17,12 @@ from helpers import REPO, make, write_override
 PROJECT_FILES = ("Makefile", "config", "scripts", "requirements.lock", "requirements.in", "pytest.ini")
 
 
+def pytest_collection_modifyitems(items):
+    """The slow tests first (the sort keeps the order otherwise): on two workers (`make test`) the longest
+    then overlap the many short ones, instead of one running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
 

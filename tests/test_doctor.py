@@ -26,6 +26,7 @@ def test_openblas_is_loaded_in_process():
 
 
 @linux_x86
+@pytest.mark.serial  # timed
 def test_matmul_is_ten_times_the_reference_blas():
     # Reference BLAS gives ~5 GFLOP/s here and OpenBLAS ~300; 50 tells them apart even when a neighbour
     # process on these shared 2-core machines takes half the CPU. Best of three medians.

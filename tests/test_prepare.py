@@ -334,6 +334,7 @@ def test_unknown_template_lists_the_choices(base, files, caplog):
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # timed
 def test_default_dataset_on_the_real_model(project):
 
     assert model_stage.main([]) == 0
@@ -352,6 +353,7 @@ def test_default_dataset_on_the_real_model(project):
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # timed
 def test_100k_records_in_under_60_seconds(project, tmp_path):
 
     rng = random.Random(0)

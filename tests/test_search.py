@@ -162,3 +162,23 @@ def test_a_wrong_search_is_one_clear_line(project, sweep, expected):
     assert expected in caught.value.line() and "\n" not in caught.value.line()
     result = make(project, "experiments", check=False)
     assert result.returncode == 2 and expected in result.stderr
+
+
+@pytest.mark.slow
+def test_a_failing_trial_is_told_as_failed_and_counts_against_the_budget(project, tiny_model_dir):
+    """Both trials pick the one choice (a batch larger than the training split): the second is named
+    apart from the first, both are FAIL in the study, and make all ends naming them."""
+    space = "sweep:\n  search: {trials: 2, space: {train.batch_size: {choices: [5000]}}}\n"
+    write_override(project, f"model:\n  source: {tiny_model_dir}\n{BRIEF}{space}")
+    result = make(project, "all", check=False)
+    assert result.returncode != 0
+    assert [t.state.name for t in study_trials(project)] == ["FAIL", "FAIL"]
+    assert load_workspace().names() == ["bs5000", "bs5000-t1"]
+    assert re.search(
+        r"2 of 2 experiments did not complete: bs5000 \(train: .*batch.*; bs5000-t1 \(train:", result.stderr
+    )
+    with open(project / "runs" / "experiments.csv", newline="") as f:
+        assert [(r["experiment"], r["status"]) for r in csv.DictReader(f)] == [
+            ("bs5000", "failed"),
+            ("bs5000-t1", "failed"),
+        ]
