@@ -17,6 +17,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 LOCK := requirements$(if $(MLX_EXTRA),-$(MLX_EXTRA)).lock
 SETUP_STAMP := $(VENV)/.setup-$(basename $(LOCK)).stamp
+export PIPELINE_LOCK := $(LOCK)
 STATE := .state
 SLICES := $(STATE)/config
 VERBOSE ?=

@@ -29,7 +29,7 @@ import traceback
 from pathlib import Path
 
 import pipeline  # noqa: F401  (loads the fast BLAS before MLX)
-from pipeline import cli, config, contracts, paths, runtime, splits, stages
+from pipeline import cli, config, contracts, paths, run_record, runtime, splits, stages
 from pipeline.errors import PipelineError
 from pipeline.log import ItemProgress
 from pipeline.manifest import StageRun, file_entry
@@ -141,6 +141,10 @@ def run(cfg) -> Path:
         file_entry("data_contract", paths.DATA_CONTRACT),
     ]
     outputs = [stage.entry(p.stem, out_dir / p.name) for p in sorted(staged_dir.iterdir()) if p.is_file()]
+    this_stage = {"started_at": stage.started_at, "wall_seconds": stage.elapsed(), "inputs": inputs, "outputs": outputs}
+    record_path = run_record.path(experiment)
+    run_record.write(stage.staged(record_path), run_record.gather(cfg, this_stage))
+    outputs.append(stage.entry("run_manifest", record_path))
     stage.finish(
         manifest_path,
         inputs,

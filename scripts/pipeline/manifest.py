@@ -67,6 +67,9 @@ class StageRun:
         self._start = time.monotonic()
         self.staging = Staging(stage, experiment)
 
+    def elapsed(self) -> float:
+        return round(time.monotonic() - self._start, 3)
+
     def staged(self, final: str | Path, keep: bool = False) -> Path:
         """Where to write the output `final` (finish moves it there); `keep`: work a resumed run continues."""
         return self.staging.path(Path(final), keep=keep)
@@ -86,7 +89,7 @@ class StageRun:
             "outputs": outputs,
             "environment": runtime.environment(),
             "started_at": self.started_at,
-            "wall_seconds": round(time.monotonic() - self._start, 3),
+            "wall_seconds": self.elapsed(),
             "details": details or {},
         }
         contracts.validate(

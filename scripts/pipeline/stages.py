@@ -122,7 +122,7 @@ _STAGES = (
         True,
         ("model", "prepare", "train", "quantize"),
         "eval_out/{experiment}/eval.manifest.json",
-        ("eval_out/{experiment}/",),
+        ("eval_out/{experiment}/", "runs/{experiment}/run_manifest.yaml"),
     ),
     Stage(
         "summary",
