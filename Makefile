@@ -12,6 +12,8 @@ EXP ?=
 OVERRIDE ?=
 SET ?=
 MLX_EXTRA ?=
+BUNDLE ?=
+DEST ?=
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -41,7 +43,7 @@ export CMAKE_ARGS
 # <stage>_TARGETS (the manifests `make <stage>` builds) and prerequisites, <stage>_DEPS for a shared
 # stage and <stage>_DEPS_<experiment> for the others: the code it runs (its script or folder and every
 # project module they import), its config slices, the files it reads and the manifests before it.
-NO_CONFIG_GOALS := help setup lock clean distclean doctor test lint format settings experiments
+NO_CONFIG_GOALS := help setup lock clean distclean doctor test lint format settings experiments verify thaw
 ifneq ($(filter-out $(NO_CONFIG_GOALS),$(or $(MAKECMDGOALS),$(.DEFAULT_GOAL))),)
 include $(STATE)/config.mk
 endif
@@ -154,6 +156,20 @@ eval: $(eval_TARGETS)
 eval_out/%/eval.manifest.json: $$(eval_DEPS_$$*) | $(SETUP_STAMP) $$(AFTER_$$*)
 	$(RUN_STAGE) eval experiment.name=$* $(STAGE_ARGS) $(ON_FAILURE)
 
+## Bundle an experiment as one deterministic tarball: dist/<experiment>-<hash>.tar.gz (SHA256SUMS inside)
+freeze: $(freeze_TARGETS)
+
+dist/%.freeze.manifest.json: $$(freeze_DEPS_$$*) | $(SETUP_STAMP)
+	$(RUN_STAGE) freeze experiment.name=$* $(STAGE_ARGS)
+
+## Check a bundle without extracting it: checksums, its run manifest, the recorded sha256s (BUNDLE=file)
+verify: | $(SETUP_STAMP)
+	$(RUN_STAGE) verify "$(BUNDLE)" $(if $(VERBOSE),--verbose)
+
+## Extract a bundle safely, after verifying it (BUNDLE=file DEST=folder)
+thaw: | $(SETUP_STAMP)
+	$(RUN_STAGE) thaw "$(BUNDLE)" "$(DEST)" $(if $(VERBOSE),--verbose)
+
 ## Compare the experiments: runs/experiments.csv, eval_out/summary.md (+ charts); fails naming any unfinished
 summary: $(summary_TARGETS)
 
@@ -184,4 +200,4 @@ clean:
 distclean: clean
 	rm -rf $(VENV) .cache
 
-.PHONY: help setup lock doctor settings all experiments model prepare search train fuse quantize eval summary lint format test clean distclean
+.PHONY: help setup lock doctor settings all experiments model prepare search train fuse quantize eval freeze verify thaw summary lint format test clean distclean

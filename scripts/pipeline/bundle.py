@@ -248,3 +248,15 @@ def _check_name(name: str, where: str) -> None:
     path = PurePosixPath(name)
     if not name or name.startswith("/") or ".." in path.parts or name == CHECKSUMS:
         raise PipelineError(f"bad bundle member name '{name}'", where=where)
+
+
+def read_member(bundle: Path, name: str) -> bytes | None:
+    """One regular member's content (None when there is none by that name)."""
+    try:
+        with tarfile.open(bundle, mode="r:gz") as tar:
+            for member in tar:
+                if member.isfile() and _normal(member.name) == name:
+                    return tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, gzip.BadGzipFile, OSError) as exc:
+        raise PipelineError(f"not a readable bundle ({type(exc).__name__}: {exc})", where=str(bundle)) from None
+    return None

@@ -27,6 +27,11 @@ def sha256_tree(folder: str | Path, file_digest: Callable[[Path], str] = sha256_
     return _tree_digest((path.relative_to(folder).as_posix(), file_digest(path)) for path in _files_in(folder))
 
 
+def tree_digest_of(files: dict[str, str]) -> str:
+    """sha256_tree of a folder given as {relative posix path: file sha256} (a folder inside a bundle)."""
+    return _tree_digest((name, files[name]) for name in sorted(files, key=lambda name: Path(name).parts))
+
+
 def _files_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 

@@ -125,6 +125,15 @@ _STAGES = (
         ("eval_out/{experiment}/", "runs/{experiment}/run_manifest.yaml"),
     ),
     Stage(
+        "freeze",
+        "frozen bundle",
+        ("freeze",),
+        True,
+        ("eval",),
+        "dist/{experiment}.freeze.manifest.json",
+        ("dist/{experiment}-*.tar.gz",),
+    ),
+    Stage(
         "summary",
         "experiment summary",
         ("experiments", "sweep"),
