@@ -69,6 +69,7 @@ $(SETUP_STAMP): $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
 	$(PY) -m pip check
+	sha256sum $(LOCK) | cut -d' ' -f1 > $(VENV)/lock.sha256
 	touch $@
 
 ## Regenerate the lock files from requirements.in (needs the network; MLX_EXTRA=cuda13 for CUDA)
@@ -162,6 +163,14 @@ freeze: $(freeze_TARGETS)
 dist/%.freeze.manifest.json: $$(freeze_DEPS_$$*) | $(SETUP_STAMP)
 	$(RUN_STAGE) freeze experiment.name=$* $(STAGE_ARGS)
 
+## Replay an experiment bit for bit in a fresh folder and compare every artifact's sha256 (EXP=name)
+repro: | $(SETUP_STAMP)
+	@$(if $(SELECTED),,echo "repro: no experiment to replay" >&2; exit 2)
+	@for experiment in $(SELECTED); do \
+	  test -f eval_out/$$experiment/repro.sh || { echo "repro: eval_out/$$experiment/repro.sh: missing -- fix: run make eval EXP=$$experiment first" >&2; exit 2; }; \
+	  bash eval_out/$$experiment/repro.sh || exit $$?; \
+	done
+
 ## Check a bundle without extracting it: checksums, its run manifest, the recorded sha256s (BUNDLE=file)
 verify: | $(SETUP_STAMP)
 	$(RUN_STAGE) verify "$(BUNDLE)" $(if $(VERBOSE),--verbose)
@@ -200,4 +209,4 @@ clean:
 distclean: clean
 	rm -rf $(VENV) .cache
 
-.PHONY: help setup lock doctor settings all experiments model prepare search train fuse quantize eval freeze verify thaw summary lint format test clean distclean
+.PHONY: help setup lock doctor settings all experiments model prepare search train fuse quantize eval freeze repro verify thaw summary lint format test clean distclean

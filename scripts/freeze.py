@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -83,6 +84,14 @@ def collect(cfg, record: dict, policy: dict, recorded: dict) -> dict[str, bundle
         else:
             members[name] = bundle.Source(path=path)
 
+    if run_record.code_digest() != record["code"]["files_sha256"]:
+        raise PipelineError(
+            "the pipeline's code changed since the experiment was recorded, so the bundle could not replay it",
+            where=paths.display(run_record.path(experiment)),
+            fix=f"run `{stages.make_command('eval', experiment)}` to record it with the code as it is now",
+        )
+    for name, file in run_record.code_files().items():  # what repro.sh replays with
+        members[name] = bundle.Source(path=file, executable=os.access(file, os.X_OK))
     add(run_record.path(experiment))
     add(paths.ROOT / record["environment"]["requirements_lock"]["path"])
     for name in DATA_FILES:

@@ -24,12 +24,13 @@ import gc
 import logging
 import math
 import os
+import platform
 import time
 import traceback
 from pathlib import Path
 
 import pipeline  # noqa: F401  (loads the fast BLAS before MLX)
-from pipeline import cli, config, contracts, paths, run_record, runtime, splits, stages
+from pipeline import cli, config, contracts, paths, repro_script, run_record, runtime, splits, stages
 from pipeline.errors import PipelineError
 from pipeline.log import ItemProgress
 from pipeline.manifest import StageRun, file_entry
@@ -140,6 +141,8 @@ def run(cfg) -> Path:
         file_entry("artifacts", paths.artifacts_file(experiment)),
         file_entry("data_contract", paths.DATA_CONTRACT),
     ]
+    platform_name = f"{platform.system()}-{platform.machine()}"
+    repro_script.write(staged_dir / "repro.sh", experiment, run_record.lock_entry(), platform_name)
     outputs = [stage.entry(p.stem, out_dir / p.name) for p in sorted(staged_dir.iterdir()) if p.is_file()]
     this_stage = {"started_at": stage.started_at, "wall_seconds": stage.elapsed(), "inputs": inputs, "outputs": outputs}
     record_path = run_record.path(experiment)

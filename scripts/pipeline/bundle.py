@@ -29,9 +29,16 @@ from pathlib import Path, PurePosixPath
 from pipeline.errors import PipelineError
 
 CHECKSUMS = "SHA256SUMS"
-MTIME = 946684800  # 2000-01-01T00:00:00Z: fixed, so the same files give the same bytes
+MTIME = 946684800  # 2000-01-01T00:00:00Z: fixed, so the same files give the same bytes (SOURCE_DATE_EPOCH wins)
 MAX_MEMBER_BYTES = 64 * 2**30  # a member claiming more is refused (a 135M model's float GGUF is ~0.5 GB)
 _CHUNK = 1 << 20
+
+
+def reproducible_time() -> int:
+    """The time written into files that must come out byte-identical: SOURCE_DATE_EPOCH (the
+    reproducible-builds convention) if set, else MTIME."""
+    given = os.environ.get("SOURCE_DATE_EPOCH", "")
+    return int(given) if given.isdigit() else MTIME
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +104,7 @@ def _directories(members) -> list[str]:
 
 def _info(name: str, kind: bytes, size: int, mode: int) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
-    info.type, info.size, info.mode, info.mtime = kind, size, mode, MTIME
+    info.type, info.size, info.mode, info.mtime = kind, size, mode, reproducible_time()
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     return info

@@ -4,8 +4,9 @@ Gathered from the stage manifests (model, prepare, train, fuse, quantize, and ev
 finishes), not recomputed: the full resolved config, every input with its sha256 (the dataset files,
 the base model), the versions (Python, MLX, mlx-lm, llama-cpp-python and so llama.cpp, and the
 sha256 of the requirements lock), where it ran (platform, device, BLAS, threads), the seeds, the
-project's git commit and whether the tree was dirty, each stage's wall time and every output with its
-sha256. Validated by config/schemas/experiment_manifest.schema.json; eval writes it with its outputs.
+project's git commit, whether the tree was dirty and a digest of the pipeline's code files, each
+stage's wall time and every output with its sha256. Validated by
+config/schemas/experiment_manifest.schema.json; eval writes it with its outputs.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ def gather(cfg, eval_stage: dict) -> dict:
     }
     stage_rows = [_stage_row(name, manifest, experiment) for name, manifest in manifests.items()]
     stage_rows.append({"stage": "eval", **eval_stage})
-    lock = lock_file()
     record = {
         "schema_version": contracts.schema_version(SCHEMA),
         "experiment": experiment,
@@ -57,12 +57,12 @@ def gather(cfg, eval_stage: dict) -> dict:
             **manifests["train"]["environment"],
             "python": platform.python_version(),
             "packages": package_versions(),
-            "requirements_lock": {"path": paths.display(lock), "sha256": hashing.sha256_file(lock)},
+            "requirements_lock": lock_entry(),
             "cpu_count": os.cpu_count() or 0,
             "threads": {name: os.environ[name] for name in THREAD_VARIABLES if name in os.environ},
             "blas_library": runtime.blas_summary()["library"],
         },
-        "code": git_state(),
+        "code": code_state(),
         "stages": stage_rows,
         "wall_seconds": round(sum(row["wall_seconds"] for row in stage_rows), 3),
     }
@@ -103,6 +103,30 @@ def lock_file() -> Path:
     return paths.ROOT / os.environ.get("PIPELINE_LOCK", "requirements.lock")
 
 
+def lock_entry() -> dict:
+    lock = lock_file()
+    return {"path": paths.display(lock), "sha256": hashing.sha256_file(lock)}
+
+
+CODE = ("Makefile", "requirements.in", "scripts", "config/default.yaml", "config/schemas", "config/templates")
+
+
+def code_files() -> dict[str, Path]:
+    """{project-relative path: file} of the pipeline's code, what a replay needs beside the lock."""
+    found = {}
+    for item in CODE:
+        where = paths.ROOT / item
+        files = [where] if where.is_file() else sorted(p for p in where.rglob("*") if p.is_file())
+        for file in files:
+            if "__pycache__" not in file.parts and file.suffix != ".pyc":
+                found[file.relative_to(paths.ROOT).as_posix()] = file
+    return found
+
+
+def code_digest() -> str:
+    return hashing.tree_digest_of({name: hashing.sha256_file(file) for name, file in code_files().items()})
+
+
 def package_versions() -> dict:
     found = {}
     for package in PACKAGES:
@@ -123,6 +147,10 @@ def git_state() -> dict:
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "dirty": None}
     return {"commit": commit, "dirty": dirty}
+
+
+def code_state() -> dict:
+    return {**git_state(), "files_sha256": code_digest(), "files": len(code_files())}
 
 
 def _git(*args: str) -> str:

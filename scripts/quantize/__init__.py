@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pipeline  # noqa: F401  (loads the fast BLAS before MLX)
-from pipeline import cli, config, contracts, disk, paths, splits, stages
+from pipeline import bundle, cli, config, contracts, disk, paths, splits, stages
 from pipeline.compare import first_difference
 from pipeline.errors import PipelineError
 from pipeline.manifest import StageRun, file_entry, output_path
@@ -109,7 +109,7 @@ def run(cfg) -> Path:
             if qcfg.docker.enabled:
                 with timed(timings, "docker"):
                     details["docker"] = write_docker_image(
-                        tmp, served_file, contract, experiment, qcfg, created=fuse_manifest["started_at"]
+                        tmp, served_file, contract, experiment, qcfg, created=reproducible_created()
                     )
     details["seconds"] = timings
 
@@ -380,6 +380,12 @@ def sample_conversations(contract: dict) -> list[list[dict]]:
                 record["messages"][:-1] if record["messages"][-1]["role"] == "assistant" else record["messages"]
             )
     return conversations
+
+
+def reproducible_created() -> str:
+    """The image's creation time: fixed (SOURCE_DATE_EPOCH, else pipeline.bundle.MTIME), so the same GGUF
+    always gives the same image bytes and a replay (repro.sh) can compare its sha256."""
+    return dt.datetime.fromtimestamp(bundle.reproducible_time(), dt.timezone.utc).isoformat()
 
 
 def write_docker_image(out_dir: Path, gguf_path: Path, contract: dict, experiment: str, qcfg, created: str) -> dict:

@@ -161,7 +161,7 @@ def write_model_image(
     header = read_header(gguf_path)
     created = (created or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc)
 
-    layers = [gguf_layer(gguf_path)]
+    layers = [gguf_layer(gguf_path, created)]
     if license_text:
         layers.append(text_layer(license_text, LICENSE_MEDIA_TYPE, LICENSE_FILE_NAME, created))
     if chat_template:
@@ -199,11 +199,11 @@ def _check_reference(reference: str) -> None:
         )
 
 
-def gguf_layer(gguf_path: Path) -> Blob:
-    """The GGUF as a layer, hashed by streaming; its bytes are copied into the tar later, from disk."""
+def gguf_layer(gguf_path: Path, created: dt.datetime) -> Blob:
+    """The GGUF as a layer, hashed by streaming; its bytes are copied into the tar later, from disk. Its
+    recorded mtime is `created`, not the file's, so a rebuild of the same GGUF gives the same layer."""
     stat = gguf_path.stat()
-    mtime = dt.datetime.fromtimestamp(stat.st_mtime, dt.timezone.utc)
-    annotations = _file_annotations(gguf_path.name, stat.st_size, stat.st_mode & 0o777, mtime)
+    annotations = _file_annotations(gguf_path.name, stat.st_size, stat.st_mode & 0o777, created)
     return Blob(GGUF_MEDIA_TYPE, f"sha256:{sha256_file(gguf_path)}", stat.st_size, gguf_path, annotations)
 
 
