@@ -37,7 +37,10 @@ def test_the_run_manifest_gathers_every_stage(finished_copy):
     env = record["environment"]
     assert env["requirements_lock"] == {"path": "requirements.lock", "sha256": sha256_file("requirements.lock")}
     assert {"mlx", "mlx-lm", "llama-cpp-python"} <= set(env["packages"]) and env["cpu_count"] >= 1
-    assert record["code"] == {"commit": None, "dirty": None}  # the test's copy is not a git checkout
+    code = record["code"]
+    assert code["commit"] is None and code["dirty"] is None  # the test's copy is not a git checkout
+    assert code["files_sha256"] == run_record.code_digest() and code["files"] == len(run_record.code_files())
+    assert {"Makefile", "scripts/eval/__init__.py", "config/default.yaml"} <= set(run_record.code_files())
     assert yaml.safe_load(path.read_text())["wall_seconds"] >= sum(r["wall_seconds"] for r in record["stages"][:2])
 
 
@@ -54,4 +57,4 @@ def test_the_run_manifest_records_the_commit_and_a_dirty_tree(finished_copy):
     assert run_record.git_state() == {"commit": head.strip(), "dirty": True}
     make(finished_copy, "eval", "SET=eval.max_tokens=7")  # eval runs again, and only eval
     record = run_record.read(finished_copy / "runs" / "main" / "run_manifest.yaml")
-    assert record["code"] == {"commit": head.strip(), "dirty": True}
+    assert (record["code"]["commit"], record["code"]["dirty"]) == (head.strip(), True)
