@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 import pipeline  # noqa: F401  (loads the fast BLAS before MLX)
-from pipeline import cli, config, contracts, hashing, isolate, paths, runtime
+from pipeline import cli, config, contracts, credentials, hashing, isolate, paths, runtime
 from pipeline.errors import PipelineError
 from pipeline.manifest import StageRun, file_entry
 
@@ -135,7 +135,9 @@ def builtin_gguf(name: str) -> Path:
 def download_from_hub(repo_id: str, revision: str | None) -> Path:
     patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt"]
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        return Path(
+            snapshot_download(repo_id, revision=revision, allow_patterns=patterns, token=credentials.hf_token())
+        )
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
         raise PipelineError(
             f"cannot download {repo_id} from the Hugging Face hub ({type(exc).__name__}: {str(exc).splitlines()[0]})",

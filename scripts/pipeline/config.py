@@ -23,7 +23,7 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import NamedTuple
 
-from pipeline import contracts, experiments, paths, stages, study
+from pipeline import contracts, credentials, experiments, paths, stages, study
 from pipeline.contracts import write_text_if_changed
 from pipeline.errors import ConfigError, PipelineError
 
@@ -88,6 +88,7 @@ def load_workspace(
     layers = [(paths.display(default_path), defaults)]
     merged = OmegaConf.create(defaults)
     for source, layer in _override_layers(overrides, override_file):
+        credentials.check_layer(layer, source)
         _check_against_defaults(layer, defaults, source)
         layers.append((source, _coerce(layer, defaults)))
         merged = OmegaConf.merge(merged, layers[-1][1])
@@ -95,6 +96,7 @@ def load_workspace(
     experiments.check_name(values["experiment"]["name"], "experiment.name")
 
     def check_layer(layer: dict, source: str) -> dict:
+        credentials.check_layer(layer, source)
         _check_against_defaults(layer, defaults, source)
         return _coerce(layer, defaults)
 

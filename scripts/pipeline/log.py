@@ -6,6 +6,8 @@ import logging
 import os
 import sys
 
+from pipeline import credentials
+
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -23,11 +25,23 @@ def setup_logging(verbose: bool = False) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+    handler.addFilter(_redact_secrets)
     handler.pipeline_handler = True
     root.addHandler(handler)
     root.setLevel(level)
     for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _redact_secrets(record: logging.LogRecord) -> bool:
+    """Every known secret value (pipeline.credentials) becomes *** before a line is written."""
+    message = record.getMessage()
+    cleaned = credentials.redact(message)
+    if cleaned != message:
+        record.msg, record.args = cleaned, None
+    if record.exc_info and record.exc_text is None:
+        record.exc_text = credentials.redact(logging.Formatter().formatException(record.exc_info))
+    return True
 
 
 def interactive() -> bool:

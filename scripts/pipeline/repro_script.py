@@ -66,9 +66,13 @@ else
   echo "$lock_sha256" > "$venv/lock.sha256"
 fi
 
-for item in Makefile requirements.in scripts config; do cp -R "$source_root/$item" "$work/"; done
+for item in Makefile requirements.in scripts; do cp -R "$source_root/$item" "$work/"; done
+mkdir -p "$work/config"
+for item in default.yaml schemas templates; do cp -R "$source_root/config/$item" "$work/config/"; done
 cp "$source_root/$lock_path" "$work/$lock_path"
-rm -f "$work/config/override.yaml"
+if [ -f "$source_root/config/passwords.yml" ]; then  # linked, never copied: a secret stays in one place
+  ln -s "$source_root/config/passwords.yml" "$work/config/passwords.yml"
+fi
 find "$work/scripts" -name __pycache__ -prune -exec rm -rf {{}} +
 mkdir -p "$work/data" "$work/runs" "$work/eval_out" "$work/dist"
 ln -s "$venv" "$work/.venv"

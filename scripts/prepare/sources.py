@@ -13,7 +13,7 @@ import logging
 import re
 from pathlib import Path
 
-from pipeline import hashing, manifest, paths
+from pipeline import credentials, hashing, manifest, paths
 from pipeline.errors import PipelineError
 
 import orjson
@@ -312,7 +312,7 @@ def read_hub_dataset(name: str) -> dict:
     import datasets  # heavy (~1 s) and only for saved or hub datasets: kept off the common path
 
     try:
-        loaded = datasets.load_dataset(name)
+        loaded = datasets.load_dataset(name, token=credentials.hf_token())
     except Exception as exc:  # offline, missing or gated datasets raise many different types
         raise PipelineError(
             f"cannot load hub dataset {name} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
