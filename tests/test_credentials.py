@@ -63,7 +63,7 @@ def test_log_lines_never_show_a_known_secret(monkeypatch, capsys):
     except RuntimeError:
         logging.getLogger("t").exception("failed")
     err = capsys.readouterr().err
-    assert FAKE_TOKEN not in err and err.count(credentials.MASK) >= 2
+    assert FAKE_TOKEN not in err and err.count(credentials.MASK) >= 2, err
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline import config, contracts, paths, stages
+from pipeline import config, contracts, credentials, paths, stages
 from pipeline.errors import PipelineError
 from pipeline.log import setup_logging
 
@@ -88,7 +88,7 @@ def keep_going() -> bool:
 def _failed(name: str, cfg, reason: str, code: int) -> int:
     if cfg is None or not keep_going():  # a wrong config has no experiment to blame
         return code
-    record = {"stage": name, "error": reason, "at": dt.datetime.now().isoformat(timespec="seconds")}
+    record = {"stage": name, "error": credentials.redact(reason), "at": dt.datetime.now().isoformat(timespec="seconds")}
     try:
         contracts.write_bytes_atomic(failure_record(name, cfg), orjson.dumps(record, option=orjson.OPT_INDENT_2))
     except OSError:
@@ -130,8 +130,10 @@ def _report_bug(name: str, cfg, exc: BaseException, log: logging.Logger) -> str:
     try:
         saved.parent.mkdir(parents=True, exist_ok=True)
         saved.write_text(
-            f"{dt.datetime.now().isoformat(timespec='seconds')} {name} {' '.join(sys.argv[1:])}\n"
-            + "".join(traceback.format_exception(exc))
+            credentials.redact(
+                f"{dt.datetime.now().isoformat(timespec='seconds')} {name} {' '.join(sys.argv[1:])}\n"
+                + "".join(traceback.format_exception(exc))
+            )
         )
         where = f"the traceback is in {paths.display(saved)}"
     except OSError:

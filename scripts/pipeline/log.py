@@ -21,11 +21,10 @@ def setup_logging(verbose: bool = False) -> None:
         root.removeHandler(old)
     if interactive():
         handler: logging.Handler = RichHandler(show_path=False, show_level=False, log_time_format="%H:%M:%S")
-        handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+        handler.setFormatter(_RedactingFormatter("[%(name)s] %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
-    handler.addFilter(_redact_secrets)
+        handler.setFormatter(_RedactingFormatter(_FORMAT, datefmt="%H:%M:%S"))
     handler.pipeline_handler = True
     root.addHandler(handler)
     root.setLevel(level)
@@ -33,15 +32,11 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _redact_secrets(record: logging.LogRecord) -> bool:
-    """Every known secret value (pipeline.credentials) becomes *** before a line is written."""
-    message = record.getMessage()
-    cleaned = credentials.redact(message)
-    if cleaned != message:
-        record.msg, record.args = cleaned, None
-    if record.exc_info and record.exc_text is None:
-        record.exc_text = credentials.redact(logging.Formatter().formatException(record.exc_info))
-    return True
+class _RedactingFormatter(logging.Formatter):
+    """Every known secret value (pipeline.credentials) becomes *** in the line and its traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return credentials.redact(super().format(record))
 
 
 def interactive() -> bool:
