@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pipeline  # noqa: F401
-from pipeline import contracts, hashing, paths, run_record
+from pipeline import cli, contracts, hashing, paths, run_record
 from pipeline.errors import PipelineError
 from pipeline.log import setup_logging
 
@@ -32,11 +32,10 @@ POINTS_TOLERANCE = 2.0  # task metric points (0-100), across platforms
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m repro", description=__doc__.strip().splitlines()[0])
+    parser = cli.tool_parser("repro", __doc__)
     parser.add_argument("command", choices=("config", "inputs", "compare"))
     parser.add_argument("manifest", type=Path, help="the recorded runs/<experiment>/run_manifest.yaml")
     parser.add_argument("target", type=Path, help="config: the override to write; inputs/compare: a root folder")
-    parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 

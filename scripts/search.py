@@ -27,10 +27,9 @@ from pipeline import cli, config, contracts, paths, stages, study
 from pipeline.errors import PipelineError
 from pipeline.manifest import StageRun, file_entry
 
-import orjson
-
 log = logging.getLogger("search")
 TRIAL_GOAL = "eval"  # the last stage of an experiment; the summary compares the trials afterwards
+TRIAL_STAGES = ("train", "fuse", "quantize", "eval")  # whose failure fails a trial
 SEED_STRIDE = 1_000_003  # keeps the per-trial sampler seeds of different search seeds apart
 
 
@@ -94,7 +93,7 @@ def _finish_trial(current, number: int, name: str, search, args) -> None:
             fix="see the lines above; `make all` resumes the search at this trial",
         )
     workspace = config.load_workspace(args.overrides, args.override)
-    failed = _failure(workspace.config(name))
+    failed = cli.first_failure(workspace.config(name), TRIAL_STAGES)
     optuna = study.import_optuna()
     seconds = time.monotonic() - started
     if failed:
@@ -125,17 +124,6 @@ def _make_command(name: str, args) -> list[str]:
     if args.verbose:
         command.append("VERBOSE=1")
     return command
-
-
-def _failure(cfg) -> dict | None:
-    for stage_name in ("train", "fuse", "quantize", "eval"):
-        record = cli.failure_record(stage_name, cfg)
-        if record.is_file():
-            try:
-                return orjson.loads(record.read_bytes())
-            except (OSError, ValueError):
-                return {"stage": stage_name, "error": f"see {paths.display(record)}"}
-    return None
 
 
 def _settings_text(settings: dict) -> str:

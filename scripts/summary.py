@@ -190,14 +190,7 @@ def artifact_label(experiment: str, artifact_id: str) -> str:
 
 def first_failure(cfg) -> dict | None:
     """The earliest stage of the pipeline whose failure record stands, for this experiment."""
-    for stage_name in (s for s in stages.PIPELINE if s in EXPERIMENT_STAGES):
-        record = cli.failure_record(stage_name, cfg)
-        if record.is_file():
-            try:
-                return orjson.loads(record.read_bytes())
-            except (OSError, ValueError):
-                return {"stage": stage_name, "error": f"see {paths.display(record)}"}
-    return None
+    return cli.first_failure(cfg, [s for s in stages.PIPELINE if s in EXPERIMENT_STAGES])
 
 
 def _manifest(stage_name: str, experiment: str) -> dict | None:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pipeline  # noqa: F401
-from pipeline import bundle, frozen
+from pipeline import bundle, cli, frozen
 from pipeline.errors import PipelineError
 from pipeline.log import setup_logging
 
@@ -22,10 +22,9 @@ log = logging.getLogger("thaw")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m thaw", description=__doc__.strip().splitlines()[0])
+    parser = cli.tool_parser("thaw", __doc__)
     parser.add_argument("bundle", nargs="?", help="the .tar.gz that make freeze wrote")
     parser.add_argument("dest", nargs="?", help="the folder to extract into (created; must not hold its files)")
-    parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 

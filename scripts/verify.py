@@ -12,7 +12,7 @@ import logging
 import sys
 
 import pipeline  # noqa: F401
-from pipeline import frozen
+from pipeline import cli, frozen
 from pipeline.errors import PipelineError
 from pipeline.log import setup_logging
 
@@ -20,9 +20,8 @@ log = logging.getLogger("verify")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m verify", description=__doc__.strip().splitlines()[0])
+    parser = cli.tool_parser("verify", __doc__)
     parser.add_argument("bundle", nargs="?", help="the .tar.gz that make freeze wrote")
-    parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 

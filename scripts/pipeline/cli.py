@@ -79,6 +79,25 @@ def failure_record(name: str, cfg) -> Path:
     return _stage_folder(name, cfg) / "logs" / f"{name}.failed.json"
 
 
+def first_failure(cfg, stage_names) -> dict | None:
+    """The first of `stage_names` whose failure record stands for this experiment ({"stage", "error"})."""
+    for stage_name in stage_names:
+        record = failure_record(stage_name, cfg)
+        if record.is_file():
+            try:
+                return orjson.loads(record.read_bytes())
+            except (OSError, ValueError):
+                return {"stage": stage_name, "error": f"see {paths.display(record)}"}
+    return None
+
+
+def tool_parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of a command that is not a config-reading stage (verify, thaw, repro)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {name}", description=doc.strip().splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
 def keep_going() -> bool:
     """`make all` runs past a failed experiment (it sets PIPELINE_KEEP_GOING): a failure is then recorded
     for the summary, and the experiment's later stages skip. Any other run leaves nothing behind."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from pipeline import contracts, hashing, paths, runtime, stages
@@ -128,13 +127,7 @@ def code_digest() -> str:
 
 
 def package_versions() -> dict:
-    found = {}
-    for package in PACKAGES:
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            pass
-    return found
+    return {k: v for k, v in runtime.versions(PACKAGES).items() if k != "python"}
 
 
 def git_state() -> dict:

@@ -162,9 +162,9 @@ def available_memory_bytes() -> int | None:
         return None
 
 
-def versions() -> dict:
+def versions(packages=("mlx", "mlx-lm", "mlx-cpu", "mlx-metal", "transformers", "tokenizers", "gguf")) -> dict:
     found = {"python": platform.python_version()}
-    for package in ("mlx", "mlx-lm", "mlx-cpu", "mlx-metal", "transformers", "tokenizers", "gguf"):
+    for package in packages:
         try:
             found[package] = version(package)
         except PackageNotFoundError:
