@@ -194,10 +194,14 @@ format: | $(SETUP_STAMP)
 	$(PY) -m ruff check --fix scripts tests
 	$(PY) -m ruff format scripts tests
 
+# Each worker's stages get one thread (BLAS, llama.cpp): two workers with two threads each on two cores
+# oversubscribe them, and spinning BLAS and llama.cpp threads then slow each other down several times over.
 TEST_WORKERS ?= 2
+TEST_THREADS ?= 1
 ## Run the lint, then every test (end-to-end too) on TEST_WORKERS processes; those marked serial, alone
 test: lint | $(SETUP_STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not serial"
+	OPENBLAS_NUM_THREADS=$(TEST_THREADS) PIPELINE_THREADS=$(TEST_THREADS) \
+	  $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not serial"
 	$(PY) -m pytest -m serial
 
 ## Remove everything the pipeline generated (keeps .venv and the converted-model cache)

@@ -12,6 +12,7 @@ import math
 import os
 from pathlib import Path
 
+from pipeline import runtime
 from pipeline.errors import PipelineError
 
 import llama_cpp
@@ -24,7 +25,7 @@ logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
 
 def open_llama(gguf_path: Path, n_ctx: int):
     return Llama(
-        model_path=str(gguf_path), n_ctx=n_ctx, n_batch=512, n_threads=os.cpu_count() or 1, verbose=False, seed=0
+        model_path=str(gguf_path), n_ctx=n_ctx, n_batch=512, n_threads=runtime.cpu_threads(), verbose=False, seed=0
     )
 
 
@@ -180,7 +181,7 @@ class Sequences:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx, params.n_batch, params.n_ubatch = self.n_ctx, self.n_batch, 512
         params.n_seq_max, params.kv_unified = self.n_seq + 1, True
-        params.n_threads = params.n_threads_batch = os.cpu_count() or 1
+        params.n_threads = params.n_threads_batch = runtime.cpu_threads()
         self.ctx = _internals.LlamaContext(model=self.model, params=params, verbose=False)
         # llama.cpp pads n_ctx and caps n_batch at the n_ctx asked for: keep what it chose.
         self.n_ctx, self.n_batch = llama_cpp.llama_n_ctx(self.ctx.ctx), llama_cpp.llama_n_batch(self.ctx.ctx)

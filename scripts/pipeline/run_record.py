@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 SCHEMA = "experiment_manifest"
 STAGES_BEFORE_EVAL = ("model", "prepare", "train", "fuse", "quantize")
 PACKAGES = ("mlx", "mlx-lm", "mlx-metal", "mlx-cuda", "llama-cpp-python", "gguf", "transformers", "tokenizers", "numpy")
-THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MLX_NUM_THREADS")
+THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MLX_NUM_THREADS", "PIPELINE_THREADS")
 
 
 def path(experiment: str) -> Path:

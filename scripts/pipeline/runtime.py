@@ -99,6 +99,14 @@ def loaded_blas_libraries() -> list[str]:
     return found
 
 
+def cpu_threads() -> int:
+    """Threads for llama.cpp and quantizing: PIPELINE_THREADS if set (several processes sharing the cores,
+    as `make test`'s workers do, would otherwise oversubscribe them and slow each other down many times
+    over), else every core."""
+    given = os.environ.get("PIPELINE_THREADS", "")
+    return int(given) if given.isdigit() and int(given) > 0 else (os.cpu_count() or 1)
+
+
 def blas_summary() -> dict:
     """Which BLAS serves MLX here: openblas (preloaded), accelerate (macOS) or reference."""
     if sys.platform == "darwin":

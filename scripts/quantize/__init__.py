@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pipeline  # noqa: F401  (loads the fast BLAS before MLX)
-from pipeline import bundle, cli, config, contracts, disk, paths, splits, stages
+from pipeline import bundle, cli, config, contracts, disk, paths, runtime, splits, stages
 from pipeline.compare import first_difference
 from pipeline.errors import PipelineError
 from pipeline.manifest import StageRun, file_entry, output_path
@@ -218,7 +218,7 @@ def write_ggufs(
     for type_name in qcfg.gguf_types:
         files[type_name] = out_dir / gguf_file_name(experiment, type_name)
         with timed(timings, f"gguf-{type_name}"):
-            hf_to_gguf.quantize_gguf(float_path, files[type_name], type_name, threads=os.cpu_count() or 1)
+            hf_to_gguf.quantize_gguf(float_path, files[type_name], type_name, threads=runtime.cpu_threads())
     return files
 
 
