@@ -170,3 +170,19 @@ def test_a_good_bundle_thaws_with_its_modes(tmp_path):
 
 def _tree(root) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_a_bundle_tarred_again_with_dot_slash_names_still_checks(tmp_path):
+    """`tar czf x.tar.gz .` in an extracted bundle writes ./name: the same files, the same verdict."""
+    good = tmp_path / "good.tar.gz"
+    bundle.write(good, sample(tmp_path))
+    retarred = tmp_path / "retarred.tar.gz"
+    with tarfile.open(good) as tar, tarfile.open(retarred, "w:gz") as new:
+        new.addfile(info(".", tarfile.DIRTYPE))
+        for member in tar.getmembers():
+            data = tar.extractfile(member).read() if member.isfile() else None
+            member.name = "./" + member.name
+            new.addfile(member, io.BytesIO(data) if data is not None else None)
+    contents = bundle.check(retarred)
+    assert contents.problems == [] and "SHA256SUMS" in contents.files and "repro.sh" in contents.files
+    assert oct(good.stat().st_mode & 0o777) == "0o644"

@@ -87,6 +87,7 @@ def write(out: Path, members: Mapping[str, Source]) -> str:
                             tar.addfile(_info(name, tarfile.REGTYPE, source.size(), mode), handle)
             raw.flush()
             os.fsync(raw.fileno())
+        os.chmod(temp, 0o644)  # mkstemp makes it private; a bundle is made to be handed over
         os.replace(temp, out)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
@@ -139,9 +140,11 @@ def check(bundle: Path, max_member_bytes: int = MAX_MEMBER_BYTES) -> Contents:
     try:
         with tarfile.open(bundle, mode="r:gz") as tar:
             for member in tar:
-                name = member.name.rstrip("/")
+                name = _normal(member.name.rstrip("/"))  # `tar czf x .` writes ./name
+                if name in ("", ".") and member.isdir():
+                    continue
                 problem = _member_problem(member, name, seen, max_member_bytes)
-                seen.add(_normal(name))
+                seen.add(name)
                 if problem:
                     problems.append(f"{name}: {problem}")
                     continue
@@ -198,7 +201,8 @@ def _escapes(path: PurePosixPath) -> bool:
 
 
 def _normal(name: str) -> str:
-    return PurePosixPath(name).as_posix().removeprefix("./")
+    """./a//b -> a/b (how `tar czf x .` and others write names); '..' and a leading '/' are kept."""
+    return PurePosixPath(name).as_posix()
 
 
 def _checksum_problems(files: dict, listing: bytes | None) -> list[str]:
