@@ -32,6 +32,7 @@ CHECKSUMS = "SHA256SUMS"
 MTIME = 946684800  # 2000-01-01T00:00:00Z: fixed, so the same files give the same bytes (SOURCE_DATE_EPOCH wins)
 MAX_MEMBER_BYTES = 64 * 2**30  # a member claiming more is refused (a 135M model's float GGUF is ~0.5 GB)
 _CHUNK = 1 << 20
+KEPT_BYTES = 1 << 20  # members this small are kept in memory by `check` (SHA256SUMS, manifests, policies)
 
 
 def reproducible_time() -> int:
@@ -128,15 +129,20 @@ class Contents:
 
     files: dict[str, tuple[str, int]]
     problems: list[str]
+    small: dict[str, bytes] = dataclasses.field(default_factory=dict)  # members up to KEPT_BYTES, read once
+
+    def data(self, name: str) -> bytes | None:
+        """A small member's content (manifests, policies, lists), without reading the bundle again."""
+        return self.small.get(name)
 
 
 def check(bundle: Path, max_member_bytes: int = MAX_MEMBER_BYTES) -> Contents:
     """Read the whole bundle once, extracting nothing. A bundle that is not a readable .tar.gz (truncated,
     corrupted) raises one PipelineError naming it."""
     files: dict[str, tuple[str, int]] = {}
+    small: dict[str, bytes] = {}
     problems: list[str] = []
     seen: set[str] = set()
-    listing = None
     try:
         with tarfile.open(bundle, mode="r:gz") as tar:
             for member in tar:
@@ -150,13 +156,13 @@ def check(bundle: Path, max_member_bytes: int = MAX_MEMBER_BYTES) -> Contents:
                     continue
                 if member.isfile():
                     handle = tar.extractfile(member)
-                    data = handle.read() if name == CHECKSUMS else None
-                    digest = hashlib.sha256(data) if data is not None else hashlib.sha256()
-                    if data is None:
+                    if member.size <= KEPT_BYTES:
+                        small[name] = handle.read()
+                        digest = hashlib.sha256(small[name])
+                    else:
+                        digest = hashlib.sha256()
                         while chunk := handle.read(_CHUNK):
                             digest.update(chunk)
-                    else:
-                        listing = data
                     files[name] = (digest.hexdigest(), member.size)
     except (tarfile.TarError, EOFError, gzip.BadGzipFile, OSError, ValueError) as exc:
         raise PipelineError(
@@ -164,8 +170,8 @@ def check(bundle: Path, max_member_bytes: int = MAX_MEMBER_BYTES) -> Contents:
             where=str(bundle),
             fix="the file is truncated or damaged: copy it again from where it was made",
         ) from None
-    problems += _checksum_problems(files, listing)
-    return Contents(files, problems)
+    problems += _checksum_problems(files, small.get(CHECKSUMS))
+    return Contents(files, problems, small)
 
 
 def _member_problem(member: tarfile.TarInfo, name: str, seen: set[str], max_bytes: int) -> str | None:
@@ -259,15 +265,3 @@ def _check_name(name: str, where: str) -> None:
     path = PurePosixPath(name)
     if not name or name.startswith("/") or ".." in path.parts or name == CHECKSUMS:
         raise PipelineError(f"bad bundle member name '{name}'", where=where)
-
-
-def read_member(bundle: Path, name: str) -> bytes | None:
-    """One regular member's content (None when there is none by that name)."""
-    try:
-        with tarfile.open(bundle, mode="r:gz") as tar:
-            for member in tar:
-                if member.isfile() and _normal(member.name) == name:
-                    return tar.extractfile(member).read()
-    except (tarfile.TarError, EOFError, gzip.BadGzipFile, OSError) as exc:
-        raise PipelineError(f"not a readable bundle ({type(exc).__name__}: {exc})", where=str(bundle)) from None
-    return None

@@ -38,18 +38,18 @@ def verify(path: Path) -> tuple[dict | None, list[str]]:
     manifest_name = run_manifest_name(contents)
     if manifest_name is None:
         return None, [*problems, f"{RUN_MANIFEST_GLOB}: the bundle holds no single run manifest"]
-    record, problem = _record(path, manifest_name)
+    record, problem = _record(contents, manifest_name)
     if problem:
         return None, [*problems, problem]
     problems += _lock_problems(record, contents)
-    problems += _recorded_output_problems(record, contents, path)
-    problems += _missing(record, contents, path, manifest_name)
+    problems += _recorded_output_problems(record, contents)
+    problems += _missing(record, contents)
     return record, problems
 
 
-def _record(path: Path, name: str) -> tuple[dict | None, str | None]:
+def _record(contents: bundle.Contents, name: str) -> tuple[dict | None, str | None]:
     try:
-        record = yaml.safe_load(bundle.read_member(path, name) or b"")
+        record = yaml.safe_load(contents.data(name) or b"")
     except yaml.YAMLError as exc:
         return None, f"{name}: not valid YAML ({exc.__class__.__name__})"
     if not isinstance(record, dict):
@@ -77,7 +77,7 @@ def _lock_problems(record: dict, contents: bundle.Contents) -> list[str]:
     return []
 
 
-def _recorded_output_problems(record: dict, contents: bundle.Contents, path: Path) -> list[str]:
+def _recorded_output_problems(record: dict, contents: bundle.Contents) -> list[str]:
     """Each recorded file the bundle holds, each folder it holds whole (the adapter), and each artifact of
     artifacts.json it holds (itself checked as a recorded file) against the sha256 recorded for it."""
     problems = []
@@ -91,12 +91,12 @@ def _recorded_output_problems(record: dict, contents: bundle.Contents, path: Pat
                     f"{entry['path']}: sha256 {digest}, but the run manifest records {entry['sha256']} "
                     f"({row['stage']}'s {entry['role']})"
                 )
-    return problems + _artifact_problems(record, contents, path)
+    return problems + _artifact_problems(record, contents)
 
 
-def _artifact_problems(record: dict, contents: bundle.Contents, path: Path) -> list[str]:
+def _artifact_problems(record: dict, contents: bundle.Contents) -> list[str]:
     name = f"runs/{record['experiment']}/artifacts.json"
-    raw = bundle.read_member(path, name) if name in contents.files else None
+    raw = contents.data(name)
     if raw is None:
         return []  # _missing names it
     try:
@@ -146,9 +146,9 @@ def required_files(record: dict, policy: dict | None) -> list[tuple[str, str]]:
     return needed
 
 
-def _missing(record: dict, contents: bundle.Contents, path: Path, manifest_name: str) -> list[str]:
+def _missing(record: dict, contents: bundle.Contents) -> list[str]:
     policy_name = f"eval_out/{record['experiment']}/generation_policy.json"
-    raw = bundle.read_member(path, policy_name) if policy_name in contents.files else None
+    raw = contents.data(policy_name)
     try:
         policy = orjson.loads(raw) if raw else None
     except orjson.JSONDecodeError:
