@@ -88,7 +88,7 @@ settings: | $(SETUP_STAMP)
 	@PYTHONPATH=scripts $(PY) -m pipeline.config describe $(SECTION)
 
 ## Run the whole pipeline for every configured experiment (or EXP=name)
-all: model prepare search train fuse quantize eval summary
+all: model prepare search train fuse quantize eval package summary
 
 ## List the configured experiments and what each changes, without running anything
 experiments: | $(SETUP_STAMP)
@@ -145,7 +145,7 @@ fuse: $(fuse_TARGETS)
 runs/%/fuse.manifest.json: $$(fuse_DEPS_$$*) | $(SETUP_STAMP) $$(AFTER_$$*)
 	$(RUN_STAGE) fuse experiment.name=$* $(STAGE_ARGS) $(ON_FAILURE)
 
-## Make the deployable files: MLX quantized models, GGUFs (checked in llama.cpp), Ollama Modelfile, Docker image
+## Make the deployable files: MLX quantized models and GGUFs (checked in llama.cpp against the fused model)
 quantize: $(quantize_TARGETS)
 
 runs/%/quantize.manifest.json: $$(quantize_DEPS_$$*) | $(SETUP_STAMP) $$(AFTER_$$*)
@@ -156,6 +156,12 @@ eval: $(eval_TARGETS)
 
 eval_out/%/eval.manifest.json: $$(eval_DEPS_$$*) | $(SETUP_STAMP) $$(AFTER_$$*)
 	$(RUN_STAGE) eval experiment.name=$* $(STAGE_ARGS) $(ON_FAILURE)
+
+## Pack the GGUF eval ships for Ollama (Modelfile) and Docker Model Runner (OCI image): runs/<experiment>/package/
+package: $(package_TARGETS)
+
+runs/%/package.manifest.json: $$(package_DEPS_$$*) | $(SETUP_STAMP) $$(AFTER_$$*)
+	$(RUN_STAGE) package experiment.name=$* $(STAGE_ARGS) $(ON_FAILURE)
 
 ## Bundle an experiment as one deterministic tarball: dist/<experiment>-<hash>.tar.gz (SHA256SUMS inside)
 freeze: $(freeze_TARGETS)
@@ -213,4 +219,4 @@ clean:
 distclean: clean
 	rm -rf $(VENV) .cache
 
-.PHONY: help setup lock doctor settings all experiments model prepare search train fuse quantize eval freeze repro verify thaw summary lint format test clean distclean
+.PHONY: help setup lock doctor settings all experiments model prepare search train fuse quantize eval package freeze repro verify thaw summary lint format test clean distclean

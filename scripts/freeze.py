@@ -1,12 +1,13 @@
 """freeze stage: one experiment as one deterministic, verifiable tarball, dist/<experiment>-<hash>.tar.gz.
 
-Reads config section `freeze`, runs/<experiment>/run_manifest.yaml (eval writes it) and
-eval_out/<experiment>/generation_policy.json. The bundle holds, at their workspace paths: the run
-manifest, the requirements lock it records, the data contract, catalog and report, the adapter, the
-artifact the policy ships (and those `freeze.artifacts` adds), the eval report with its charts,
-metrics.json and generation_policy.json; and config.yaml (the resolved config), README.md for the
-receiver, SHA256SUMS. The training data (and the answers on the test split) only with
-`freeze.include_data: true`. Every file recorded in the run manifest is checked against its sha256
+Reads config section `freeze`, runs/<experiment>/run_manifest.yaml (eval writes it),
+eval_out/<experiment>/generation_policy.json and runs/<experiment>/package.manifest.json. The bundle
+holds, at their workspace paths: the run manifest, the requirements lock it records, the data
+contract, catalog and report, the adapter, the artifact the policy ships (and those
+`freeze.artifacts` adds), the package stage's Ollama Modelfile and Docker image with the GGUF they
+carry, the eval report with its charts, metrics.json and generation_policy.json; and config.yaml (the
+resolved config), README.md for the receiver, SHA256SUMS. The training data (and the answers on the
+test split) only with `freeze.include_data: true`. Every file recorded in the run manifest is checked against its sha256
 before it goes in. The same experiment frozen twice gives the same bytes (pipeline.bundle), so the
 hash in the name is the content's. Writes dist/<experiment>.freeze.manifest.json last.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 import pipeline  # noqa: F401
 from pipeline import bundle, cli, config, contracts, frozen, hashing, paths, run_record, stages
 from pipeline.errors import PipelineError
-from pipeline.manifest import StageRun, changed_output, file_entry
+from pipeline.manifest import StageRun, changed_output, file_entry, output_path
 
 import yaml
 
@@ -105,12 +106,18 @@ def collect(cfg, record: dict, policy: dict, recorded: dict) -> dict[str, bundle
     add(paths.artifacts_file(experiment))  # the sha256 of every artifact, the bundled ones among them
     for artifact_path in _artifact_paths(cfg, policy):
         add(artifact_path)
+    package = stages.read_manifest("package", experiment)  # the package as it made it
+    package_dir = output_path(package, "package")
+    if package_dir.is_dir() and any(package_dir.iterdir()):
+        add(package_dir)
+        if package["details"]["gguf"]:  # the Modelfile's FROM and the image's layer are this GGUF
+            add(paths.resolve(package["details"]["gguf"]["path"]))
     if cfg.freeze.include_data:
         for split in paths.SPLITS:
             add(paths.split_file(split))
     resolved = yaml.safe_dump(record["config"], sort_keys=False, allow_unicode=True, width=120)
     members["config.yaml"] = bundle.Source(data=("# The resolved config of this experiment\n" + resolved).encode())
-    members["README.md"] = bundle.Source(data=readme(record, policy, members).encode())
+    members["README.md"] = bundle.Source(data=readme(record, policy, package["details"], members).encode())
     return members
 
 
@@ -149,7 +156,28 @@ def _size(size: int) -> str:
     return f"{size / 2**20:.1f} MB" if size >= 2**20 else f"{size / 2**10:.1f} KB"
 
 
-def readme(record: dict, policy: dict, members: dict) -> str:
+def package_lines(experiment: str, package: dict) -> list[str]:
+    folder = f"runs/{experiment}/package"
+    lines = []
+    if package.get("ollama"):
+        lines += [
+            f"Ollama: `ollama create {experiment} -f {folder}/Modelfile` then `ollama run {experiment}` (its FROM, "
+            f"`{package['ollama']['from']}`, is relative to it; template, stops and sampling as eval scored them).",
+            "",
+        ]
+    if package.get("docker"):
+        docker = package["docker"]
+        lines += [
+            f"Docker Model Runner: `docker model load < {folder}/{docker['file']}` then `docker model run "
+            f"{docker['reference']}`.",
+            "",
+        ]
+    if not package.get("gguf"):
+        lines += [f"No Ollama or Docker package: {package['why']}.", ""]
+    return lines
+
+
+def readme(record: dict, policy: dict, package: dict, members: dict) -> str:
     experiment = record["experiment"]
     ship = policy.get("ship")
     base = record["config"]["model"]["source"]
@@ -181,6 +209,7 @@ def readme(record: dict, policy: dict, members: dict) -> str:
         ]
     elif ship:
         lines += [f"mlx-lm: `mlx_lm.generate --model {ship['path']} --prompt '...'`.", ""]
+    lines += package_lines(experiment, package)
     lines += [
         f"The LoRA adapter alone, on the base model: `mlx_lm.generate --model <base model> --adapter-path "
         f"runs/{experiment}/adapter --prompt '...'`.",

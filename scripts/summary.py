@@ -39,7 +39,8 @@ log = logging.getLogger("summary")
 CHART_DIR = "summary"  # under eval_out/
 LOWER_IS_BETTER = {"loss", "perplexity"}
 NOT_SETTINGS = (SEED_KEY, "train.init_from")  # columns of their own
-EXPERIMENT_STAGES = ("model", "prepare", "train", "fuse", "quantize", "eval")  # whose failure fails an experiment
+# the stages whose failure fails an experiment
+EXPERIMENT_STAGES = ("model", "prepare", "train", "fuse", "quantize", "eval", "package")
 FIXED_COLUMNS = (
     "schema_version",
     "experiment",

@@ -66,8 +66,7 @@ def project(tmp_path, monkeypatch) -> Path:
 # The whole pipeline on the tiny model, briefly; save_every=2 leaves a checkpoint to resume from.
 BRIEF = """
 train: {iters: 4, steps_per_eval: 2, val_batches: 1, num_layers: 2, save_every: 2}
-quantize:
-  {mlx: [], gguf_types: [], check_prompts: 1, check_max_tokens: 8, perplexity_records: 2, docker: {enabled: false}}
+quantize: {mlx: [], gguf_types: [], check_prompts: 1, check_max_tokens: 8, perplexity_records: 2}
 eval: {records: 4, max_tokens: 8}
 """
 

@@ -257,7 +257,7 @@ def test_a_value_out_of_range_is_refused_with_the_closest_valid_one(project, ove
     [
         ("quantize.gguf_types=[Q4_K_M, q8_0]", "'quantize.gguf_types[1]' must be a llama.cpp type name in capitals"),
         ("eval.plugins=[my_metrics]", "'eval.plugins[0]' must be a plugin name module:function, got 'my_metrics'"),
-        ("quantize.serve=''", "'quantize.serve' must not be empty"),
+        ("package.docker.reference=''", "'package.docker.reference' must not be empty"),
         ("prepare.template=my.tmpl", "'prepare.template' must be one of auto, chatml, alpaca, llama-3 or a path"),
     ],
 )
@@ -273,7 +273,6 @@ def test_forms_the_stages_accept_load(project):
             "eval.task_metric=my_metrics:mentions_city",
             "eval.plugins=[my_metrics:mentions_city]",
             "quantize.mlx=[affine, mxfp4, mixed_3_6]",
-            "quantize.serve=float",
         ]
     )
     assert list(cfg.quantize.mlx) == ["affine", "mxfp4", "mixed_3_6"]

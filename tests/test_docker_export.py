@@ -20,8 +20,8 @@ import pytest
 
 from fixtures.tiny_gguf import write_tiny_gguf
 from fixtures.tiny_model import CHATML_TEMPLATE
+from lm import docker as docker_export
 from lm import gguf_header
-from quantize import docker as docker_export
 
 REFERENCE = "ai/tiny:q8_0"
 LICENSE = "MIT License\n\nPermission is hereby granted...\n"

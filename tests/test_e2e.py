@@ -10,7 +10,7 @@ from pipeline.hashing import sha256_file, sha256_tree
 import pytest
 
 from helpers import make
-from quantize import docker as docker_export
+from lm import docker as docker_export
 
 
 @pytest.mark.slow
@@ -43,8 +43,6 @@ def test_make_all_on_the_default_model_then_nothing_to_do(project):
         "mlx-quantized",
         "gguf",
         "gguf",
-        "ollama",
-        "docker",
     ]
     for artifact in artifacts:
         path = project / artifact["path"]
@@ -52,12 +50,8 @@ def test_make_all_on_the_default_model_then_nothing_to_do(project):
 
     quantize = contracts.read_json(project / "runs" / "main" / "quantize.manifest.json", "run_manifest")["details"]
     assert quantize["export_check"]["matching"] == quantize["export_check"]["prompts"] > 0, quantize["export_check"]
-    assert quantize["served_answer"]["file"] == "main-Q4_K_M.gguf" and '"name"' in quantize["served_answer"]["answer"]
     assert quantize["perplexity"]["by_type"]["Q4_K_M"]["ratio_vs_float"] < 1.2
     assert fuse_manifest["wall_seconds"] + quantize["seconds"]["gguf-f16"] + quantize["seconds"]["gguf-Q4_K_M"] < 60
-    out = project / "runs" / "main" / "quantized"
-    assert "FROM ./main-Q4_K_M.gguf" in (out / "Modelfile").read_text()
-    assert docker_export.validate_oci_layout(out / "main-Q4_K_M.docker.tar") == []
 
     eval_manifest = contracts.read_json(project / "eval_out" / "main" / "eval.manifest.json", "run_manifest")
     assert eval_manifest["wall_seconds"] < 300, eval_manifest["wall_seconds"]
@@ -71,6 +65,15 @@ def test_make_all_on_the_default_model_then_nothing_to_do(project):
     assert verdict["answer"] == "Yes" and verdict["records"] == 40 and verdict["low"] > 0, verdict
     policy = contracts.read_json(project / "eval_out" / "main" / "generation_policy.json", "generation_policy")
     assert policy["ship"] is not None
+    package = contracts.read_json(project / "runs" / "main" / "package.manifest.json", "run_manifest")["details"]
+    shipped = policy["ship"]["path"].rsplit("/", 1)[-1]
+    assert (
+        package["gguf"]["id"] == policy["ship"]["id"]
+        and f"FROM ../quantized/{shipped}\n" in (project / "runs" / "main" / "package" / "Modelfile").read_text()
+    )
+    assert '"name"' in package["answer"]["answer"], package["answer"]
+    image = project / "runs" / "main" / "package" / shipped.replace(".gguf", ".docker.tar")
+    assert docker_export.validate_oci_layout(image) == []
     report = (project / "eval_out" / "main" / "report.md").read_text()
     assert "Did fine-tuning help? Yes." in report and (project / "eval_out" / "main" / "task_metric.png").is_file()
     second = make(project, "all")

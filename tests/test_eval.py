@@ -36,8 +36,6 @@ QUANTIZE = [
     "quantize.check_prompts=1",
     "quantize.check_max_tokens=8",
     "quantize.perplexity_records=2",
-    "quantize.ollama.enabled=false",
-    "quantize.docker.enabled=false",
 ]
 EVAL = ["eval.records=6", "eval.max_tokens=12"]
 

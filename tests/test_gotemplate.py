@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from quantize.gotemplate import GoTemplateError, Template, render
+from lm.gotemplate import GoTemplateError, Template, render
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,8 @@ from helpers import make, write_override
 # The Make tests are about what re-runs, not about the stages' work: every stage runs, briefly.
 BRIEF = """
 train: {iters: 4, steps_per_eval: 2, val_batches: 1, num_layers: 2}
-quantize:
-  {mlx: [], gguf_types: [], check_prompts: 1, check_max_tokens: 8, perplexity_records: 2, docker: {enabled: false}}
+quantize: {mlx: [], gguf_types: [], check_prompts: 1, check_max_tokens: 8, perplexity_records: 2}
+package: {docker: {enabled: false}}
 eval: {records: 4, max_tokens: 8}
 """
 

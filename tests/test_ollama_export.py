@@ -9,7 +9,7 @@ from pipeline.errors import PipelineError
 import pytest
 
 from helpers import REPO
-from quantize import ollama as oe
+from lm import ollama as oe
 
 SMOLLM2 = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -161,7 +161,7 @@ def test_check_fails_when_the_default_system_prompt_is_dropped():
     )
     with pytest.raises(PipelineError, match="differently") as error:
         oe.check_modelfile_template(SMOLLM2, go, None, [THREE_TURNS[1:]], eos_token="<|im_end|>")
-    assert "quantize.ollama.system" in error.value.fix
+    assert "package.ollama.system" in error.value.fix
 
 
 @pytest.mark.parametrize(

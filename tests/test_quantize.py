@@ -22,7 +22,6 @@ import quantize
 from helpers import trained
 from lm import gguf_header
 from lm import hf_to_gguf as gguf_export
-from quantize import docker as docker_export
 
 SMALL = [
     "quantize.mlx=[affine-4]",
@@ -79,8 +78,6 @@ def test_quantize_writes_checked_artifacts_with_lineage(fused_project):
     out = quantized_dir()
     names = sorted(p.name for p in out.iterdir())
     assert names == [
-        "Modelfile",
-        "main-Q4_K_M.docker.tar",
         "main-Q4_K_M.gguf",
         "main-Q8_0.gguf",
         "main-f32.gguf",
@@ -94,8 +91,6 @@ def test_quantize_writes_checked_artifacts_with_lineage(fused_project):
     assert by_id["main/main-f32.gguf"]["parent"] == "main/fused"
     assert by_id["main/main-Q4_K_M.gguf"]["parent"] == "main/main-f32.gguf"
     assert by_id["main/mlx-affine-4bit-g64"]["parent"] == "main/fused"
-    assert by_id["main/Modelfile"]["kind"] == "ollama" and by_id["main/Modelfile"]["parent"] == "main/main-Q4_K_M.gguf"
-    assert by_id["main/main-Q4_K_M.docker.tar"]["kind"] == "docker"
     for artifact in artifacts:
         path = paths.resolve(artifact["path"])
         digest = hashing.sha256_tree(path) if path.is_dir() else hashing.sha256_file(path)
@@ -106,10 +101,6 @@ def test_quantize_writes_checked_artifacts_with_lineage(fused_project):
     table = details["perplexity"]["by_type"]
     assert set(table) == {"f32", "Q4_K_M", "Q8_0"} and table["f32"]["change_vs_float"] == 0
     assert abs(table["Q8_0"]["ratio_vs_float"] - 1) < 0.05
-    assert details["served_answer"]["file"] == "main-Q4_K_M.gguf"
-    assert "FROM ./main-Q4_K_M.gguf" in (out / "Modelfile").read_text()
-
-    assert docker_export.validate_oci_layout(out / "main-Q4_K_M.docker.tar") == []
 
 
 def test_mlx_quantized_model_loads_and_is_quantized(fused_project):
@@ -120,8 +111,7 @@ def test_mlx_quantized_model_loads_and_is_quantized(fused_project):
                 *SMALL,
                 "quantize.mlx=[affine-8, mixed_3_6]",
                 "quantize.gguf_types=[]",
-                "quantize.ollama.enabled=false",
-                "quantize.docker.enabled=false",
+                "quantize.gguf_float=none",
             ]
         )
         == 0
@@ -159,7 +149,7 @@ def _quantize_cfg(overrides):
     [
         ("quantize.gguf_types=[Q9_Z]", "llama.cpp does not know the quantization type Q9_Z"),
         ("quantize.mlx=[affine-3]", "got 'affine-3'"),
-        ("quantize.serve=Q8_0", "quantize.serve is 'Q8_0'"),
+        ("quantize.gguf_float=none", "but quantize.gguf_float is none"),
     ],
 )
 def test_bad_settings_fail_before_writing(fused_project, caplog, override, message):

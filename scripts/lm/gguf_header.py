@@ -1,6 +1,6 @@
 """What a GGUF file says about itself, read from its header only (no tensor data is loaded):
 architecture, quantization (llama.cpp's file-type name), parameter count, tensor bytes, context length
-and the metadata map. One reader for every stage: quantize's Modelfile and Docker image use it.
+and the metadata map. One reader for every stage: package's Modelfile and Docker image use it.
 """
 
 from __future__ import annotations

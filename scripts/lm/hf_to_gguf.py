@@ -52,12 +52,12 @@ def check_architecture(model_config: dict, where: str) -> str:
         raise PipelineError(
             f"GGUF export does not support model_type '{model_type}'",
             where=where,
-            fix=f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}; set quantize.gguf_types=[] to make "
+            fix=f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}; set quantize.gguf_float=none to make "
             f"only MLX models",
         )
     if model_config.get("attention_bias") or model_config.get("mlp_bias"):
         raise PipelineError(
-            "GGUF export does not support attention or MLP biases", where=where, fix="set quantize.gguf_types=[]"
+            "GGUF export does not support attention or MLP biases", where=where, fix="set quantize.gguf_float=none"
         )
     return SUPPORTED_ARCHITECTURES[model_type]
 
@@ -70,7 +70,7 @@ def tokenizer_vocab(model_dir: Path) -> dict:
         raise PipelineError(
             f"GGUF export supports byte-level BPE tokenizers only (this one is {model.get('type')})",
             where=paths.display(model_dir / "tokenizer.json"),
-            fix="set quantize.gguf_types=[] to make only MLX models",
+            fix="set quantize.gguf_float=none to make only MLX models",
         )
     vocab = dict(model["vocab"])
     added = {a["content"]: a for a in tokenizer.get("added_tokens", [])}
@@ -104,7 +104,7 @@ def detect_pre_type(tokenizer_path: Path) -> str:
     raise PipelineError(
         "the tokenizer's pre-tokenizer matches none llama.cpp knows here",
         where=paths.display(tokenizer_path),
-        fix=f"supported: {', '.join(PRE_TYPES)}; set quantize.gguf_types=[] to make only MLX models",
+        fix=f"supported: {', '.join(PRE_TYPES)}; set quantize.gguf_float=none to make only MLX models",
     )
 
 
@@ -154,7 +154,7 @@ def _add_hyperparameters(writer, model_config: dict, vocab_size: int) -> None:
         raise PipelineError(
             f"GGUF export does not support rope_scaling {scaling}",
             where="config.json",
-            fix="set quantize.gguf_types=[]",
+            fix="set quantize.gguf_float=none",
         )
 
 
@@ -199,7 +199,7 @@ def _add_tensors(writer, model_dir: Path, model_config: dict, float_type: str) -
             raise PipelineError(
                 f"GGUF export does not know the tensor '{name}'",
                 where=paths.display(model_dir),
-                fix="set quantize.gguf_types=[]",
+                fix="set quantize.gguf_float=none",
             ) from None
         w = np.array(weights.pop(name).astype(mx.float32))
         if name.endswith("q_proj.weight"):

@@ -125,11 +125,20 @@ _STAGES = (
         ("eval_out/{experiment}/", "runs/{experiment}/run_manifest.yaml"),
     ),
     Stage(
+        "package",
+        "Ollama and Docker package",
+        ("package",),
+        True,
+        ("prepare", "fuse", "quantize", "eval"),
+        "runs/{experiment}/package.manifest.json",
+        ("runs/{experiment}/package/",),
+    ),
+    Stage(
         "freeze",
         "frozen bundle",
         ("freeze",),
         True,
-        ("eval",),
+        ("eval", "package"),
         "dist/{experiment}.freeze.manifest.json",
         ("dist/{experiment}-*.tar.gz",),
     ),
@@ -138,7 +147,7 @@ _STAGES = (
         "experiment summary",
         ("experiments", "sweep"),
         False,
-        ("train", "eval"),  # of every experiment it compares
+        ("train", "eval", "package"),  # of every experiment it compares
         "eval_out/summary.manifest.json",
         ("runs/experiments.csv", "eval_out/summary.md", "eval_out/summary.html", "eval_out/summary/"),
     ),
@@ -152,6 +161,7 @@ PIPELINE = (
     "fuse",
     "quantize",
     "eval",
+    "package",
     "summary",
 )  # the order `make all` runs them in
 

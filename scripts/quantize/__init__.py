@@ -3,8 +3,9 @@
 Reads config section `quantize`, runs/<experiment>/fuse.manifest.json (run_manifest),
 runs/<experiment>/artifacts.json (artifacts) and data/data_contract.json (data_contract: chat
 template, test split). Writes runs/<experiment>/quantized/ — MLX quantized models (mlx-*/), a float
-GGUF and llama.cpp quantizations of it (*.gguf), an Ollama Modelfile and a Docker Model Runner OCI
-tarball of the served GGUF — adds them to artifacts.json, and writes quantize.manifest.json last.
+GGUF and llama.cpp quantizations of it (*.gguf) — adds them to artifacts.json, and writes
+quantize.manifest.json last. The Ollama Modelfile and the Docker image come later, from the package
+stage, once eval has decided which artifact ships.
 
 Export check: the fused MLX model and the float GGUF run in llama.cpp must produce the same greedy
 tokens for test prompts (the first differing position is reported otherwise); each quantized GGUF's
@@ -13,7 +14,6 @@ perplexity on the test split is recorded against the float GGUF's.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import re
 import shutil
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pipeline  # noqa: F401  (loads the fast BLAS before MLX)
-from pipeline import bundle, cli, config, contracts, disk, paths, runtime, splits, stages
+from pipeline import cli, config, contracts, disk, paths, runtime, splits, stages
 from pipeline.compare import first_difference
 from pipeline.errors import PipelineError
 from pipeline.manifest import StageRun, file_entry, output_path
@@ -35,8 +35,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 from mlx_lm.utils import quantize_model, save
 
-from lm import gguf_header, hf_to_gguf, llama_runner, tokens
-from quantize import docker, ollama
+from lm import hf_to_gguf, llama_runner, tokens
 
 log = logging.getLogger("quantize")
 
@@ -79,7 +78,13 @@ def run(cfg) -> Path:
     stage = StageRun("quantize", {"quantize": config.section(cfg, "quantize")}, experiment=experiment)
     mlx_quants = [parse_mlx_spec(s, qcfg.group_size) for s in qcfg.mlx]
     hf_to_gguf.check_quantization_types(list(qcfg.gguf_types), where="config quantize.gguf_types")
-    served = served_type(qcfg)
+    if qcfg.gguf_float == "none" and qcfg.gguf_types:
+        raise PipelineError(
+            f"quantize.gguf_types lists {', '.join(qcfg.gguf_types)}, which are made from the float GGUF, "
+            "but quantize.gguf_float is none",
+            where="config quantize.gguf_float",
+            fix="set quantize.gguf_float=float16 (or bfloat16, float32), or quantize.gguf_types=[]",
+        )
     fuse_manifest = stages.read_manifest("fuse", experiment)
     stages.read_manifest("prepare")
     fused_dir = output_path(fuse_manifest, "fused")
@@ -87,33 +92,21 @@ def run(cfg) -> Path:
     check_disk_space(fused_dir, run_dir, mlx_quants, qcfg)
 
     out_dir = run_dir / "quantized"
-    float_tag = FLOAT_TAGS[qcfg.gguf_float]
+    float_tag = FLOAT_TAGS.get(qcfg.gguf_float)  # None: no GGUF
     timings, details = {}, {}
     staged_dir = stage.staged(out_dir)
     with contracts.atomic_dir(staged_dir) as tmp:
         for quant in mlx_quants:
             with timed(timings, quant.folder):
                 write_mlx_quantized(fused_dir, tmp / quant.folder, quant)
-        ggufs = {}
-        if qcfg.gguf_types or served:
+        if float_tag:
             ggufs = write_ggufs(fused_dir, tmp, experiment, qcfg, contract, float_tag, timings)
             details["export_check"] = export_check(fused_dir, ggufs[float_tag], contract, qcfg)
             details["perplexity"] = perplexity_table(ggufs, float_tag, fused_dir, contract, qcfg)
-            answering = served or (qcfg.gguf_types[0] if qcfg.gguf_types else "float")
-            served_file = ggufs[float_tag if answering == "float" else answering]
-            details["served_answer"] = served_answer(served_file, fused_dir, contract)
-            if qcfg.ollama.enabled:
-                with timed(timings, "ollama"):
-                    details["ollama"] = write_modelfile(tmp, served_file, contract, fused_dir, qcfg)
-            if qcfg.docker.enabled:
-                with timed(timings, "docker"):
-                    details["docker"] = write_docker_image(
-                        tmp, served_file, contract, experiment, qcfg, created=reproducible_created()
-                    )
     details["seconds"] = timings
 
     artifacts_out = stage.staged(paths.artifacts_file(experiment))
-    artifacts = update_artifacts(artifacts_out, experiment, staged_dir, out_dir, mlx_quants, float_tag, served, cfg)
+    artifacts = update_artifacts(artifacts_out, experiment, staged_dir, out_dir, mlx_quants, float_tag, cfg)
     outputs = [stage.entry("quantized", out_dir), stage.entry("artifacts", paths.artifacts_file(experiment))]
     inputs = [file_entry("fused", fused_dir), file_entry("data_contract", paths.DATA_CONTRACT)]
     stage.finish(run_dir / "quantize.manifest.json", inputs, outputs, details)
@@ -135,21 +128,6 @@ def parse_mlx_spec(spec: str, group_size: int) -> MlxQuantization:
     )
 
 
-def served_type(qcfg) -> str | None:
-    """Which GGUF the Modelfile and the Docker image carry: a quantization type, "float", or None (no serving files)."""
-    if not (qcfg.ollama.enabled or qcfg.docker.enabled):
-        return None
-    if qcfg.serve == "auto":
-        return qcfg.gguf_types[0] if qcfg.gguf_types else "float"
-    if qcfg.serve == "float" or qcfg.serve in qcfg.gguf_types:
-        return qcfg.serve
-    raise PipelineError(
-        f"quantize.serve is '{qcfg.serve}', which is not made",
-        where="config quantize.serve",
-        fix=f"use auto, float or one of quantize.gguf_types ({', '.join(qcfg.gguf_types) or 'empty'})",
-    )
-
-
 def check_disk_space(fused_dir: Path, run_dir: Path, mlx_quants, qcfg) -> None:
     """Estimate what this run writes (from the parameter count) and refuse before writing anything."""
     fused_bytes = sum(p.stat().st_size for p in fused_dir.glob("*.safetensors"))
@@ -157,9 +135,7 @@ def check_disk_space(fused_dir: Path, run_dir: Path, mlx_quants, qcfg) -> None:
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(fused_config.get("torch_dtype"), 4)
     params = fused_bytes / dtype_bytes
     bits = [(q.bits or 6) + 1 for q in mlx_quants]
-    bits += [16 if qcfg.gguf_float != "float32" else 32] + [_nominal_bits(t) for t in qcfg.gguf_types]
-    if qcfg.docker.enabled:
-        bits.append(max(bits[-1:] or [16]))
+    bits += {"none": [], "float32": [32]}.get(qcfg.gguf_float, [16]) + [_nominal_bits(t) for t in qcfg.gguf_types]
     disk.require_free_space(
         run_dir,
         int(params * sum(bits) / 8),
@@ -331,87 +307,8 @@ def perplexity_table(ggufs: dict[str, Path], float_tag: str, fused_dir: Path, co
     return {"records": len(items), "by_type": table}
 
 
-def served_answer(gguf_path: Path, fused_dir: Path, contract: dict) -> dict:
-    """The served GGUF, loaded fresh in llama.cpp, answers the first test prompt."""
-    tokenizer = load_fused_tokenizer(fused_dir)
-    prompt = tokens.check_prompts(contract, tokenizer, 1)
-    prompt = prompt[0] if prompt else tokenizer.encode("Hello")
-    llm = llama_runner.open_llama(gguf_path, n_ctx=len(prompt) + 72)
-    answer = tokenizer.decode(llama_runner.greedy(llm, prompt, 64, set(tokenizer.eos_token_ids)))
-    log.info("llama.cpp %s answers: %s", gguf_path.name, answer.strip()[:200])
-    return {"file": gguf_path.name, "prompt": tokenizer.decode(prompt), "answer": answer}
-
-
-def write_modelfile(out_dir: Path, gguf_path: Path, contract: dict, fused_dir: Path, qcfg) -> dict:
-    """An Ollama Modelfile whose Go TEMPLATE is derived from the contract's Jinja template and
-    checked to render the same text on sample conversations before it is written."""
-    template = contract["template"]["source"]
-    eos = load_fused_tokenizer(fused_dir).eos_token
-    spec = ollama.infer_template_spec(template, eos_token=eos)
-    go_template = ollama.go_template(spec)
-    system = spec.default_system if qcfg.ollama.system == "auto" else (qcfg.ollama.system or None)
-    stops = ollama.stop_tokens(spec, eos)
-    ollama.check_modelfile_template(template, go_template, system, sample_conversations(contract), eos_token=eos)
-    num_ctx = min(qcfg.ollama.num_ctx, _gguf_context(gguf_path))
-    text = ollama.modelfile_text(
-        gguf_path.name, spec, stops=stops, num_ctx=num_ctx, system=system, parameters={"temperature": 0}
-    )
-    contracts.write_bytes_atomic(out_dir / "Modelfile", text.encode("utf-8"))
-    return {"file": "Modelfile", "from": gguf_path.name, "stops": stops, "num_ctx": num_ctx, "system": system}
-
-
-def _gguf_context(gguf_path: Path) -> int:
-    return int(gguf_header.read_header(gguf_path)["context_length"] or 2048)
-
-
-def sample_conversations(contract: dict) -> list[list[dict]]:
-    """Conversations the Go and Jinja templates must render identically: test chats plus a multi-turn one."""
-    multi_turn = [
-        {"role": "system", "content": "You are terse."},
-        {"role": "user", "content": "Hi there!"},
-        {"role": "assistant", "content": "Hello."},
-        {"role": "user", "content": "Two turns:\n- one\n- two"},
-    ]
-    conversations = [multi_turn, multi_turn[1:]]
-    if contract["format"] == "messages":
-        for record in splits.read_split(contract, "test", 3):
-            conversations.append(
-                record["messages"][:-1] if record["messages"][-1]["role"] == "assistant" else record["messages"]
-            )
-    return conversations
-
-
-def reproducible_created() -> str:
-    """The image's creation time: fixed (SOURCE_DATE_EPOCH, else pipeline.bundle.MTIME), so the same GGUF
-    always gives the same image bytes and a replay (repro.sh) can compare its sha256."""
-    return dt.datetime.fromtimestamp(bundle.reproducible_time(), dt.timezone.utc).isoformat()
-
-
-def write_docker_image(out_dir: Path, gguf_path: Path, contract: dict, experiment: str, qcfg, created: str) -> dict:
-    """The OCI tarball, dated by the fused model it comes from so that a re-run writes the same bytes."""
-    reference = qcfg.docker.reference
-    if reference == "auto":
-        reference = f"ai/{experiment.lower()}:{gguf_path.stem.rsplit('-', 1)[-1].lower()}"
-    tar_path = out_dir / f"{gguf_path.stem}.docker.tar"
-    result = docker.write_model_image(
-        gguf_path,
-        contract["template"]["source"],
-        tar_path,
-        reference=reference,
-        created=dt.datetime.fromisoformat(created),
-    )
-    problems = docker.validate_oci_layout(tar_path)
-    if problems:
-        raise PipelineError(
-            f"the Docker model image is not a valid OCI layout: {problems[0]}",
-            where=paths.display(tar_path),
-            fix="report it with the quantize log",
-        )
-    return {"file": tar_path.name, "reference": reference, "manifest_digest": result.get("manifest_digest")}
-
-
 def update_artifacts(
-    out: Path, experiment: str, out_dir: Path, final_dir: Path, mlx_quants, float_tag: str, served: str | None, cfg
+    out: Path, experiment: str, out_dir: Path, final_dir: Path, mlx_quants, float_tag: str, cfg
 ) -> list[dict]:
     """artifacts.json with this stage's entries replaced, keeping fuse's (base → adapter → fused), written
     to `out`. The files are read in `out_dir` and recorded at their final place, `final_dir`."""
@@ -440,18 +337,10 @@ def update_artifacts(
 
     for quant in mlx_quants:
         add("mlx-quantized", f"mlx-{quant.spec}", out_dir / quant.folder, fused_id)
-    float_file = out_dir / gguf_file_name(experiment, float_tag)
-    if float_file.is_file():
+    if float_tag:
+        float_file = out_dir / gguf_file_name(experiment, float_tag)
         float_id = add("gguf", f"gguf-{float_tag}", float_file, fused_id)
-        ids = {"float": float_id}
         for type_name in cfg.quantize.gguf_types:
-            ids[type_name] = add("gguf", f"gguf-{type_name}", out_dir / gguf_file_name(experiment, type_name), float_id)
-        if served:
-            served_file = float_file if served == "float" else out_dir / gguf_file_name(experiment, served)
-            if (out_dir / "Modelfile").is_file():
-                add("ollama", "ollama-modelfile", out_dir / "Modelfile", ids[served])
-            docker_tar = out_dir / f"{served_file.stem}.docker.tar"
-            if docker_tar.is_file():
-                add("docker", "oci-image-layout", docker_tar, ids[served])
+            add("gguf", f"gguf-{type_name}", out_dir / gguf_file_name(experiment, type_name), float_id)
     contracts.write_json(out, {"experiment": experiment, "artifacts": entries}, "artifacts")
     return entries

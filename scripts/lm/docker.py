@@ -1,4 +1,4 @@
-"""quantize's Docker export: a GGUF packed as a Docker Model Runner model, an OCI image-layout tarball
+"""The Docker export: a GGUF packed as a Docker Model Runner model, an OCI image-layout tarball
 for `docker model load`.
 
 What the tar holds:
