@@ -128,7 +128,7 @@ export PIPELINE_KEEP_GOING := $(KEEP_GOING)
 ## Run the hyperparameter search of sweep.search (Optuna, runs/search.db): each trial is an experiment
 search: $(search_TARGETS)
 
-# Each trial runs as `$(MAKE) eval EXP=<trial> IN_SEARCH=1 KEEP_GOING=1`; outside the search a trial's
+# Each trial runs as `$(MAKE) package EXP=<trial> IN_SEARCH=1 KEEP_GOING=1`; outside the search a trial's
 # stages wait for it (AFTER_<trial>, order-only), so `make -j2 all` never runs one twice at once.
 runs/search.manifest.json: $(search_DEPS) | $(SETUP_STAMP)
 	PIPELINE_MAKE="$(MAKE)" $(RUN_STAGE) search $(STAGE_ARGS)

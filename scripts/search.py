@@ -2,8 +2,8 @@
 
 Opens (or creates) the study in runs/search.db (pipeline.study names it after the config it searches)
 and runs trials until the study holds `sweep.search.trials` of them. Each trial is an ordinary
-experiment: its settings are sampled, then `make eval EXP=<trial>` trains, fuses, quantizes and scores
-it like any other, and its best validation loss (from its train manifest; never the test split) is told
+experiment: its settings are sampled, then `make package EXP=<trial>` trains, fuses, quantizes, scores
+and packs it like any other, and its best validation loss (from its train manifest; never the test split) is told
 to the study. A trial whose stage fails is told as failed and counts against the budget.
 
 An interrupted search resumes: a trial the study still holds as running was cut off, so it runs again
@@ -28,8 +28,8 @@ from pipeline.errors import PipelineError
 from pipeline.manifest import StageRun, file_entry
 
 log = logging.getLogger("search")
-TRIAL_GOAL = "eval"  # the last stage of an experiment; the summary compares the trials afterwards
-TRIAL_STAGES = ("train", "fuse", "quantize", "eval")  # whose failure fails a trial
+TRIAL_GOAL = "package"  # the last stage of an experiment; the summary compares the trials afterwards
+TRIAL_STAGES = ("train", "fuse", "quantize", "eval", "package")  # whose failure fails a trial
 SEED_STRIDE = 1_000_003  # keeps the per-trial sampler seeds of different search seeds apart
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tarfile
 
 from pipeline import contracts, paths
@@ -99,3 +100,12 @@ def test_a_template_changed_since_eval_stops_the_package(finished_copy, caplog):
     assert package.main([]) == 2
     assert "the chat template changed since eval scored the artifacts" in error_line(caplog)
 
+
+def test_packaging_again_gives_the_same_bytes(finished_copy):
+    folder = paths.run_dir("main") / "package"
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+    assert any(name.endswith(".docker.tar") for name in before) and "Modelfile" in before
+    shutil.rmtree(folder)
+    (paths.run_dir("main") / "package.manifest.json").unlink()
+    assert package.main([]) == 0
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()} == before

@@ -37,7 +37,10 @@ def test_no_stage_imports_another_stages_code(name):
 
 def test_code_files_follow_imports_into_the_shared_packages():
     quantize = {p.relative_to(paths.SCRIPTS_DIR).as_posix() for p in stages.code_files("quantize")}
-    assert {"quantize/ollama.py", "lm/hf_to_gguf.py", "lm/gguf_mapping.py", "lm/chat_template.py"} <= quantize
+    assert {"quantize/__init__.py", "lm/hf_to_gguf.py", "lm/gguf_mapping.py", "lm/chat_template.py"} <= quantize
+    assert "lm/ollama.py" not in quantize  # packaging comes after eval
+    package = {p.relative_to(paths.SCRIPTS_DIR).as_posix() for p in stages.code_files("package")}
+    assert {"package.py", "lm/ollama.py", "lm/gotemplate.py", "lm/docker.py"} <= package
     model = {p.relative_to(paths.SCRIPTS_DIR).as_posix() for p in stages.code_files("model")}
     assert "lm/gguf_to_hf.py" in model and "lm/llama_runner.py" not in model and "lm/tokens.py" not in model
 
@@ -71,13 +74,13 @@ def test_every_config_section_is_read_by_exactly_one_stage():
 
 
 def test_experiment_sections_are_those_of_the_per_experiment_stages():
-    assert stages.experiment_sections() == {"train", "fuse", "quantize", "eval", "freeze"}
+    assert stages.experiment_sections() == {"train", "fuse", "quantize", "eval", "package", "freeze"}
 
 
 def test_make_include_lists_code_slices_and_upstream_manifests(project):
     include = stages.make_include(["exp1", "exp2"], ["exp2"])
     deps = dict(line.split(" := ", 1) for line in include.splitlines() if " := " in line)
-    assert "scripts/quantize/ollama.py" in deps["quantize_DEPS_exp1"].split()
+    assert "scripts/lm/hf_to_gguf.py" in deps["quantize_DEPS_exp1"].split()
     assert "runs/exp1/.config/quantize.json" in deps["quantize_DEPS_exp1"].split()
     assert "runs/exp1/fuse.manifest.json" in deps["quantize_DEPS_exp1"].split()
     assert "runs/exp2/fuse.manifest.json" in deps["quantize_DEPS_exp2"].split()
@@ -85,7 +88,7 @@ def test_make_include_lists_code_slices_and_upstream_manifests(project):
     assert deps["EXPERIMENTS"] == "exp1 exp2" and deps["prepare_TARGETS"] == "data/prepare.manifest.json"
     assert ".state/config/prepare.json" in deps["prepare_DEPS"].split()
     assert "$(wildcard config/templates/*.jinja)" in deps["prepare_DEPS"]
-    assert "scripts/quantize/ollama.py" not in deps["eval_DEPS_exp1"].split()
+    assert "scripts/lm/ollama.py" not in deps["eval_DEPS_exp1"].split()
 
 
 def test_a_missing_upstream_manifest_says_which_make_to_run(project):
