@@ -13,6 +13,7 @@ OVERRIDE ?=
 SET ?=
 MLX_EXTRA ?=
 BUNDLE ?=
+BENCH_ARGS ?=
 DEST ?=
 
 VENV := .venv
@@ -43,7 +44,7 @@ export CMAKE_ARGS
 # <stage>_TARGETS (the manifests `make <stage>` builds) and prerequisites, <stage>_DEPS for a shared
 # stage and <stage>_DEPS_<experiment> for the others: the code it runs (its script or folder and every
 # project module they import), its config slices, the files it reads and the manifests before it.
-NO_CONFIG_GOALS := help setup lock clean distclean doctor test lint format settings experiments verify thaw
+NO_CONFIG_GOALS := help setup lock clean distclean doctor test lint format settings experiments verify thaw bench bench-setup
 ifneq ($(filter-out $(NO_CONFIG_GOALS),$(or $(MAKECMDGOALS),$(.DEFAULT_GOAL))),)
 include $(STATE)/config.mk
 endif
@@ -191,14 +192,27 @@ summary: $(summary_TARGETS)
 eval_out/summary.manifest.json: $(summary_DEPS) | $(SETUP_STAMP)
 	$(RUN_STAGE) summary $(STAGE_ARGS) $(if $(EXP),experiment.name=$(EXP))
 
+## Install the PyTorch + PEFT reference `make bench` compares with, into .bench-venv (never the pipeline's)
+bench-setup: .bench-venv/.setup.stamp
+
+.bench-venv/.setup.stamp: bench/requirements-torch.lock
+	@echo "bench-setup: installing $< into .bench-venv (PyTorch and its CUDA libraries: several GB)"
+	test -x .bench-venv/bin/python || $(PYTHON) -m venv .bench-venv
+	.bench-venv/bin/python -m pip install --quiet --require-hashes --no-deps -r $<
+	touch $@
+
+## Measure the pipeline against mlx_lm lora and PyTorch + PEFT side by side: bench/results.json, results.md
+bench: | $(SETUP_STAMP)
+	PYTHONPATH=scripts $(PY) bench/run.py $(if $(VERBOSE),--verbose) $(BENCH_ARGS)
+
 ## Check style: ruff lint and format (ruff.toml); `make format` applies the fixes
 lint: | $(SETUP_STAMP)
-	$(PY) -m ruff check scripts tests
-	$(PY) -m ruff format --check scripts tests
+	$(PY) -m ruff check scripts tests bench
+	$(PY) -m ruff format --check scripts tests bench
 
 format: | $(SETUP_STAMP)
-	$(PY) -m ruff check --fix scripts tests
-	$(PY) -m ruff format scripts tests
+	$(PY) -m ruff check --fix scripts tests bench
+	$(PY) -m ruff format scripts tests bench
 
 # Each worker's stages get one thread (BLAS, llama.cpp): two workers with two threads each on two cores
 # oversubscribe them, and spinning BLAS and llama.cpp threads then slow each other down several times over.
@@ -219,4 +233,4 @@ clean:
 distclean: clean
 	rm -rf $(VENV) .cache
 
-.PHONY: help setup lock doctor settings all experiments model prepare search train fuse quantize eval package freeze repro verify thaw summary lint format test clean distclean
+.PHONY: help setup lock doctor settings bench bench-setup all experiments model prepare search train fuse quantize eval package freeze repro verify thaw summary lint format test clean distclean

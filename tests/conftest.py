@@ -14,8 +14,6 @@ import model as model_stage
 from fixtures.tiny_model import build_tiny_model
 from helpers import REPO, make, write_override
 
-PROJECT_FILES = ("Makefile", "config", "scripts", "requirements.lock", "requirements.in", "pytest.ini")
-
 
 def pytest_collection_modifyitems(items):
     """The slow tests first (the sort keeps the order otherwise): on two workers (`make test`) the longest
@@ -31,19 +29,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 def new_project(root: Path) -> Path:
     """A fresh copy of the project at `root`, sharing .venv and the model cache."""
-    root.mkdir(parents=True)
-    for name in PROJECT_FILES:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__", "override.yaml"))
-        else:
-            shutil.copy2(source, root / name)
-    for folder in ("data", "runs", "eval_out", "dist"):
-        (root / folder).mkdir()
-    (root / ".venv").symlink_to(REPO / ".venv")
-    (REPO / ".cache").mkdir(exist_ok=True)
-    (root / ".cache").symlink_to(REPO / ".cache")
-    return root
+    return paths.copy_project(REPO, root)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 SPLITS = ("train", "valid", "test")
@@ -88,3 +89,25 @@ def display(path: str | os.PathLike) -> str:
         return str(p.resolve().relative_to(ROOT))
     except ValueError:
         return str(p)
+
+
+PROJECT_FILES = ("Makefile", "config", "scripts", "requirements.lock", "requirements.in", "pytest.ini")
+GENERATED = ("data", "runs", "eval_out", "dist")
+
+
+def copy_project(source: Path, dest: Path) -> Path:
+    """A fresh copy of the project at `source` in `dest`: its code and config (not the user's override or
+    passwords), empty output folders, and .venv and the model cache shared by symlink."""
+    dest.mkdir(parents=True)
+    for name in PROJECT_FILES:
+        if (source / name).is_dir():
+            ignore = shutil.ignore_patterns("__pycache__", "override.yaml", "passwords.yml")
+            shutil.copytree(source / name, dest / name, ignore=ignore)
+        elif (source / name).is_file():
+            shutil.copy2(source / name, dest / name)
+    for folder in GENERATED:
+        (dest / folder).mkdir()
+    (dest / ".venv").symlink_to(source / ".venv")
+    (source / ".cache").mkdir(exist_ok=True)
+    (dest / ".cache").symlink_to(source / ".cache")
+    return dest
