@@ -340,9 +340,11 @@ def measure_matmul(repeats: int, size: int = 1024) -> dict[str, dict]:
 
 
 def measure_noop_make_all(repeats: int) -> dict:
-    """`make all` in the workspace when everything is up to date (Make only reads the config and compares)."""
+    """`make all` in the workspace when everything is up to date (Make only reads the config and compares).
+    `make -n all` tells first whether it is: it lists a stage's command for anything out of date."""
     env = clean_env()
-    if subprocess.run(["make", "-q", "all"], cwd=ROOT, env=env, capture_output=True).returncode != 0:
+    dry_run = subprocess.run(["make", "-n", "all"], cwd=ROOT, env=env, capture_output=True, text=True)
+    if dry_run.returncode != 0 or "PYTHONPATH=scripts" in dry_run.stdout:
         return figure("no-op `make all`", "s", [], why="not run: the workspace has work to do (run `make all` first)")
     seconds = []
     for _ in range(repeats):
@@ -416,15 +418,15 @@ def results_markdown(results: dict) -> str:
         "",
         f"Measured {results['measured_at'][:10]} on {m['cpu']} ({m['cores']} cores, {m['memory_gb']} GiB, "
         f"{m['platform']}, {m['blas']} BLAS, {m['threads']} threads); each figure taken "
-        f"{results['settings']['repeats']} times side by side, best and median shown.",
+        f"{results['settings']['repeats']}× side by side in one run, best and median shown.",
         "",
         "| measurement | unit | best | median | runs |",
         "|---|---|---|---|---|",
     ]
     for item in results["measurements"].values():
         if item["status"] == "ok":
-            runs = ", ".join(f"{v:g}" for v in item["runs"])
-            lines.append(f"| {item['what']} | {item['unit']} | {item['best']:g} | {item['median']:g} | {runs} |")
+            runs = ", ".join(f"{v:.4g}" for v in item["runs"])
+            lines.append(f"| {item['what']} | {item['unit']} | {item['best']:.4g} | {item['median']:.4g} | {runs} |")
         else:
             lines.append(f"| {item['what']} | {item['unit']} | – | – | {item['reason']} |")
     lines += ["", "| ratio (medians) | value |", "|---|---|"]

@@ -55,6 +55,7 @@ def test_results_validate_and_the_table_shows_every_figure():
     assert contracts.violations(results, "bench_results") == []
     table = bench.results_markdown(results)
     assert "| float32 matmul, openblas BLAS | GFLOP/s | 260 | 255 | 250, 260 |" in table
+    assert "| float32 matmul, reference BLAS | GFLOP/s | 5.2 | 5.1 | 5, 5.2 |" in table
     assert "| PyTorch + PEFT | tokens/s | – | – | not run: make bench-setup |" in table
     assert f"| loaded BLAS / MLX's bundled BLAS (GFLOP/s) | {255 / 5.1:.2f}× |" in table
     broken = {**results, "ratios": [{"name": "x", "of": "a", "to": "b", "median": 0}]}
