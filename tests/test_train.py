@@ -12,8 +12,13 @@ import time
 
 from pipeline import contracts, paths, runtime
 
+import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm import load
+from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load_tokenizer
 from omegaconf import OmegaConf
 
@@ -21,7 +26,7 @@ import model as model_stage
 import prepare
 import train
 from helpers import REPO, error_line, make, trained, write_override
-from lm import tokens
+from lm import heads, tokens
 from train import data as train_data
 
 FAST = [
@@ -77,6 +82,54 @@ def test_batch_order_is_a_function_of_the_step():
     assert [again.indices(s) for s in reversed(range(12))] == list(reversed(first))
     assert sorted(i for s in range(5) for i in first[s]) == list(range(20))  # one epoch covers every record
     assert [train_data.BatchOrder(items, 4, seed=4).indices(s) for s in range(12)] != first
+
+
+def _lora_model(tiny_model_dir):
+    """The tiny model with adapters whose B is not zero, so that A's gradients are not zero either."""
+    model, _ = load(str(tiny_model_dir))
+    model.freeze()
+    linear_to_lora_layers(model, 2, {"rank": 4, "scale": 10.0, "dropout": 0.0})
+    rng = np.random.default_rng(0)
+    model.update(
+        tree_map(lambda p: mx.array(rng.normal(0, 0.02, p.shape).astype(np.float32)), model.trainable_parameters())
+    )
+    return model
+
+
+def _batch_items(vocab: int) -> list:
+    rng = np.random.default_rng(1)
+    return [
+        (rng.integers(3, vocab, n).astype(np.int32), (rng.random(n) < 0.3).astype(np.float32)) for n in (40, 33, 17, 9)
+    ]
+
+
+def test_the_loss_at_trained_positions_is_the_full_loss_with_the_same_gradients(tiny_model_dir):
+    model = _lora_model(tiny_model_dir)
+    items = _batch_items(model.args.vocab_size)
+    inputs, targets, mask = train_data.pad(items, 64)
+    body, head = heads.split(model)
+    np.testing.assert_allclose(np.array(head(body(inputs))), np.array(model(inputs)), atol=1e-5)
+    (full, full_count), full_grad = nn.value_and_grad(model, train_data.masked_loss)(model, inputs, targets, mask)
+    assert train_data.loss_for(model) is train_data.trained_loss
+    batch = train_data.batch_arrays(model, items, 64)
+    assert batch[1].shape[0] % 8 == 0 and batch[1].shape[0] < inputs.size  # only the trained positions
+    (fast, fast_count), fast_grad = nn.value_and_grad(model, train_data.trained_loss)(model, *batch)
+    assert fast_count.item() == full_count.item() == float(mask.sum().item())
+    assert abs(fast.item() - full.item()) < 1e-5
+    flat_full, flat_fast = dict(tree_flatten(full_grad)), dict(tree_flatten(fast_grad))
+    assert flat_full.keys() == flat_fast.keys() and len(flat_full) == 2 * 2 * 7  # A and B of 7 modules, 2 layers
+    for name, grad in flat_full.items():
+        assert np.abs(np.array(grad)).max() > 0, name
+        np.testing.assert_allclose(np.array(flat_fast[name]), np.array(grad), atol=1e-6, rtol=1e-4, err_msg=name)
+
+
+def test_a_model_not_known_to_split_gets_every_positions_logits(tiny_model_dir):
+    model = _lora_model(tiny_model_dir)
+    model.model_type = "not-a-split-type"
+    assert heads.split(model) is None and train_data.loss_for(model) is train_data.masked_loss
+    items = _batch_items(model.args.vocab_size)
+    inputs, targets, mask = train_data.batch_arrays(model, items, 64)
+    assert inputs.shape == targets.shape == mask.shape
 
 
 def test_outputs_exist_and_validate(prepared):

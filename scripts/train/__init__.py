@@ -304,8 +304,8 @@ class TrainingLoop:
                     if self.evaluate(step - 1):
                         break
                 tic = time.perf_counter()
-                inputs, targets, mask = self.batches.batch(step - 1, self.max_seq_length)
-                loss, ntoks, grad = step_fn(inputs, targets, mask, grad, step % accum == 0)
+                batch = self.batches.batch_for(self.model, step - 1, self.max_seq_length)
+                loss, ntoks, grad = step_fn(batch, grad, step % accum == 0)
                 mx.eval(self.model.state, self.optimizer.state, loss, ntoks, grad)
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):
@@ -339,12 +339,12 @@ class TrainingLoop:
         accum = int(self.tcfg.grad_accumulation_steps)
         if self.tcfg.grad_checkpoint:
             grad_checkpoint(model.layers[0])
-        value_and_grad = nn.value_and_grad(model, train_data.masked_loss)
+        value_and_grad = nn.value_and_grad(model, train_data.loss_for(model))
         state = [model.state, optimizer.state, mx.random.state]
 
         @partial(mx.compile, inputs=state, outputs=state)
-        def step(inputs, targets, mask, prev_grad, do_update):
-            (loss, ntoks), grad = value_and_grad(model, inputs, targets, mask)
+        def step(batch, prev_grad, do_update):
+            (loss, ntoks), grad = value_and_grad(model, *batch)
             if prev_grad is not None:
                 grad = tree_map(lambda a, b: a + b, grad, prev_grad)
             if do_update:

@@ -1,6 +1,11 @@
 """train's data: the prepared splits as (token ids, loss mask) items, a resumable batch order, and the
 masked loss. The batch for global step s depends only on the seed and s, so a resumed run sees exactly
 the batches an uninterrupted one would.
+
+Where the model splits into body and head (lm.heads), a batch is (inputs, trained positions, their
+targets, their weights) and the output layer runs at the trained positions only (trained_loss); any
+other model gets (inputs, targets, mask) and every position's logits (masked_loss). Both give the
+same loss up to float rounding (tested).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from lm import tokens
+from lm import heads, tokens
 
 
 def load_split(split: str, contract: dict, tokenizer, mask_prompt: bool) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -34,6 +39,42 @@ def masked_loss(model, inputs, targets, mask):
     return ce.astype(mx.float32).sum() / ntoks, ntoks
 
 
+def trained_loss(model, inputs, positions, targets, weights):
+    """masked_loss, with the output layer and the cross-entropy at the trained positions only."""
+    body, head = heads.split(model)
+    hidden = body(inputs)
+    selected = hidden.reshape(-1, hidden.shape[-1])[positions]
+    ce = nn.losses.cross_entropy(head(selected), targets) * weights
+    ntoks = weights.sum()
+    return ce.astype(mx.float32).sum() / ntoks, ntoks
+
+
+def loss_for(model):
+    """The loss function a batch of `batches(model, ...)` goes with."""
+    return trained_loss if heads.split(model) is not None else masked_loss
+
+
+def batch_arrays(model, items, max_seq_length: int) -> tuple:
+    """The arrays loss_for(model) takes, for these items."""
+    inputs, targets, mask = pad_numpy(items, max_seq_length)
+    if heads.split(model) is None:
+        return mx.array(inputs), mx.array(targets), mx.array(mask)
+    return (mx.array(inputs), *trained_positions(targets, mask))
+
+
+def trained_positions(targets: np.ndarray, mask: np.ndarray) -> tuple[mx.array, mx.array, mx.array]:
+    """(positions in the flattened batch, their targets, their weights) of the trained tokens, padded
+    with weight-0 entries to a multiple of 8, so that a few shapes cover every batch (mx.compile)."""
+    flat_mask = mask.reshape(-1)
+    trained = np.flatnonzero(flat_mask > 0)
+    count = 8 * max(1, (len(trained) + 7) // 8)
+    positions = np.zeros(count, np.int32)
+    positions[: len(trained)] = trained
+    weights = np.zeros(count, np.float32)
+    weights[: len(trained)] = flat_mask[trained]
+    return mx.array(positions), mx.array(targets.reshape(-1)[positions]), mx.array(weights)
+
+
 class BatchOrder:
     """Length-sorted batches, shuffled per epoch with (seed, epoch): batch(s) is a pure function of s."""
 
@@ -50,9 +91,18 @@ class BatchOrder:
     def batch(self, step: int, max_seq_length: int):
         return pad([self.items[i] for i in self.indices(step)], max_seq_length)
 
+    def batch_for(self, model, step: int, max_seq_length: int) -> tuple:
+        """The batch of `step` as the arrays loss_for(model) takes."""
+        return batch_arrays(model, [self.items[i] for i in self.indices(step)], max_seq_length)
+
 
 def pad(items, max_seq_length: int):
     """(inputs, targets, target mask) as mx arrays, padded to a multiple of 8 and cut at max_seq_length."""
+    return tuple(mx.array(a) for a in pad_numpy(items, max_seq_length))
+
+
+def pad_numpy(items, max_seq_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """pad's arrays, in numpy."""
     longest = min(max(len(ids) for ids, _ in items), max_seq_length)
     width = min(max_seq_length, 8 * ((longest + 7) // 8))
     tokens = np.zeros((len(items), width), np.int32)
@@ -60,7 +110,7 @@ def pad(items, max_seq_length: int):
     for row, (ids, mask) in enumerate(items):
         n = min(len(ids), width)
         tokens[row, :n], masks[row, :n] = ids[:n], mask[:n]
-    return mx.array(tokens[:, :-1]), mx.array(tokens[:, 1:]), mx.array(masks[:, 1:])
+    return tokens[:, :-1], tokens[:, 1:], masks[:, 1:]
 
 
 def validation_loss(model, items, batch_size: int, val_batches: int, max_seq_length: int) -> float:
@@ -72,7 +122,7 @@ def validation_loss(model, items, batch_size: int, val_batches: int, max_seq_len
         batches = batches[:val_batches]
     total, count = mx.array(0.0), mx.array(0.0)
     for batch in batches:
-        loss, ntoks = masked_loss(model, *pad([items[i] for i in batch], max_seq_length))
+        loss, ntoks = loss_for(model)(model, *batch_arrays(model, [items[i] for i in batch], max_seq_length))
         total, count = total + loss * ntoks, count + ntoks
         mx.eval(total, count)
     return (total / count).item()
