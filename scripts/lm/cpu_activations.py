@@ -82,18 +82,24 @@ def logsumexp(logits) -> np.ndarray:
     return np.log(rows.sum(axis=-1, dtype=np.float64)) + top[:, 0]
 
 
-@contextlib.contextmanager
 def numpy_activations(model):
     """Within the block, `model`'s attention and SwiGLU use the NumPy paths above, when its module
     imports mlx-lm's shared functions under their usual names (llama, qwen2, mistral and most
     others); a model that does not is left as it is."""
+    return swapped_activations(model, sdpa, swiglu)
+
+
+@contextlib.contextmanager
+def swapped_activations(model, sdpa_impl, swiglu_impl):
+    """Within the block, the module of `model` calls sdpa_impl and swiglu_impl (each given the original
+    as `fallback=`) in place of mlx-lm's scaled_dot_product_attention and swiglu."""
     module = sys.modules[type(model).__module__]
     originals = {name: getattr(module, name, None) for name in ("scaled_dot_product_attention", "swiglu")}
     replacements = {
-        "scaled_dot_product_attention": lambda *a, **kw: sdpa(
+        "scaled_dot_product_attention": lambda *a, **kw: sdpa_impl(
             *a, **kw, fallback=originals["scaled_dot_product_attention"]
         ),
-        "swiglu": lambda *a, **kw: swiglu(*a, **kw, fallback=originals["swiglu"]),
+        "swiglu": lambda *a, **kw: swiglu_impl(*a, **kw, fallback=originals["swiglu"]),
     }
     patched = [name for name, original in originals.items() if callable(original)]
     for name in patched:

@@ -38,6 +38,7 @@ from mlx_lm import load
 from mlx_lm.tuner.trainer import grad_checkpoint
 from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers
 
+from lm import fast_exp
 from train import data as train_data
 from train import state as train_state
 
@@ -99,7 +100,8 @@ def run(cfg) -> dict:
     loop = TrainingLoop(
         model, optimizer, tcfg, train_set, valid_set, iters, checkpoints, metrics, state, contract["max_seq_length"]
     )
-    loop.run()
+    with fast_exp.fast_activations(model):  # SiLU and the attention softmax with a vectorized exp on CPU
+        loop.run()
 
     write_adapter(stage.staged(run_dir / "adapter"), model, adapter_config, checkpoints, state, tcfg)
     plot_losses(metrics.path, stage.staged(run_dir / "loss.png"), experiment)
