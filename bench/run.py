@@ -10,6 +10,8 @@ every comparison is a ratio of two figures measured here, side by side:
   loaded first, so the BLAS is not what is compared), and of a PyTorch + PEFT loop (bench/
   torch_peft_train.py, in its own environment from `make bench-setup`) on the very batches the
   pipeline trains on; and the peak resident memory of the pipeline's train process;
+- exports: the wall times of fuse, the float GGUF and Q4_K_M (from the stage manifests);
+- prepare: records/s on a generated 100k-record JSONL;
 - matmul: float32 GFLOP/s with the BLAS the pipeline loads vs MLX's bundled reference BLAS;
 - a no-op `make all` in the workspace (everything up to date): wall time.
 
@@ -53,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3, help="how many times each figure is taken")
     parser.add_argument("--steps", type=int, default=8, help="steady-state training steps measured per run")
     parser.add_argument("--warmup", type=int, default=2, help="first training steps left out (compile, caches)")
-    parser.add_argument("--only", nargs="*", default=None, help="measure only these (train, matmul, noop)")
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="measure only these (noop, matmul, train, exports, prepare)"
+    )
     parser.add_argument("--out", type=Path, default=BENCH_DIR, help="folder for results.json and results.md")
     parser.add_argument("--verbose", action="store_true")
     return parser
@@ -67,17 +71,22 @@ def main(argv=None) -> int:
 
 
 def run(args) -> Path:
-    wanted = set(args.only or ("train", "matmul", "noop"))
+    wanted = set(args.only or ("noop", "matmul", "train", "exports", "prepare"))
     settings = {"repeats": args.repeats, "steps": args.steps, "warmup": args.warmup}
     measurements: dict[str, dict] = {}
     if "noop" in wanted:  # first: the workspace as it is when the bench starts
         measurements["noop_make_all_seconds"] = measure_noop_make_all(args.repeats)
     if "matmul" in wanted:
         measurements |= measure_matmul(args.repeats)
-    if "train" in wanted:
+    if wanted & {"train", "exports"}:
         project = scratch_project()
         settings |= train_settings(project)
-        measurements |= measure_training(project, settings)
+        if "train" in wanted:
+            measurements |= measure_training(project, settings)
+        if "exports" in wanted:
+            measurements |= measure_exports(project, settings)
+    if "prepare" in wanted:
+        measurements["prepare_records_per_second"] = measure_prepare(args.repeats)
     results = {
         "schema_version": contracts.schema_version("bench_results"),
         "measured_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -96,10 +105,13 @@ def run(args) -> Path:
 # --- the scratch project -------------------------------------------------------------------------
 
 
-def scratch_project() -> Path:
-    """A fresh copy of the project's code and config in bench/work/project, prepared (`make prepare`)."""
-    shutil.rmtree(WORK, ignore_errors=True)
-    project = paths.copy_project(ROOT, WORK / "project")
+def scratch_project(name: str = "project", prepared: bool = True) -> Path:
+    """A fresh copy of the project's code and config in bench/work/<name>, prepared (`make prepare`)."""
+    shutil.rmtree(WORK / name, ignore_errors=True)
+    WORK.mkdir(exist_ok=True)
+    project = paths.copy_project(ROOT, WORK / name)
+    if not prepared:
+        return project
     make(project, "prepare")
     return project
 
@@ -195,12 +207,8 @@ def pipeline_train(project: Path, settings: dict, batches) -> tuple[float, float
     """(trained tokens/s, all tokens/s, peak RSS in GB) of one fresh `make train`, steady state only."""
     steps = settings["warmup"] + settings["steps"]
     shutil.rmtree(project / "runs" / "main", ignore_errors=True)
-    overrides = (
-        f"train.iters={steps} train.steps_per_report=1 train.steps_per_eval={steps} train.save_every={steps} "
-        "train.val_batches=1"
-    )
     result = subprocess.run(
-        [sys.executable, "-c", RSS_WRAPPER, "make", "--no-print-directory", "train", f"SET={overrides}"],
+        [sys.executable, "-c", RSS_WRAPPER, "make", "--no-print-directory", "train", f"SET={train_overrides(steps)}"],
         cwd=project,
         env=clean_env(),
         capture_output=True,
@@ -221,6 +229,68 @@ def pipeline_train(project: Path, settings: dict, batches) -> tuple[float, float
             trained += step_trained
             everything += batches[line["step"] - 1]["inputs"].size
     return trained / seconds, everything / seconds, rss_gb
+
+
+def train_overrides(steps: int) -> str:
+    return (
+        f"train.iters={steps} train.steps_per_report=1 train.steps_per_eval={steps} train.save_every={steps} "
+        "train.val_batches=1"
+    )
+
+
+def measure_exports(project: Path, settings: dict) -> dict[str, dict]:
+    """fuse, float GGUF and Q4_K_M wall times: `make quantize` from a fresh fuse, each run."""
+    found = {"fuse": [], "gguf-f16": [], "gguf-Q4_K_M": []}
+    overrides = train_overrides(settings["warmup"] + settings["steps"])  # the trained adapter as it is
+    for repeat in range(settings["repeats"]):
+        log.info("exports, run %d of %d: fuse, float GGUF, Q4_K_M", repeat + 1, settings["repeats"])
+        for name in ("fused", "quantized", "fuse.manifest.json", "quantize.manifest.json"):
+            target = project / "runs" / "main" / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        if not (project / "runs" / "main" / "train.manifest.json").is_file():
+            make(project, "train", f"SET={overrides}")
+        make(project, "quantize", f"SET={overrides}")
+        read = lambda stage: orjson.loads((project / "runs" / "main" / f"{stage}.manifest.json").read_bytes())  # noqa: E731
+        found["fuse"].append(read("fuse")["wall_seconds"])
+        seconds = read("quantize")["details"]["seconds"]
+        found["gguf-f16"].append(seconds["gguf-f16"])
+        found["gguf-Q4_K_M"].append(seconds["gguf-Q4_K_M"])
+    return {
+        "fuse_seconds": figure(
+            "fuse (merge the adapter, check the logits)", "s", found["fuse"], higher_is_better=False
+        ),
+        "gguf_float_seconds": figure("float16 GGUF written", "s", found["gguf-f16"], higher_is_better=False),
+        "gguf_q4_k_m_seconds": figure("Q4_K_M made by llama.cpp", "s", found["gguf-Q4_K_M"], higher_is_better=False),
+    }
+
+
+def measure_prepare(repeats: int, records: int = 100_000) -> dict:
+    """Records/s of the prepare stage (its manifest's wall time) on a generated JSONL of chat records."""
+    project = scratch_project("prepare-project", prepared=False)
+    source = WORK / "records-100k.jsonl"
+    write_chat_records(source, records)
+    rates = []
+    for repeat in range(repeats):
+        log.info("prepare, run %d of %d: %d records", repeat + 1, repeats, records)
+        shutil.rmtree(project / "data")
+        (project / "data").mkdir()
+        make(project, "prepare", f"SET=data.source={source}")
+        manifest = orjson.loads((project / "data" / "prepare.manifest.json").read_bytes())
+        rates.append(records / manifest["wall_seconds"])
+    return figure(
+        f"prepare, {records // 1000}k chat records ({source.stat().st_size / 1e6:.0f} MB)", "records/s", rates
+    )
+
+
+def write_chat_records(path: Path, count: int) -> None:
+    """`count` two-turn chats of ~35 random README words each way (seeded: the same file every time)."""
+    rng = np.random.default_rng(0)
+    words = np.array((ROOT / "README.md").read_text().split()[:400])
+    with open(path, "wb") as f:
+        for i in range(count):
+            user, answer = (" ".join(rng.choice(words, 35)) for _ in range(2))
+            messages = [{"role": "user", "content": f"{i} {user}"}, {"role": "assistant", "content": answer}]
+            f.write(orjson.dumps({"messages": messages}) + b"\n")
 
 
 RSS_WRAPPER = """

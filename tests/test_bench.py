@@ -5,6 +5,7 @@ one real measurement end to end (matmul with both BLAS libraries)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -84,3 +85,15 @@ def test_bench_measures_matmul_with_both_blas_libraries(tmp_path):
     assert "openblas" in fast["what"] and "reference" in reference["what"]
     assert fast["median"] > 10 * reference["median"], (fast, reference)
     assert "loaded BLAS / MLX's bundled BLAS" in (tmp_path / "results.md").read_text()
+
+
+def test_the_prepare_benchmark_file_is_the_same_every_time(tmp_path):
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    bench.write_chat_records(first, 50)
+    bench.write_chat_records(second, 50)
+    lines = first.read_bytes().splitlines()
+    assert first.read_bytes() == second.read_bytes() and len(lines) == 50
+    record = json.loads(lines[7])
+    assert [m["role"] for m in record["messages"]] == ["user", "assistant"] and record["messages"][0]["content"][
+        :2
+    ] == "7 "
