@@ -178,7 +178,8 @@ def test_broken_artifact_and_failing_plugin_do_not_stop_the_rest(quantized_proje
         "def boom(prediction, reference, record):\n    raise RuntimeError('plugin bug')\n\n"
         "def nonempty(prediction, reference, record):\n    return bool(prediction)\n"
     )
-    assert eval_stage.main([*EVAL, "eval.plugins=[my_metrics:boom, my_metrics:nonempty]"]) == 2
+    # eval.workers=1: scored in this process, where the monkeypatch is
+    assert eval_stage.main([*EVAL, "eval.workers=1", "eval.plugins=[my_metrics:boom, my_metrics:nonempty]"]) == 2
     line = error_line(caplog)
     assert "main/mlx-affine-4bit-g64 (RuntimeError: cannot load this one)" in line and "1 of 6 artifacts" in line
     assert not (out_dir() / "eval.manifest.json").exists()
@@ -482,8 +483,8 @@ def test_a_bug_in_eval_is_raised_not_recorded_as_a_failed_artifact(finished_copy
     monkeypatch.setattr(eval_stage, "score_mlx", buggy)
     before = {p: p.read_bytes() for p in sorted((finished_copy / "eval_out").rglob("*")) if p.is_file()}
     with pytest.raises(TypeError, match="unsupported operand"):
-        eval_stage.run(config.load_config([]))
-    assert eval_stage.main([]) == 1  # the CLI's bug report: one line, the traceback in a file
+        eval_stage.run(config.load_config(["eval.workers=1"]))  # in this process, where the monkeypatch is
+    assert eval_stage.main(["eval.workers=1"]) == 1  # the CLI's bug report: one line, the traceback in a file
     assert "this is a bug in the eval stage" in error_line(caplog)
     assert "TypeError" in (out_dir() / "logs" / "eval-error.log").read_text()
     after = {p: p.read_bytes() for p in sorted((finished_copy / "eval_out").rglob("*")) if p.is_file()}

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import functools
 import gc
 import logging
 import math
@@ -44,10 +46,11 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import load as load_mlx_tokenizer
 from mlx_lm.utils import dequantize_model
+from omegaconf import OmegaConf
 
 from eval import metrics as eval_metrics
+from eval import pool, scores, verdict
 from eval import report as eval_report
-from eval import scores, verdict
 from lm import cpu_activations, llama_runner, tokens
 from lm.llama_runner import shared_prefix_length
 
@@ -98,24 +101,9 @@ def run(cfg) -> Path:
         loss_items = loss_items_for(records, contract, tokenizer)
         common_key = scores.common_key(config.section(cfg, "eval"), contract)
         proven = proven_equal(artifacts, selected, experiment) if ecfg.proven == "loss-only" else {}
-        with ItemProgress(len(selected), "eval", log) as progress:
-            for artifact in selected:
-                twin = artifact["id"] in proven
-                key = scores.artifact_key(artifact, artifacts, common_key) | {"proven_twin": twin}
-                result = cached_result(experiment, artifact, key)
-                if result is None:
-                    items = {j: item for j, item in loss_items.items() if j < answered} if twin else loss_items
-                    result = score_artifact(artifact, artifacts, prompts, items, tokenizer, ecfg, [] if twin else caps)
-                    if result["status"] == "ok":
-                        scores.save(experiment, artifact["id"], key, result)
-                    else:
-                        tracebacks[artifact["id"]] = result.pop("traceback")
-                if result["status"] == "ok":
-                    add_task_metrics(result, answers, references, records, tool_schemas, plugins)
-                    if artifact["id"] in proven:
-                        result["loss_only_reason"] = proven[artifact["id"]]
-                results.append(result)
-                progress.advance(summary_line(result, task_metric))
+        test = TestSet(prompts, references, records, loss_items, caps, task_metric, tool_schemas, plugins)
+        results = score_selected(cfg, artifacts, selected, test, proven, common_key, tracebacks)
+        answers = {r["id"]: r.pop("answers") for r in results if r.get("answers") is not None}
         add_deltas(results, task_metric)
 
     outcome = verdict.outcome(results, task_metric)
@@ -156,6 +144,57 @@ def run(cfg) -> Path:
     )
     log.info("report: %s", paths.display(out_dir / "report.md"))
     return out_dir
+
+
+@dataclasses.dataclass
+class TestSet:
+    """What every artifact is scored on, and how its answers are judged."""
+
+    prompts: list[list[int]]
+    references: list[str]
+    records: list[dict]
+    loss_items: dict[int, tuple]  # {record index: (token ids, loss mask)}
+    caps: list[int]  # each answered prompt's cap on new tokens (the first len(caps) records are answered)
+    task_metric: str
+    tool_schemas: dict | None
+    plugins: dict
+
+
+def score_selected(cfg, artifacts, selected, test: TestSet, proven: dict, common_key: dict, tracebacks) -> list[dict]:
+    """Every selected artifact's result, in order, with its task metrics: from the score cache, or scored
+    now (eval.pool: several at once where the machine allows). The tracebacks of the artifacts that could
+    not be scored go into `tracebacks`."""
+    experiment, eval_section = cfg.experiment.name, config.section(cfg, "eval")
+    results: list[dict | None] = [None] * len(selected)
+    jobs, keys = {}, {}  # by position in `selected`
+    with ItemProgress(len(selected), "eval", log) as progress:
+        for index, artifact in enumerate(selected):
+            twin = artifact["id"] in proven
+            keys[index] = scores.artifact_key(artifact, artifacts, common_key) | {"proven_twin": twin}
+            cached = cached_result(experiment, artifact, keys[index])
+            if cached is None:
+                items = (
+                    {j: item for j, item in test.loss_items.items() if j < len(test.caps)} if twin else test.loss_items
+                )
+                jobs[index] = (artifact, artifacts, test.prompts, items, eval_section, [] if twin else test.caps)
+                continue
+            results[index] = finish_result(cached, proven, test)
+            progress.advance(summary_line(results[index], test.task_metric))
+        order = sorted(jobs, key=lambda index: not jobs[index][5])  # those that generate take longest: first
+        workers, threads = pool.plan(cfg.eval.workers, [jobs[index][0] for index in order])
+        if workers > 1:
+            log.info("scoring %d artifacts, %d at once (%d threads each)", len(order), workers, threads)
+        for done, outcome in pool.run([jobs[index] for index in order], score_job, workers, threads):
+            index = order[done]
+            artifact = selected[index]
+            result = scored_result(artifact, outcome)
+            if result["status"] == "ok":
+                scores.save(experiment, artifact["id"], keys[index], result)
+            else:
+                tracebacks[artifact["id"]] = result.pop("traceback")
+            results[index] = finish_result(result, proven, test)
+            progress.advance(summary_line(results[index], test.task_metric))
+    return results
 
 
 def read_artifacts(experiment: str) -> list[dict]:
@@ -236,14 +275,24 @@ def proven_equal(artifacts: list[dict], selected: list[dict], experiment: str) -
     return {aid: why for aid, why in proven.items() if aid in {a["id"] for a in selected}}
 
 
-def add_task_metrics(result: dict, answers: dict, references, records, tool_schemas, plugins) -> None:
+def finish_result(result: dict, proven: dict, test: TestSet) -> dict:
+    """A scored (or failed) artifact's result with its task metrics and, for a proven twin, why it was
+    scored on loss only."""
+    if result["status"] == "ok":
+        add_task_metrics(result, test.references, test.records, test.tool_schemas, test.plugins)
+        if result["id"] in proven:
+            result["loss_only_reason"] = proven[result["id"]]
+    return result
+
+
+def add_task_metrics(result: dict, references, records, tool_schemas, plugins) -> None:
     """The task metrics of a scored artifact's answers (none for one scored on loss only), with their
-    per-record values for the paired intervals."""
-    texts = result.pop("answers")
+    per-record values for the paired intervals. The answers stay in result["answers"]."""
+    texts = result["answers"]
     if texts is None:
+        result.pop("answers")
         result["metrics"] = {}
         return
-    answers[result["id"]] = texts
     n = len(texts)
     table, per_record = eval_metrics.score_records(texts, references[:n], records[:n], tool_schemas, plugins)
     result["metrics"] = table
@@ -259,7 +308,12 @@ def read_tool_schemas(contract: dict) -> dict | None:
 def load_tokenizer(artifacts: list[dict]):
     """The fine-tuned model's tokenizer (its chat template is not used: prompts are rendered with the contract's)."""
     by_kind = {a["kind"]: a for a in artifacts}
-    return load_mlx_tokenizer(paths.resolve((by_kind.get("fused") or by_kind["base"])["path"]))
+    return _tokenizer_at(paths.resolve((by_kind.get("fused") or by_kind["base"])["path"]))
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer_at(folder: Path):
+    return load_mlx_tokenizer(folder)
 
 
 def prompts_and_references(records, contract, tokenizer) -> tuple[list[list[int]], list[str]]:
@@ -284,6 +338,24 @@ def cached_result(experiment: str, artifact: dict, key: dict) -> dict | None:
     if result is None:
         return None
     return {**result, **{k: artifact[k] for k in ("id", "kind", "format", "path", "bytes")}, "cached": True}
+
+
+def score_job(artifact, artifacts, prompts, loss_items, eval_section: dict, caps: list[int]) -> dict:
+    """score_artifact with what a scoring process needs sent as plain data (eval.pool runs it in a child)."""
+    tokenizer = load_tokenizer(artifacts)
+    return score_artifact(artifact, artifacts, prompts, loss_items, tokenizer, OmegaConf.create(eval_section), caps)
+
+
+def scored_result(artifact: dict, outcome) -> dict:
+    """The result of a scoring job, or for a job whose process crashed (a PipelineError naming the signal)
+    a failed result; any other exception is a bug in eval and is raised."""
+    if not isinstance(outcome, BaseException):
+        return outcome
+    if not isinstance(outcome, SCORING_FAILURES):
+        raise outcome
+    result = {key: artifact[key] for key in ("id", "kind", "format", "path", "bytes")}
+    trace = "".join(traceback.format_exception(outcome))
+    return result | {"status": "failed", "error": first_line(outcome)[:500], "traceback": trace, "seconds": 0.0}
 
 
 def score_artifact(artifact, artifacts, prompts, loss_items, tokenizer, ecfg, caps: list[int]) -> dict:

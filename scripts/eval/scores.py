@@ -28,8 +28,9 @@ log = logging.getLogger("eval")
 
 KEY_VERSION = 1
 BASE_ID = "base"  # the base model's artifact id: the same artifact in every experiment on that model
-# eval settings that act on the answers after scoring (or pick what is scored), not on any one score
-AFTER_SCORING = ("artifacts", "task_metric", "plugins", "examples", "ship")
+# eval settings that act on the answers after scoring (or pick what is scored, or how many at once), not on
+# any one score
+AFTER_SCORING = ("artifacts", "task_metric", "plugins", "examples", "ship", "workers")
 # eval's modules that only read the answers and scores (the rest of eval, and what it imports, scores)
 NOT_SCORING = ("metrics.py", "report.py", "verdict.py")
 

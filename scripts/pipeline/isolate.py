@@ -36,14 +36,15 @@ class ChildTraceback(Exception):
     """The child's traceback, as the cause of what the parent raises (the error log shows it)."""
 
 
-def call(function, *args, name: str, where: str, fix: str):
-    """function(*args) in a child process; its result, or what it raised, or a PipelineError if it crashed."""
+def call(function, *args, name: str, where: str, fix: str, env: dict[str, str] | None = None):
+    """function(*args) in a child process (with `env` added to its environment); its result, or what it
+    raised, or a PipelineError if it crashed."""
     with tempfile.TemporaryDirectory(prefix="pipeline-isolate-") as folder:
         request, reply = Path(folder) / "request.pickle", Path(folder) / "reply.pickle"
         request.write_bytes(pickle.dumps((list(sys.path), pickle.dumps((function, args)))))
         child = subprocess.run(
             [sys.executable, "-m", "pipeline.isolate", str(request), str(reply)],
-            env=_child_environment(),
+            env=_child_environment() | (env or {}),
             stdin=subprocess.DEVNULL,
             check=False,
         )

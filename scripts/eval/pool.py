@@ -1,0 +1,88 @@
+"""eval's scoring pool: several artifacts scored at once, each in a process of its own.
+
+On a CPU one artifact's scoring leaves cores idle: generation decodes a token at a time, and MLX runs
+everything but the matmuls on one thread, as llama.cpp's small batches do. Two artifacts scored side by
+side, each with half the threads, finish about 1.5x sooner than one after the other (measured on the
+default run). Each job runs in a fresh Python process (pipeline.isolate), so a crash in native code
+(llama.cpp, MLX) fails that artifact alone, with its cause.
+
+`eval.workers: auto` is 2 on a CPU with at least 2 threads to give (PIPELINE_THREADS, or every core)
+and memory for two models at once; 1 on a GPU, where one model already keeps the device busy. With one
+worker the artifacts are scored in the stage's own process, one after the other.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable, Iterator
+
+from pipeline import isolate, paths, runtime
+
+# Memory one artifact takes while it is scored, as a multiple of its file size: a quantized MLX model is
+# dequantized to float32 on CPU (8-bit: 4x), plus activations and KV caches.
+MEMORY_PER_BYTE = {"mlx-quantized": 5.0}
+DEFAULT_MEMORY_PER_BYTE = 2.0
+
+
+def plan(setting: int | str, artifacts: list[dict]) -> tuple[int, int]:
+    """(workers, threads each) for scoring `artifacts` under eval.workers."""
+    budget = runtime.cpu_threads()
+    if not artifacts:
+        return 1, budget
+    if setting != "auto":
+        workers = int(setting)
+    elif runtime.device_name() != "cpu" or budget < 2:
+        workers = 1
+    else:
+        workers = 2 if fits_in_memory(artifacts, 2) else 1
+    workers = max(1, min(workers, len(artifacts)))
+    return workers, max(1, budget // workers)
+
+
+def fits_in_memory(artifacts: list[dict], workers: int) -> bool:
+    """Whether the `workers` largest artifacts, scored at once, take at most half the available memory."""
+    available = runtime.available_memory_bytes()
+    if available is None:
+        return False
+    needs = sorted(
+        (a["bytes"] * MEMORY_PER_BYTE.get(a["kind"], DEFAULT_MEMORY_PER_BYTE) for a in artifacts), reverse=True
+    )
+    return sum(needs[:workers]) <= available / 2
+
+
+def run(jobs: list[tuple], score: Callable, workers: int, threads: int) -> Iterator[tuple[int, dict | BaseException]]:
+    """(job index, score(*job) or the exception it raised) for every job, as each finishes. With more
+    than one worker each job runs in a child process with `threads` BLAS and llama.cpp threads."""
+    if workers == 1:
+        for index, job in enumerate(jobs):
+            try:
+                yield index, score(*job)
+            except Exception as exc:  # the caller decides what is a scoring failure
+                yield index, exc
+        return
+    env = {"OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads), "PIPELINE_THREADS": str(threads)}
+    with concurrent.futures.ThreadPoolExecutor(workers) as executor:
+        futures = {
+            executor.submit(
+                isolate.call,
+                _in_child,
+                str(paths.ROOT),
+                score,
+                job,
+                name=f"scoring {job[0]['id']}",
+                where=job[0]["path"],
+                fix="its traceback is above; run `make eval` again, or score it alone with SET=eval.workers=1",
+                env=env,
+            ): index
+            for index, job in enumerate(jobs)
+        }
+        for future in concurrent.futures.as_completed(futures):
+            try:
+                yield futures[future], future.result()
+            except Exception as exc:
+                yield futures[future], exc
+
+
+def _in_child(root: str, score: Callable, job: tuple):
+    paths.use_root(root)
+    return score(*job)
