@@ -11,6 +11,9 @@ every comparison is a ratio of two figures measured here, side by side:
   torch_peft_train.py, in its own environment from `make bench-setup`) on the very batches the
   pipeline trains on; and the peak resident memory of the pipeline's train process;
 - exports: the wall times of fuse, the float GGUF and Q4_K_M (from the stage manifests);
+- eval, on the default run: the eval stage's wall time for every default artifact (no cached scores),
+  and answer tokens/s of the fused model in MLX one prompt at a time and batched as eval answers, and
+  of Q4_K_M batched in llama.cpp (bench/answer_speed.py);
 - prepare: records/s on a generated 100k-record JSONL;
 - matmul: float32 GFLOP/s with the BLAS the pipeline loads vs MLX's bundled reference BLAS;
 - a no-op `make all` in the workspace (everything up to date): wall time.
@@ -56,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=8, help="steady-state training steps measured per run")
     parser.add_argument("--warmup", type=int, default=2, help="first training steps left out (compile, caches)")
     parser.add_argument(
-        "--only", nargs="*", default=None, help="measure only these (noop, matmul, train, exports, prepare)"
+        "--only", nargs="*", default=None, help="measure only these (noop, matmul, train, exports, eval, prepare)"
     )
     parser.add_argument("--out", type=Path, default=BENCH_DIR, help="folder for results.json and results.md")
     parser.add_argument("--verbose", action="store_true")
@@ -71,20 +74,22 @@ def main(argv=None) -> int:
 
 
 def run(args) -> Path:
-    wanted = set(args.only or ("noop", "matmul", "train", "exports", "prepare"))
+    wanted = set(args.only or ("noop", "matmul", "train", "exports", "eval", "prepare"))
     settings = {"repeats": args.repeats, "steps": args.steps, "warmup": args.warmup}
     measurements: dict[str, dict] = {}
     if "noop" in wanted:  # first: the workspace as it is when the bench starts
         measurements["noop_make_all_seconds"] = measure_noop_make_all(args.repeats)
     if "matmul" in wanted:
         measurements |= measure_matmul(args.repeats)
-    if wanted & {"train", "exports"}:
+    if wanted & {"train", "exports", "eval"}:
         project = scratch_project()
         settings |= train_settings(project)
         if "train" in wanted:
             measurements |= measure_training(project, settings)
         if "exports" in wanted:
             measurements |= measure_exports(project, settings)
+        if "eval" in wanted:
+            measurements |= measure_eval(project, settings["repeats"])
     if "prepare" in wanted:
         measurements["prepare_records_per_second"] = measure_prepare(args.repeats)
     results = {
@@ -154,14 +159,16 @@ def measure_training(project: Path, settings: dict) -> dict[str, dict]:
     steps = settings["warmup"] + settings["steps"]
     batches = pipeline_batches(project, settings, steps)
     np.savez(WORK / "batches.npz", **{f"{k}_{i}": v for i, b in enumerate(batches) for k, v in b.items()})
-    runs = {name: [] for name in ("pipeline", "pipeline_all", "mlx_lm", "torch", "torch_all", "rss")}
+    runs = {name: [] for name in ("pipeline", "pipeline_all", "mlx_lm", "mlx_lm_all", "torch", "torch_all", "rss")}
     for repeat in range(settings["repeats"]):
         log.info("train, run %d of %d: pipeline, mlx_lm lora, PyTorch + PEFT", repeat + 1, settings["repeats"])
         trained, all_tokens, rss = pipeline_train(project, settings, batches)
         runs["pipeline"].append(trained)
         runs["pipeline_all"].append(all_tokens)
         runs["rss"].append(rss)
-        runs["mlx_lm"].append(mlx_lm_train(project, settings))
+        trained, all_tokens = mlx_lm_train(project, settings)
+        runs["mlx_lm"].append(trained)
+        runs["mlx_lm_all"].append(all_tokens)
         if TORCH_PYTHON.is_file():
             trained, all_tokens = torch_train(project, settings)
             runs["torch"].append(trained)
@@ -171,6 +178,7 @@ def measure_training(project: Path, settings: dict) -> dict[str, dict]:
         "train_pipeline_trained": figure("pipeline `make train`, trained tokens/s", unit, runs["pipeline"]),
         "train_pipeline_all": figure("pipeline `make train`, all tokens/s", unit, runs["pipeline_all"]),
         "train_mlx_lm_trained": figure("`mlx_lm lora`, trained tokens/s", unit, runs["mlx_lm"]),
+        "train_mlx_lm_all": figure("`mlx_lm lora`, all tokens/s", unit, runs["mlx_lm_all"]),
         "train_peak_rss_gb": figure("pipeline train, peak resident memory", "GB", runs["rss"], higher_is_better=False),
     }
     why = None if TORCH_PYTHON.is_file() else "not run: `make bench-setup` installs PyTorch + PEFT first"
@@ -264,6 +272,44 @@ def measure_exports(project: Path, settings: dict) -> dict[str, dict]:
     }
 
 
+def measure_eval(project: Path, repeats: int) -> dict[str, dict]:
+    """On the default run (default settings, trained once): the eval stage's wall time for every default
+    artifact from an empty score cache, and answer tokens/s (bench/answer_speed.py, a fresh process):
+    the fused model in MLX one prompt at a time and batched, and Q4_K_M batched in llama.cpp."""
+    make(project, "quantize")
+    walls, speeds = [], {}
+    for repeat in range(repeats):
+        log.info("eval, run %d of %d: make eval, then answer speeds", repeat + 1, repeats)
+        shutil.rmtree(project / ".state" / "eval", ignore_errors=True)
+        shutil.rmtree(project / "eval_out" / "main", ignore_errors=True)
+        make(project, "eval")
+        walls.append(orjson.loads((project / "eval_out" / "main" / "eval.manifest.json").read_bytes())["wall_seconds"])
+        result = subprocess.run(
+            [sys.executable, str(BENCH_DIR / "answer_speed.py"), str(project)],
+            cwd=ROOT,
+            env=clean_env() | {"PYTHONPATH": str(ROOT / "scripts")},
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            sys.exit(f"bench: bench/answer_speed.py failed:\n{result.stderr[-2000:]}")
+        for name, value in orjson.loads(result.stdout.strip().splitlines()[-1]).items():
+            speeds.setdefault(name, []).append(value)
+    unit = "tokens/s"
+    return {
+        "eval_seconds": figure(
+            "eval stage, every default artifact (no cached scores)", "s", walls, higher_is_better=False
+        ),
+        "answers_mlx_one": figure(
+            "answers, fused model in MLX, one prompt at a time", unit, speeds["mlx_one_at_a_time"]
+        ),
+        "answers_mlx_batched": figure("answers, fused model in MLX, batched as eval does", unit, speeds["mlx_batched"]),
+        "answers_llama_batched": figure(
+            "answers, Q4_K_M in llama.cpp, batched as eval does", unit, speeds["llama_cpp_batched"]
+        ),
+    }
+
+
 def measure_prepare(repeats: int, records: int = 100_000) -> dict:
     """Records/s of the prepare stage (its manifest's wall time) on a generated JSONL of chat records."""
     project = scratch_project("prepare-project", prepared=False)
@@ -305,23 +351,32 @@ import json, sys
 sys.path.insert(0, "scripts")
 import pipeline  # the same OpenBLAS the pipeline loads; nothing else of the pipeline runs
 import mlx_lm.lora as lora
+from mlx_lm.tuner import trainer
 from mlx_lm.tuner.callbacks import TrainingCallback
 
 out, sys.argv = sys.argv[1], ["mlx_lm.lora", *sys.argv[2:]]
-reports = []
+reports, train_batch_tokens = [], []
 
 class Recorder(TrainingCallback):
     def on_train_loss_report(self, info):
         reports.append(info)
 
+def recording_batches(*args, **kwargs):  # the tokens of each training batch, padding included
+    for batch, lengths in trainer.iterate_batches(*args, **kwargs):
+        if kwargs.get("loop"):
+            train_batch_tokens.append(batch.size)
+        yield batch, lengths
+
 lora.get_reporting_callbacks = lambda *args, **kwargs: Recorder()
+lora.train = lambda *args, **kwargs: trainer.train(*args, iterate_batches=recording_batches, **kwargs)
 lora.main()
-json.dump(reports, open(out, "w"))
+json.dump({"reports": reports, "train_batch_tokens": train_batch_tokens}, open(out, "w"))
 """
 
 
-def mlx_lm_train(project: Path, settings: dict) -> float:
-    """Trained tokens/s of `mlx_lm lora` (its own main, with a callback recording each step), steady state."""
+def mlx_lm_train(project: Path, settings: dict) -> tuple[float, float]:
+    """(trained, all) tokens/s of `mlx_lm lora` (its own main, with a callback recording each step and its
+    batches' sizes, padding included, as the pipeline's all tokens are), steady state."""
     steps = settings["warmup"] + settings["steps"]
     data_dir = WORK / "mlx_lm_data"
     data_dir.mkdir(exist_ok=True)
@@ -348,10 +403,12 @@ def mlx_lm_train(project: Path, settings: dict) -> float:
     result = subprocess.run(command, cwd=ROOT, env=clean_env(), capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"bench: mlx_lm lora failed:\n{result.stderr[-2000:]}")
-    steady = [r for r in orjson.loads(report.read_bytes()) if r["iteration"] > settings["warmup"]]
+    recorded = orjson.loads(report.read_bytes())
+    steady = [r for r in recorded["reports"] if r["iteration"] > settings["warmup"]]
     trained = [r["tokens_per_second"] for r in steady]
     seconds = [1 / r["iterations_per_second"] for r in steady]
-    return sum(t * s for t, s in zip(trained, seconds)) / sum(seconds)
+    everything = sum(recorded["train_batch_tokens"][r["iteration"] - 1] for r in steady)
+    return sum(t * s for t, s in zip(trained, seconds)) / sum(seconds), everything / sum(seconds)
 
 
 def torch_train(project: Path, settings: dict) -> tuple[float, float]:
@@ -444,9 +501,12 @@ def figure(what: str, unit: str, values: list[float], why: str | None = None, hi
 
 RATIOS = (
     ("pipeline train / mlx_lm lora (trained tokens/s)", "train_pipeline_trained", "train_mlx_lm_trained"),
+    ("pipeline train / mlx_lm lora (all tokens/s)", "train_pipeline_all", "train_mlx_lm_all"),
     ("pipeline train / PyTorch + PEFT (trained tokens/s)", "train_pipeline_trained", "train_torch_trained"),
     ("pipeline train / PyTorch + PEFT (all tokens/s)", "train_pipeline_all", "train_torch_all"),
     ("loaded BLAS / MLX's bundled BLAS (GFLOP/s)", "matmul_fast_gflops", "matmul_reference_gflops"),
+    ("MLX batched / MLX one prompt at a time (answer tokens/s)", "answers_mlx_batched", "answers_mlx_one"),
+    ("llama.cpp Q4_K_M batched / MLX batched (answer tokens/s)", "answers_llama_batched", "answers_mlx_batched"),
 )
 
 

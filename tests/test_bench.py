@@ -14,9 +14,14 @@ from pipeline import contracts, paths
 
 import pytest
 
+from test_eval import quantized_project  # noqa: F401  (a fixture)
+
 spec = importlib.util.spec_from_file_location("bench_run", paths.ROOT / "bench" / "run.py")
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
+spec = importlib.util.spec_from_file_location("answer_speed", paths.ROOT / "bench" / "answer_speed.py")
+answer_speed = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(answer_speed)
 
 
 def test_a_figure_is_the_best_and_median_of_its_runs():
@@ -97,3 +102,10 @@ def test_the_prepare_benchmark_file_is_the_same_every_time(tmp_path):
     assert [m["role"] for m in record["messages"]] == ["user", "assistant"] and record["messages"][0]["content"][
         :2
     ] == "7 "
+
+
+def test_answer_speeds_of_a_finished_run(quantized_project, capsys):  # noqa: F811
+    assert answer_speed.main([str(quantized_project), "--one-at-a-time", "2", "--gguf-type", "Q8_0"]) == 0
+    speeds = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(speeds) == {"mlx_one_at_a_time", "mlx_batched", "llama_cpp_batched"}
+    assert all(value > 0 for value in speeds.values()), speeds
