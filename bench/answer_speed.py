@@ -25,7 +25,7 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 import eval as eval_stage
-from lm import cpu_activations, llama_runner
+from lm import fast_exp, llama_runner
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +55,7 @@ def measure(one_at_a_time: int, gguf_type: str) -> dict[str, float]:
     caps = eval_stage.answer_caps(references, tokenizer, cfg.eval.max_tokens)
     model, _ = load(str(paths.resolve(by_kind["fused"]["path"])))
     on_cpu = runtime.device_name() == "cpu"
-    with cpu_activations.numpy_activations(model) if on_cpu else contextlib.nullcontext():  # as eval runs it
+    with fast_exp.scoring_activations(model) if on_cpu else contextlib.nullcontext():  # as eval runs it
         start, tokens = time.perf_counter(), 0
         for prompt, cap in zip(prompts[:one_at_a_time], caps):
             for response in stream_generate(model, tokenizer, prompt, max_tokens=cap, sampler=make_sampler(temp=0.0)):

@@ -27,7 +27,7 @@ QUANTIZED = {"kind": "mlx-quantized", "bytes": 150_000_000}
         ("auto", 4, 24e9, [MODEL, MODEL], (2, 2)),
         ("auto", 1, 24e9, [MODEL, MODEL], (1, 1)),  # PIPELINE_THREADS=1: the cores are someone else's too
         ("auto", 2, 1.5e9, [MODEL, MODEL], (1, 2)),  # two models do not fit in half the memory
-        ("auto", 2, 24e9, [MODEL], (1, 2)),  # one artifact to score
+        ("auto", 2, 24e9, [MODEL], (1, 1)),  # one left to score: the threads it would have had beside another
         (3, 6, 24e9, [MODEL] * 5, (3, 2)),
         (4, 2, 24e9, [MODEL] * 2, (2, 1)),  # never more workers than artifacts
     ],

@@ -51,7 +51,7 @@ from omegaconf import OmegaConf
 from eval import metrics as eval_metrics
 from eval import pool, scores, verdict
 from eval import report as eval_report
-from lm import cpu_activations, llama_runner, tokens
+from lm import cpu_activations, fast_exp, llama_runner, tokens
 from lm.llama_runner import shared_prefix_length
 
 log = logging.getLogger("eval")
@@ -184,6 +184,12 @@ def score_selected(cfg, artifacts, selected, test: TestSet, proven: dict, common
         workers, threads = pool.plan(cfg.eval.workers, [jobs[index][0] for index in order])
         if workers > 1:
             log.info("scoring %d artifacts, %d at once (%d threads each)", len(order), workers, threads)
+        elif order and threads < runtime.cpu_threads():
+            log.info(
+                "scoring %s in a process of its own with %d threads, as beside another",
+                selected[order[0]]["id"],
+                threads,
+            )
         for done, outcome in pool.run([jobs[index] for index in order], score_job, workers, threads):
             index = order[done]
             artifact = selected[index]
@@ -428,7 +434,7 @@ def score_mlx(artifact, artifacts, prompts, loss_items, tokenizer, ecfg, caps: l
     model = load_mlx(artifact, artifacts)
     per_item, seconds, generated = {}, 0.0, []
     on_cpu = runtime.device_name() == "cpu"
-    with cpu_activations.numpy_activations(model) if on_cpu else contextlib.nullcontext():
+    with fast_exp.scoring_activations(model) if on_cpu else contextlib.nullcontext():
         for first in range(0, len(prompts), ecfg.batch_size):
             chunk = list(range(first, min(first + ecfg.batch_size, len(prompts))))
             scored = [j for j in chunk if j in loss_items]

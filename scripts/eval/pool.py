@@ -25,18 +25,19 @@ DEFAULT_MEMORY_PER_BYTE = 2.0
 
 
 def plan(setting: int | str, artifacts: list[dict]) -> tuple[int, int]:
-    """(workers, threads each) for scoring `artifacts` under eval.workers."""
+    """(workers, threads each) for scoring `artifacts` under eval.workers. The threads follow the setting
+    and the machine, not how many artifacts are left to score: a BLAS thread count sums some products in
+    another order, so an artifact re-scored alone (the others cached) gets the threads it had before."""
     budget = runtime.cpu_threads()
     if not artifacts:
         return 1, budget
     if setting != "auto":
-        workers = int(setting)
+        most = int(setting)
     elif runtime.device_name() != "cpu" or budget < 2:
-        workers = 1
+        most = 1
     else:
-        workers = 2 if fits_in_memory(artifacts, 2) else 1
-    workers = max(1, min(workers, len(artifacts)))
-    return workers, max(1, budget // workers)
+        most = 2 if fits_in_memory(artifacts, 2) else 1
+    return max(1, min(most, len(artifacts))), max(1, budget // most)
 
 
 def fits_in_memory(artifacts: list[dict], workers: int) -> bool:
@@ -52,8 +53,9 @@ def fits_in_memory(artifacts: list[dict], workers: int) -> bool:
 
 def run(jobs: list[tuple], score: Callable, workers: int, threads: int) -> Iterator[tuple[int, dict | BaseException]]:
     """(job index, score(*job) or the exception it raised) for every job, as each finishes. With more
-    than one worker each job runs in a child process with `threads` BLAS and llama.cpp threads."""
-    if workers == 1:
+    than one worker, or fewer threads than this process has, each job runs in a child process with
+    `threads` BLAS and llama.cpp threads."""
+    if workers == 1 and threads == runtime.cpu_threads():
         for index, job in enumerate(jobs):
             try:
                 yield index, score(*job)

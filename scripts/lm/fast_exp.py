@@ -102,3 +102,14 @@ def fast_activations(model):
     """Within the block, `model`'s attention softmax and SwiGLU use the fast exp, when its module imports
     mlx-lm's shared functions under their usual names; a model that does not is left as it is."""
     return cpu_activations.swapped_activations(model, sdpa, swiglu)
+
+
+def scoring_activations(model):
+    """For forward passes only (eval): the attention softmax and SwiGLU of lm.cpu_activations (NumPy) on
+    large inputs, as in a loss pass, and SwiGLU with the fast exp on the small ones of a decoding step,
+    where the round trip through NumPy does not pay and MLX's own SiLU is ~3x slower."""
+
+    def swiglu_impl(gate, x, *, fallback):
+        return cpu_activations.swiglu(gate, x, fallback=lambda g, y: swiglu(g, y, fallback=fallback))
+
+    return cpu_activations.swapped_activations(model, cpu_activations.sdpa, swiglu_impl)
