@@ -1,9 +1,10 @@
 """eval's scoring pool: several artifacts scored at once, each in a process of its own.
 
 On a CPU one artifact's scoring leaves cores idle: generation decodes a token at a time, and MLX runs
-everything but the matmuls on one thread, as llama.cpp's small batches do. Two artifacts scored side by
-side, each with half the threads, finish about 1.5x sooner than one after the other (measured on the
-default run). Each job runs in a fresh Python process (pipeline.isolate), so a crash in native code
+everything but the matmuls on one thread. Measured here, two MLX artifacts side by side, each with half
+the threads, answer 1.75x and score loss 1.2x as fast as one after the other; the whole default eval
+gains less (105 -> 99 s), since each process loads its model and llama.cpp is slower on one thread
+than on two. Each job runs in a fresh Python process (pipeline.isolate), so a crash in native code
 (llama.cpp, MLX) fails that artifact alone, with its cause.
 
 `eval.workers: auto` is 2 on a CPU with at least 2 threads to give (PIPELINE_THREADS, or every core)
@@ -73,7 +74,7 @@ def run(jobs: list[tuple], score: Callable, workers: int, threads: int) -> Itera
                 job,
                 name=f"scoring {job[0]['id']}",
                 where=job[0]["path"],
-                fix="its traceback is above; run `make eval` again, or score it alone with SET=eval.workers=1",
+                fix="run `make eval` again (it scores only what failed); SET=eval.workers=1 scores in one process",
                 env=env,
             ): index
             for index, job in enumerate(jobs)
