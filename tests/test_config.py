@@ -242,6 +242,12 @@ def test_a_choice_far_from_all_lists_them(project):
         ("train.lora.dropout=1", "'train.lora.dropout' must be in [0, 1), got 1.0", "use a value in [0, 1), e.g. 0.0"),
         ("train.val_batches=0", "'train.val_batches' must be -1 or >= 1, got 0", "the closest valid value is 1"),
         ("eval.records=-7", "'eval.records' must be -1 or >= 1, got -7", "the closest valid value is -1"),
+        ("eval.workers=0", "'eval.workers' must be auto or an integer >= 1, got 0", "the closest valid value is 1"),
+        (
+            "eval.answer_records=-5",
+            "'eval.answer_records' must be auto or -1 or >= 1, got -5",
+            "the closest valid value is -1",
+        ),
         ("train.epochs=-1", "'train.epochs' must be > 0, got -1", "use a value > 0, e.g. 3"),
         ("data.splits.test=2", "'data.splits.test' must be in [0, 1], got 2.0", "the closest valid value is 1"),
     ],

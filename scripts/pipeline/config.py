@@ -648,8 +648,14 @@ def _closest_number(node: dict, value):
     integer = "integer" in _types(node)
     candidates = []
     for branch in node.get("anyOf", [node]):
-        candidates.append(branch["const"] if "const" in branch else _clamped(branch, value, integer))
-    candidates = [candidate for candidate in candidates if candidate is not None]
+        if "anyOf" in branch and branch is not node:  # e.g. `auto | N` where N is -1 or at least 1
+            candidates.append(_closest_number(branch, value))
+        elif "const" in branch:
+            candidates.append(branch["const"])
+        else:
+            candidates.append(_clamped(branch, value, integer or "integer" in _types(branch)))
+    # only numbers: a word such as `auto` is allowed too, but is not "the nearest number"
+    candidates = [c for c in candidates if isinstance(c, (int, float)) and not isinstance(c, bool)]
     return _nearest(value, candidates) if candidates else None
 
 
