@@ -18,6 +18,7 @@ from test_eval import EVAL, out_dir, quantized_project  # noqa: F401  (a fixture
 
 MODEL = {"kind": "fused", "bytes": 500_000_000}
 QUANTIZED = {"kind": "mlx-quantized", "bytes": 150_000_000}
+GGUF = {"kind": "gguf", "bytes": 1_000_000_000}
 
 
 @pytest.mark.parametrize(
@@ -30,6 +31,7 @@ QUANTIZED = {"kind": "mlx-quantized", "bytes": 150_000_000}
         ("auto", 2, 24e9, [MODEL], (1, 1)),  # one left to score: the threads it would have had beside another
         (3, 6, 24e9, [MODEL] * 5, (3, 2)),
         (4, 2, 24e9, [MODEL] * 2, (2, 1)),  # never more workers than artifacts
+        ("auto", 2, 4.5e9, [MODEL, MODEL, GGUF], (2, 1)),  # a GGUF is scored alone: not counted beside another
     ],
 )
 def test_workers_and_threads_follow_the_setting_cores_and_memory(
@@ -55,7 +57,11 @@ def echo_threads_or_crash(artifact: dict) -> dict:
 
 
 def test_a_crashing_child_fails_its_job_alone(project):
-    jobs = [({"id": "a", "path": "a"},), ({"id": "crash", "path": "runs/x.gguf"},), ({"id": "b", "path": "b"},)]
+    jobs = [
+        ({"id": "a", "kind": "fused", "path": "a"},),
+        ({"id": "crash", "kind": "gguf", "path": "runs/x.gguf"},),
+        ({"id": "b", "kind": "fused", "path": "b"},),
+    ]
     outcomes = dict(pool.run(jobs, echo_threads_or_crash, workers=2, threads=1))
     assert sorted(outcomes) == [0, 1, 2]
     assert outcomes[0] == {"id": "a", "root": str(project), "threads": "1"} and outcomes[2]["id"] == "b"
@@ -63,6 +69,16 @@ def test_a_crashing_child_fails_its_job_alone(project):
     assert isinstance(crash, PipelineError) and "scoring crash crashed (SIGSEGV)" in str(crash)
     failed = eval_stage.scored_result({**jobs[1][0], "kind": "gguf", "format": "gguf", "bytes": 1}, crash)
     assert failed["status"] == "failed" and "SIGSEGV" in failed["error"]
+
+
+def test_gguf_jobs_come_after_the_mlx_ones_one_at_a_time_with_every_thread(project, monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_threads", lambda: 4)
+    kinds = ["gguf", "fused", "gguf", "adapter", "mlx-quantized"]
+    jobs = [({"id": f"{kind}-{n}", "kind": kind, "path": str(n)},) for n, kind in enumerate(kinds)]
+    outcomes = list(pool.run(jobs, echo_threads_or_crash, workers=2, threads=2))
+    assert sorted(index for index, _ in outcomes[:3]) == [1, 3, 4]  # the MLX ones, side by side
+    assert sorted(index for index, _ in outcomes[3:]) == [0, 2]
+    assert [result["threads"] for _, result in outcomes] == ["2", "2", "2", "4", "4"]
 
 
 def test_scoring_side_by_side_gives_the_scores_of_one_after_the_other(quantized_project, caplog):  # noqa: F811

@@ -183,7 +183,13 @@ def score_selected(cfg, artifacts, selected, test: TestSet, proven: dict, common
         order = sorted(jobs, key=lambda index: not jobs[index][5])  # those that generate take longest: first
         workers, threads = pool.plan(cfg.eval.workers, [jobs[index][0] for index in order])
         if workers > 1:
-            log.info("scoring %d artifacts, %d at once (%d threads each)", len(order), workers, threads)
+            log.info(
+                "scoring %d artifacts, %d at once (%d threads each; a GGUF alone, with %d)",
+                len(order),
+                workers,
+                threads,
+                runtime.cpu_threads(),
+            )
         elif order and threads < runtime.cpu_threads():
             log.info(
                 "scoring %s in a process of its own with %d threads, as beside another",

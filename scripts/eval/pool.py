@@ -1,11 +1,12 @@
 """eval's scoring pool: several artifacts scored at once, each in a process of its own.
 
-On a CPU one artifact's scoring leaves cores idle: generation decodes a token at a time, and MLX runs
-everything but the matmuls on one thread. Measured here, two MLX artifacts side by side, each with half
-the threads, answer 1.75x and score loss 1.2x as fast as one after the other; the whole default eval
-gains less (105 -> 99 s), since each process loads its model and llama.cpp is slower on one thread
-than on two. Each job runs in a fresh Python process (pipeline.isolate), so a crash in native code
-(llama.cpp, MLX) fails that artifact alone, with its cause.
+On a CPU one MLX artifact's scoring leaves cores idle: generation decodes a token at a time, and MLX
+runs everything but the matmuls on one thread. Measured here, two MLX artifacts side by side, each with
+half the threads, answer 1.75x and score loss 1.2x as fast as one after the other. llama.cpp is the
+opposite: it spreads every op over its threads, and on one thread it took 40 s for the Q4_K_M model
+against 22 s on two. So the MLX artifacts are scored side by side, and then the GGUF artifacts one
+after the other with every thread. Each job runs in a fresh Python process (pipeline.isolate), so a
+crash in native code (llama.cpp, MLX) fails that artifact alone, with its cause.
 
 `eval.workers: auto` is 2 on a CPU with at least 2 threads to give (PIPELINE_THREADS, or every core)
 and memory for two models at once; 1 on a GPU, where one model already keeps the device busy. With one
@@ -23,12 +24,15 @@ from pipeline import isolate, paths, runtime
 # dequantized to float32 on CPU (8-bit: 4x), plus activations and KV caches.
 MEMORY_PER_BYTE = {"mlx-quantized": 5.0}
 DEFAULT_MEMORY_PER_BYTE = 2.0
+# Kinds whose engine keeps every thread busy on its own: scored alone, with all of them.
+WHOLE_MACHINE_KINDS = {"gguf"}
 
 
 def plan(setting: int | str, artifacts: list[dict]) -> tuple[int, int]:
-    """(workers, threads each) for scoring `artifacts` under eval.workers. The threads follow the setting
-    and the machine, not how many artifacts are left to score: a BLAS thread count sums some products in
-    another order, so an artifact re-scored alone (the others cached) gets the threads it had before."""
+    """(workers, threads each) for scoring the MLX artifacts among `artifacts` under eval.workers (the
+    GGUF ones always get every thread, one at a time). The threads follow the setting and the machine,
+    not how many artifacts are left to score: a BLAS thread count sums some products in another order,
+    so an artifact re-scored alone (the others cached) gets the threads it had before."""
     budget = runtime.cpu_threads()
     if not artifacts:
         return 1, budget
@@ -37,7 +41,8 @@ def plan(setting: int | str, artifacts: list[dict]) -> tuple[int, int]:
     elif runtime.device_name() != "cpu" or budget < 2:
         most = 1
     else:
-        most = 2 if fits_in_memory(artifacts, 2) else 1
+        side_by_side = [a for a in artifacts if a["kind"] not in WHOLE_MACHINE_KINDS]
+        most = 2 if fits_in_memory(side_by_side, 2) else 1
     return max(1, min(most, len(artifacts))), max(1, budget // most)
 
 
@@ -54,8 +59,9 @@ def fits_in_memory(artifacts: list[dict], workers: int) -> bool:
 
 def run(jobs: list[tuple], score: Callable, workers: int, threads: int) -> Iterator[tuple[int, dict | BaseException]]:
     """(job index, score(*job) or the exception it raised) for every job, as each finishes. With more
-    than one worker, or fewer threads than this process has, each job runs in a child process with
-    `threads` BLAS and llama.cpp threads."""
+    than one worker, or fewer threads than this process has, each job runs in a child process: the MLX
+    ones `workers` at a time with `threads` BLAS threads each, then the GGUF ones (WHOLE_MACHINE_KINDS)
+    one at a time with every thread."""
     if workers == 1 and threads == runtime.cpu_threads():
         for index, job in enumerate(jobs):
             try:
@@ -63,6 +69,13 @@ def run(jobs: list[tuple], score: Callable, workers: int, threads: int) -> Itera
             except Exception as exc:  # the caller decides what is a scoring failure
                 yield index, exc
         return
+    whole = [index for index, job in enumerate(jobs) if job[0]["kind"] in WHOLE_MACHINE_KINDS]
+    shared = [index for index in range(len(jobs)) if index not in whole]
+    yield from _in_children(jobs, shared, score, workers, threads)
+    yield from _in_children(jobs, whole, score, 1, runtime.cpu_threads())
+
+
+def _in_children(jobs: list[tuple], indices: list[int], score: Callable, workers: int, threads: int):
     env = {"OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads), "PIPELINE_THREADS": str(threads)}
     with concurrent.futures.ThreadPoolExecutor(workers) as executor:
         futures = {
@@ -71,13 +84,13 @@ def run(jobs: list[tuple], score: Callable, workers: int, threads: int) -> Itera
                 _in_child,
                 str(paths.ROOT),
                 score,
-                job,
-                name=f"scoring {job[0]['id']}",
-                where=job[0]["path"],
+                jobs[index],
+                name=f"scoring {jobs[index][0]['id']}",
+                where=jobs[index][0]["path"],
                 fix="run `make eval` again (it scores only what failed); SET=eval.workers=1 scores in one process",
                 env=env,
             ): index
-            for index, job in enumerate(jobs)
+            for index in indices
         }
         for future in concurrent.futures.as_completed(futures):
             try:

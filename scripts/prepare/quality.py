@@ -114,8 +114,8 @@ def length_stats(lengths: np.ndarray) -> dict:
         return {"min": 0, "median": 0, "p95": 0, "max": 0, "mean": 0.0, "total": 0}
     return {
         "min": int(lengths.min()),
-        "median": float(np.median(lengths)),
-        "p95": float(np.percentile(lengths, 95)),
+        "median": round(float(np.median(lengths)), 1),
+        "p95": round(float(np.percentile(lengths, 95)), 1),
         "max": int(lengths.max()),
         "mean": round(float(lengths.mean()), 2),
         "total": int(lengths.sum()),
