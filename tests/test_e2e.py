@@ -1,4 +1,5 @@
-"""End to end: `make all` on the real default model and config, as a user types it (~10 minutes)."""
+"""End to end: `make all` on the real default model and config, as a user types it (~8 minutes). It runs
+alone (serial), with every core, because it asserts the README's figures: train and eval times among them."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from lm import docker as docker_export
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # timed
 def test_make_all_on_the_default_model_then_nothing_to_do(project):
     first = make(project, "all")
     assert "base model ready" in first.stderr

@@ -31,7 +31,6 @@ GGUF = {"kind": "gguf", "bytes": 1_000_000_000}
         ("auto", 2, 24e9, [MODEL], (1, 1)),  # one left to score: the threads it would have had beside another
         (3, 6, 24e9, [MODEL] * 5, (3, 2)),
         (4, 2, 24e9, [MODEL] * 2, (2, 1)),  # never more workers than artifacts
-        ("auto", 2, 4.5e9, [MODEL, MODEL, GGUF], (2, 1)),  # a GGUF is scored alone: not counted beside another
     ],
 )
 def test_workers_and_threads_follow_the_setting_cores_and_memory(
@@ -71,12 +70,16 @@ def test_a_crashing_child_fails_its_job_alone(project):
     assert failed["status"] == "failed" and "SIGSEGV" in failed["error"]
 
 
-def test_gguf_jobs_come_after_the_mlx_ones_one_at_a_time_with_every_thread(project, monkeypatch):
+def test_a_gguf_is_scored_alone_and_the_mlx_artifacts_side_by_side():
+    assert pool.alone(GGUF) and not pool.alone(MODEL) and not pool.alone(QUANTIZED)
+
+
+def test_jobs_scored_alone_come_after_the_others_one_at_a_time_with_every_thread(project, monkeypatch):
     monkeypatch.setattr(runtime, "cpu_threads", lambda: 4)
     kinds = ["gguf", "fused", "gguf", "adapter", "mlx-quantized"]
     jobs = [({"id": f"{kind}-{n}", "kind": kind, "path": str(n)},) for n, kind in enumerate(kinds)]
-    outcomes = list(pool.run(jobs, echo_threads_or_crash, workers=2, threads=2))
-    assert sorted(index for index, _ in outcomes[:3]) == [1, 3, 4]  # the MLX ones, side by side
+    outcomes = list(pool.run(jobs, echo_threads_or_crash, workers=2, threads=2, alone={0, 2}))
+    assert sorted(index for index, _ in outcomes[:3]) == [1, 3, 4]  # side by side
     assert sorted(index for index, _ in outcomes[3:]) == [0, 2]
     assert [result["threads"] for _, result in outcomes] == ["2", "2", "2", "4", "4"]
 

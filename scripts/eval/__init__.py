@@ -181,10 +181,13 @@ def score_selected(cfg, artifacts, selected, test: TestSet, proven: dict, common
             results[index] = finish_result(cached, proven, test)
             progress.advance(summary_line(results[index], test.task_metric))
         order = sorted(jobs, key=lambda index: not jobs[index][5])  # those that generate take longest: first
-        workers, threads = pool.plan(cfg.eval.workers, [jobs[index][0] for index in order])
+        alone = {n for n, index in enumerate(order) if pool.alone(jobs[index][0])}
+        workers, threads = pool.plan(
+            cfg.eval.workers, [jobs[index][0] for n, index in enumerate(order) if n not in alone]
+        )
         if workers > 1:
             log.info(
-                "scoring %d artifacts, %d at once (%d threads each; a GGUF alone, with %d)",
+                "scoring %d artifacts, %d at once (%d threads each; each GGUF alone, with %d)",
                 len(order),
                 workers,
                 threads,
@@ -196,7 +199,7 @@ def score_selected(cfg, artifacts, selected, test: TestSet, proven: dict, common
                 selected[order[0]]["id"],
                 threads,
             )
-        for done, outcome in pool.run([jobs[index] for index in order], score_job, workers, threads):
+        for done, outcome in pool.run([jobs[index] for index in order], score_job, workers, threads, alone):
             index = order[done]
             artifact = selected[index]
             result = scored_result(artifact, outcome)

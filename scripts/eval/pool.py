@@ -3,10 +3,12 @@
 On a CPU one MLX artifact's scoring leaves cores idle: generation decodes a token at a time, and MLX
 runs everything but the matmuls on one thread. Measured here, two MLX artifacts side by side, each with
 half the threads, answer 1.75x and score loss 1.2x as fast as one after the other. llama.cpp is the
-opposite: it spreads every op over its threads, and on one thread it took 40 s for the Q4_K_M model
-against 22 s on two. So the MLX artifacts are scored side by side, and then the GGUF artifacts one
-after the other with every thread. Each job runs in a fresh Python process (pipeline.isolate), so a
-crash in native code (llama.cpp, MLX) fails that artifact alone, with its cause.
+opposite: it spreads every op over its threads, and on one thread it took 40 s to answer with the
+Q4_K_M model against 22 s on two. So the MLX artifacts are scored side by side, then the GGUF ones
+one after the other with every thread (a GGUF scored on loss only beside an MLX artifact, on one
+thread, took 17 s against 8-9 s alone on two, and slowed its neighbour: no gain over two runs each).
+Each job runs in a fresh Python process (pipeline.isolate), so a crash in native code (llama.cpp, MLX)
+fails that artifact alone, with its cause.
 
 `eval.workers: auto` is 2 on a CPU with at least 2 threads to give (PIPELINE_THREADS, or every core)
 and memory for two models at once; 1 on a GPU, where one model already keeps the device busy. With one
@@ -28,9 +30,14 @@ DEFAULT_MEMORY_PER_BYTE = 2.0
 WHOLE_MACHINE_KINDS = {"gguf"}
 
 
+def alone(artifact: dict) -> bool:
+    """Whether scoring this artifact takes the whole machine (scored after the others, with every thread)."""
+    return artifact["kind"] in WHOLE_MACHINE_KINDS
+
+
 def plan(setting: int | str, artifacts: list[dict]) -> tuple[int, int]:
-    """(workers, threads each) for scoring the MLX artifacts among `artifacts` under eval.workers (the
-    GGUF ones always get every thread, one at a time). The threads follow the setting and the machine,
+    """(workers, threads each) for scoring `artifacts` side by side under eval.workers (those scored
+    alone get every thread). The threads follow the setting and the machine,
     not how many artifacts are left to score: a BLAS thread count sums some products in another order,
     so an artifact re-scored alone (the others cached) gets the threads it had before."""
     budget = runtime.cpu_threads()
@@ -41,8 +48,7 @@ def plan(setting: int | str, artifacts: list[dict]) -> tuple[int, int]:
     elif runtime.device_name() != "cpu" or budget < 2:
         most = 1
     else:
-        side_by_side = [a for a in artifacts if a["kind"] not in WHOLE_MACHINE_KINDS]
-        most = 2 if fits_in_memory(side_by_side, 2) else 1
+        most = 2 if fits_in_memory(artifacts, 2) else 1
     return max(1, min(most, len(artifacts))), max(1, budget // most)
 
 
@@ -57,11 +63,13 @@ def fits_in_memory(artifacts: list[dict], workers: int) -> bool:
     return sum(needs[:workers]) <= available / 2
 
 
-def run(jobs: list[tuple], score: Callable, workers: int, threads: int) -> Iterator[tuple[int, dict | BaseException]]:
+def run(
+    jobs: list[tuple], score: Callable, workers: int, threads: int, alone: set[int] = frozenset()
+) -> Iterator[tuple[int, dict | BaseException]]:
     """(job index, score(*job) or the exception it raised) for every job, as each finishes. With more
-    than one worker, or fewer threads than this process has, each job runs in a child process: the MLX
-    ones `workers` at a time with `threads` BLAS threads each, then the GGUF ones (WHOLE_MACHINE_KINDS)
-    one at a time with every thread."""
+    than one worker, or fewer threads than this process has, each job runs in a child process: those
+    not in `alone` `workers` at a time with `threads` BLAS threads each, then those in `alone` one at a
+    time with every thread."""
     if workers == 1 and threads == runtime.cpu_threads():
         for index, job in enumerate(jobs):
             try:
@@ -69,10 +77,9 @@ def run(jobs: list[tuple], score: Callable, workers: int, threads: int) -> Itera
             except Exception as exc:  # the caller decides what is a scoring failure
                 yield index, exc
         return
-    whole = [index for index, job in enumerate(jobs) if job[0]["kind"] in WHOLE_MACHINE_KINDS]
-    shared = [index for index in range(len(jobs)) if index not in whole]
+    shared = [index for index in range(len(jobs)) if index not in alone]
     yield from _in_children(jobs, shared, score, workers, threads)
-    yield from _in_children(jobs, whole, score, 1, runtime.cpu_threads())
+    yield from _in_children(jobs, sorted(alone), score, 1, runtime.cpu_threads())
 
 
 def _in_children(jobs: list[tuple], indices: list[int], score: Callable, workers: int, threads: int):
