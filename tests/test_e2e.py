@@ -32,7 +32,7 @@ def test_make_all_on_the_default_model_then_nothing_to_do(project):
     assert (project / "data" / "data_report.md").read_text().startswith("# Data report")
     train_manifest = contracts.read_json(project / "runs" / "main" / "train.manifest.json", "run_manifest")
     details = train_manifest["details"]
-    assert train_manifest["wall_seconds"] < 300, train_manifest["wall_seconds"]
+    assert train_manifest["wall_seconds"] < 300, train_manifest["wall_seconds"]  # README: 233 s measured
     assert details["best_val_loss"] < 0.5 * details["first_val_loss"], details
     assert (project / "runs" / "main" / "loss.png").is_file()
     fuse_manifest = contracts.read_json(project / "runs" / "main" / "fuse.manifest.json", "run_manifest")
@@ -56,13 +56,16 @@ def test_make_all_on_the_default_model_then_nothing_to_do(project):
     assert fuse_manifest["wall_seconds"] + quantize["seconds"]["gguf-f16"] + quantize["seconds"]["gguf-Q4_K_M"] < 60
 
     eval_manifest = contracts.read_json(project / "eval_out" / "main" / "eval.manifest.json", "run_manifest")
-    assert eval_manifest["wall_seconds"] < 300, eval_manifest["wall_seconds"]
+    assert eval_manifest["wall_seconds"] < 150, eval_manifest["wall_seconds"]  # README: 80-93 s measured
     metrics = contracts.read_json(project / "eval_out" / "main" / "metrics.json", "eval_metrics")
     by_kind = {a["kind"]: a for a in metrics["artifacts"]}
     assert all(a["status"] == "ok" for a in metrics["artifacts"]), metrics["artifacts"]
     task = metrics["task_metric"]
     assert task == "call_f1" and "tool calls" in metrics["task_metric_reason"]
-    assert by_kind["fused"]["metrics"][task]["value"] - by_kind["base"]["metrics"][task]["value"] >= 30, (task, by_kind)
+    fused = by_kind["fused"]["metrics"]
+    # README, measured here: call F1 79.5 and schema-valid 90.0 (base 0 and 0); a margin for other CPUs' sums
+    assert fused[task]["value"] >= 75 and fused["schema_valid"]["value"] >= 85, fused
+    assert fused[task]["value"] - by_kind["base"]["metrics"][task]["value"] >= 60, (task, by_kind)
     verdict = metrics["verdict"]
     assert verdict["answer"] == "Yes" and verdict["records"] == 40 and verdict["low"] > 0, verdict
     policy = contracts.read_json(project / "eval_out" / "main" / "generation_policy.json", "generation_policy")
