@@ -18,7 +18,6 @@ from test_eval import EVAL, out_dir, quantized_project  # noqa: F401  (a fixture
 
 MODEL = {"kind": "fused", "bytes": 500_000_000}
 QUANTIZED = {"kind": "mlx-quantized", "bytes": 150_000_000}
-GGUF = {"kind": "gguf", "bytes": 1_000_000_000}
 
 
 @pytest.mark.parametrize(
@@ -42,6 +41,12 @@ def test_workers_and_threads_follow_the_setting_cores_and_memory(
     assert pool.plan(setting, artifacts) == expected
 
 
+def test_the_longest_jobs_go_first_a_gguf_that_answers_then_mlx_that_answers_then_loss_only():
+    jobs = [(MODEL, False), (QUANTIZED, True), ({"kind": "gguf"}, False), ({"kind": "gguf"}, True), (MODEL, True)]
+    ranked = sorted(range(len(jobs)), key=lambda n: pool.length_rank(*jobs[n]))
+    assert ranked == [3, 1, 4, 0, 2]
+
+
 def test_auto_is_one_worker_on_a_gpu(monkeypatch):
     monkeypatch.setattr(runtime, "cpu_threads", lambda: 8)
     monkeypatch.setattr(runtime, "device_name", lambda: "gpu")
@@ -56,11 +61,7 @@ def echo_threads_or_crash(artifact: dict) -> dict:
 
 
 def test_a_crashing_child_fails_its_job_alone(project):
-    jobs = [
-        ({"id": "a", "kind": "fused", "path": "a"},),
-        ({"id": "crash", "kind": "gguf", "path": "runs/x.gguf"},),
-        ({"id": "b", "kind": "fused", "path": "b"},),
-    ]
+    jobs = [({"id": "a", "path": "a"},), ({"id": "crash", "path": "runs/x.gguf"},), ({"id": "b", "path": "b"},)]
     outcomes = dict(pool.run(jobs, echo_threads_or_crash, workers=2, threads=1))
     assert sorted(outcomes) == [0, 1, 2]
     assert outcomes[0] == {"id": "a", "root": str(project), "threads": "1"} and outcomes[2]["id"] == "b"
@@ -68,20 +69,6 @@ def test_a_crashing_child_fails_its_job_alone(project):
     assert isinstance(crash, PipelineError) and "scoring crash crashed (SIGSEGV)" in str(crash)
     failed = eval_stage.scored_result({**jobs[1][0], "kind": "gguf", "format": "gguf", "bytes": 1}, crash)
     assert failed["status"] == "failed" and "SIGSEGV" in failed["error"]
-
-
-def test_a_gguf_is_scored_alone_and_the_mlx_artifacts_side_by_side():
-    assert pool.alone(GGUF) and not pool.alone(MODEL) and not pool.alone(QUANTIZED)
-
-
-def test_jobs_scored_alone_come_after_the_others_one_at_a_time_with_every_thread(project, monkeypatch):
-    monkeypatch.setattr(runtime, "cpu_threads", lambda: 4)
-    kinds = ["gguf", "fused", "gguf", "adapter", "mlx-quantized"]
-    jobs = [({"id": f"{kind}-{n}", "kind": kind, "path": str(n)},) for n, kind in enumerate(kinds)]
-    outcomes = list(pool.run(jobs, echo_threads_or_crash, workers=2, threads=2, alone={0, 2}))
-    assert sorted(index for index, _ in outcomes[:3]) == [1, 3, 4]  # side by side
-    assert sorted(index for index, _ in outcomes[3:]) == [0, 2]
-    assert [result["threads"] for _, result in outcomes] == ["2", "2", "2", "4", "4"]
 
 
 def test_scoring_side_by_side_gives_the_scores_of_one_after_the_other(quantized_project, caplog):  # noqa: F811

@@ -180,26 +180,17 @@ def score_selected(cfg, artifacts, selected, test: TestSet, proven: dict, common
                 continue
             results[index] = finish_result(cached, proven, test)
             progress.advance(summary_line(results[index], test.task_metric))
-        order = sorted(jobs, key=lambda index: not jobs[index][5])  # those that generate take longest: first
-        alone = {n for n, index in enumerate(order) if pool.alone(jobs[index][0])}
-        workers, threads = pool.plan(
-            cfg.eval.workers, [jobs[index][0] for n, index in enumerate(order) if n not in alone]
-        )
+        order = sorted(jobs, key=lambda index: pool.length_rank(jobs[index][0], answers=bool(jobs[index][5])))
+        workers, threads = pool.plan(cfg.eval.workers, [jobs[index][0] for index in order])
         if workers > 1:
-            log.info(
-                "scoring %d artifacts, %d at once (%d threads each; each GGUF alone, with %d)",
-                len(order),
-                workers,
-                threads,
-                runtime.cpu_threads(),
-            )
+            log.info("scoring %d artifacts, %d at once (%d threads each)", len(order), workers, threads)
         elif order and threads < runtime.cpu_threads():
             log.info(
                 "scoring %s in a process of its own with %d threads, as beside another",
                 selected[order[0]]["id"],
                 threads,
             )
-        for done, outcome in pool.run([jobs[index] for index in order], score_job, workers, threads, alone):
+        for done, outcome in pool.run([jobs[index] for index in order], score_job, workers, threads):
             index = order[done]
             artifact = selected[index]
             result = scored_result(artifact, outcome)

@@ -1,14 +1,13 @@
 """eval's scoring pool: several artifacts scored at once, each in a process of its own.
 
-On a CPU one MLX artifact's scoring leaves cores idle: generation decodes a token at a time, and MLX
-runs everything but the matmuls on one thread. Measured here, two MLX artifacts side by side, each with
-half the threads, answer 1.75x and score loss 1.2x as fast as one after the other. llama.cpp is the
-opposite: it spreads every op over its threads, and on one thread it took 40 s to answer with the
-Q4_K_M model against 22 s on two. So the MLX artifacts are scored side by side, then the GGUF ones
-one after the other with every thread (a GGUF scored on loss only beside an MLX artifact, on one
-thread, took 17 s against 8-9 s alone on two, and slowed its neighbour: no gain over two runs each).
-Each job runs in a fresh Python process (pipeline.isolate), so a crash in native code (llama.cpp, MLX)
-fails that artifact alone, with its cause.
+On a CPU one artifact's scoring leaves cores idle: generation decodes a token at a time, and MLX runs
+everything but the matmuls on one thread. Measured here, two MLX artifacts side by side, each with half
+the threads, answer 1.75x and score loss 1.2x as fast as one after the other; the whole default eval
+gains less (105 -> 99 s), since each process loads its model and llama.cpp is slower on one thread
+than on two. Scoring each GGUF alone on both threads after the MLX artifacts was tried: on Alpaca it
+left a worker idle for 84 s of the MLX part and took 318 s against 279 s side by side. Each job runs
+in a fresh Python process (pipeline.isolate), so a crash in native code (llama.cpp, MLX) fails that
+artifact alone, with its cause.
 
 `eval.workers: auto` is 2 on a CPU with at least 2 threads to give (PIPELINE_THREADS, or every core)
 and memory for two models at once; 1 on a GPU, where one model already keeps the device busy. With one
@@ -26,20 +25,22 @@ from pipeline import isolate, paths, runtime
 # dequantized to float32 on CPU (8-bit: 4x), plus activations and KV caches.
 MEMORY_PER_BYTE = {"mlx-quantized": 5.0}
 DEFAULT_MEMORY_PER_BYTE = 2.0
-# Kinds whose engine keeps every thread busy on its own: scored alone, with all of them.
-WHOLE_MACHINE_KINDS = {"gguf"}
 
 
-def alone(artifact: dict) -> bool:
-    """Whether scoring this artifact takes the whole machine (scored after the others, with every thread)."""
-    return artifact["kind"] in WHOLE_MACHINE_KINDS
+def length_rank(artifact: dict, answers: bool) -> int:
+    """The rank of a job's expected length, longest first (0): the pool hands each worker the next job
+    as it frees, so starting with the longest keeps both busy to the end. A GGUF that answers on one
+    thread takes longest (Q4_K_M on Alpaca 163 s, against 94-104 s for an MLX model), then the MLX
+    models that answer, then the artifacts scored on loss only."""
+    if not answers:
+        return 2
+    return 0 if artifact["kind"] == "gguf" else 1
 
 
 def plan(setting: int | str, artifacts: list[dict]) -> tuple[int, int]:
-    """(workers, threads each) for scoring `artifacts` side by side under eval.workers (those scored
-    alone get every thread). The threads follow the setting and the machine,
-    not how many artifacts are left to score: a BLAS thread count sums some products in another order,
-    so an artifact re-scored alone (the others cached) gets the threads it had before."""
+    """(workers, threads each) for scoring `artifacts` under eval.workers. The threads follow the setting
+    and the machine, not how many artifacts are left to score: a BLAS thread count sums some products in
+    another order, so an artifact re-scored alone (the others cached) gets the threads it had before."""
     budget = runtime.cpu_threads()
     if not artifacts:
         return 1, budget
@@ -63,13 +64,10 @@ def fits_in_memory(artifacts: list[dict], workers: int) -> bool:
     return sum(needs[:workers]) <= available / 2
 
 
-def run(
-    jobs: list[tuple], score: Callable, workers: int, threads: int, alone: set[int] = frozenset()
-) -> Iterator[tuple[int, dict | BaseException]]:
+def run(jobs: list[tuple], score: Callable, workers: int, threads: int) -> Iterator[tuple[int, dict | BaseException]]:
     """(job index, score(*job) or the exception it raised) for every job, as each finishes. With more
-    than one worker, or fewer threads than this process has, each job runs in a child process: those
-    not in `alone` `workers` at a time with `threads` BLAS threads each, then those in `alone` one at a
-    time with every thread."""
+    than one worker, or fewer threads than this process has, each job runs in a child process with
+    `threads` BLAS and llama.cpp threads."""
     if workers == 1 and threads == runtime.cpu_threads():
         for index, job in enumerate(jobs):
             try:
@@ -77,12 +75,6 @@ def run(
             except Exception as exc:  # the caller decides what is a scoring failure
                 yield index, exc
         return
-    shared = [index for index in range(len(jobs)) if index not in alone]
-    yield from _in_children(jobs, shared, score, workers, threads)
-    yield from _in_children(jobs, sorted(alone), score, 1, runtime.cpu_threads())
-
-
-def _in_children(jobs: list[tuple], indices: list[int], score: Callable, workers: int, threads: int):
     env = {"OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads), "PIPELINE_THREADS": str(threads)}
     with concurrent.futures.ThreadPoolExecutor(workers) as executor:
         futures = {
@@ -91,13 +83,13 @@ def _in_children(jobs: list[tuple], indices: list[int], score: Callable, workers
                 _in_child,
                 str(paths.ROOT),
                 score,
-                jobs[index],
-                name=f"scoring {jobs[index][0]['id']}",
-                where=jobs[index][0]["path"],
+                job,
+                name=f"scoring {job[0]['id']}",
+                where=job[0]["path"],
                 fix="run `make eval` again (it scores only what failed); SET=eval.workers=1 scores in one process",
                 env=env,
             ): index
-            for index in indices
+            for index, job in enumerate(jobs)
         }
         for future in concurrent.futures.as_completed(futures):
             try:
