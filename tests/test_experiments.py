@@ -128,6 +128,25 @@ def test_bad_experiments_are_one_clear_error(project, case):
     assert "\n" not in line and re.search(pattern, line), line
 
 
+@pytest.mark.parametrize(
+    "sweep, names",
+    [
+        (
+            "seeds.yaml",
+            ["r8-lr5e-4-s1", "r8-lr5e-4-s2", "r8-lr2e-4-s1", "r8-lr2e-4-s2", "r16-lr2e-4-s1", "r16-lr2e-4-s2"],
+        ),
+        ("steps96.yaml", ["s0", "s1", "s2"]),
+    ],
+)
+def test_the_sweeps_that_chose_the_defaults_are_valid(project, sweep, names):
+    workspace = load_workspace(override_file=paths.ROOT / "config" / "sweeps" / sweep)
+    assert workspace.names() == names
+    for name in names:
+        config = workspace.config(name)
+        assert config.eval.artifacts == ["base", "fused"] and config.train.steps_per_eval == 24
+        assert config.train.seed == int(name[-1])
+
+
 def test_the_shipped_example_sweep_is_valid(project):
     workspace = load_workspace(override_file=paths.ROOT / "config" / "sweeps" / "rank-lr.yaml")
     assert workspace.names() == ["r4-lr1e-4", "r4-lr2e-4", "r16-lr1e-4", "r16-lr2e-4"]
