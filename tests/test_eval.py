@@ -107,9 +107,9 @@ def test_fewer_answered_records_than_loss_records(quantized_project):
     assert "2 of 6 test records" in (out_dir() / "report.md").read_text()
 
 
-def test_proven_twins_are_scored_on_the_answered_records_only(quantized_project):
+def test_proven_twins_are_scored_on_the_first_proven_records_only(quantized_project):
     def artifacts(*kinds) -> dict:
-        assert eval_stage.main([*EVAL, "eval.answer_records=2", f"eval.artifacts=[{','.join(kinds)}]"]) == 0
+        assert eval_stage.main([*EVAL, "eval.proven_records=2", f"eval.artifacts=[{','.join(kinds)}]"]) == 0
         return {a["id"]: a for a in contracts.read_json(out_dir() / "metrics.json", "eval_metrics")["artifacts"]}
 
     alone = artifacts("base", "adapter")  # no fused model to be the twin of: scored like the rest
@@ -128,7 +128,7 @@ def test_proven_twins_are_scored_on_the_answered_records_only(quantized_project)
     assert f16["metric"] == "loss" and f16["records"] == 2
     report = (out_dir() / "report.md").read_text()
     assert re.search(r"\| main/main-f16\.gguf \| [^|]+ \| [\d.]+ \(2 rec\.\) \|", report)
-    assert "over the answered records (2" in report
+    assert "over the first 2 test records" in report
 
 
 def test_fast_loss_equals_the_plain_masked_loss(quantized_project):

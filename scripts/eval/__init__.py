@@ -170,11 +170,12 @@ def score_selected(cfg, artifacts, selected, test: TestSet, proven: dict, common
     with ItemProgress(len(selected), "eval", log) as progress:
         for index, artifact in enumerate(selected):
             twin = artifact["id"] in proven
-            keys[index] = scores.artifact_key(artifact, artifacts, common_key) | {"proven_twin": twin}
+            twin_records = twin_record_count(cfg.eval.proven_records, len(test.records)) if twin else None
+            keys[index] = scores.artifact_key(artifact, artifacts, common_key) | {"proven_twin": twin_records}
             cached = cached_result(experiment, artifact, keys[index])
             if cached is None:
                 items = (
-                    {j: item for j, item in test.loss_items.items() if j < len(test.caps)} if twin else test.loss_items
+                    {j: item for j, item in test.loss_items.items() if j < twin_records} if twin else test.loss_items
                 )
                 jobs[index] = (artifact, artifacts, test.prompts, items, eval_section, [] if twin else test.caps)
                 continue
@@ -253,12 +254,17 @@ def answer_caps(references: list[str], tokenizer, max_tokens: int) -> list[int]:
     return [min(max_tokens, 2 * len(tokenizer.encode(r, add_special_tokens=False)) + 8) for r in references]
 
 
+def twin_record_count(proven_records: int, records: int) -> int:
+    """How many of the first test records a proven twin's loss is measured on (eval.proven_records)."""
+    return records if proven_records == -1 else min(records, proven_records)
+
+
 def proven_equal(artifacts: list[dict], selected: list[dict], experiment: str) -> dict[str, str]:
     """{artifact id: why} for the artifacts a check already proved equal to the fused model, when it is
     scored too: base + adapter (fuse compares their logits and stops on a difference) and the float
     GGUF (quantize's export check found the same greedy tokens on every check prompt). Such a twin
-    generates nothing, and its loss is measured on the answered records only: enough to catch a
-    twin that is not one, at a fifth of the cost when loss decides."""
+    generates nothing, and its loss is measured on the first eval.proven_records test records only
+    (8 by default): enough to catch a twin that is not one, at a fraction of the cost."""
     by_id = {a["id"]: a for a in artifacts}
     fused = next((a for a in selected if a["kind"] == "fused"), None)
     if fused is None:

@@ -221,8 +221,8 @@ def what_was_generated(metrics: dict) -> list[str]:
     if loss_only:
         records = min(_loss_records(a) for a in loss_only)
         lines.append(
-            f"Scored on loss only, over the answered records ({records}; its Δ is against the base model on "
-            "the same records): "
+            f"Scored on loss only, over the first {records} test records (eval.proven_records; its Δ is against "
+            "the base model on the same records): "
             + ", ".join(f"`{a['id']}` ({a.get('loss_only_reason', 'loss only')})" for a in loss_only)
             + " (eval.proven=answers scores them in full)."
         )
