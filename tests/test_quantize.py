@@ -78,9 +78,14 @@ def test_quantize_writes_checked_artifacts_with_lineage(fused_project):
     out = quantized_dir()
     names = sorted(p.name for p in out.iterdir())
     assert names == [
+        "base-Q4_K_M.gguf",
+        "base-Q8_0.gguf",
+        "base-f32.gguf",
         "main-Q4_K_M.gguf",
         "main-Q8_0.gguf",
         "main-f32.gguf",
+        "main-lora.gguf",
+        "main-peft",
         "mlx-affine-4bit-g64",
     ]
     assert gguf_header.read_header(out / "main-Q4_K_M.gguf")["quantization"] == "Q4_K_M"
@@ -91,6 +96,10 @@ def test_quantize_writes_checked_artifacts_with_lineage(fused_project):
     assert by_id["main/main-f32.gguf"]["parent"] == "main/fused"
     assert by_id["main/main-Q4_K_M.gguf"]["parent"] == "main/main-f32.gguf"
     assert by_id["main/mlx-affine-4bit-g64"]["parent"] == "main/fused"
+    assert by_id["main/base-f32.gguf"]["parent"] == "base" and by_id["main/base-f32.gguf"]["kind"] == "gguf-base"
+    assert by_id["main/base-Q4_K_M.gguf"]["parent"] == "main/base-f32.gguf"
+    assert by_id["main/main-lora.gguf"]["parent"] == by_id["main/main-peft"]["parent"] == "main/adapter"
+    assert (by_id["main/main-lora.gguf"]["kind"], by_id["main/main-peft"]["kind"]) == ("gguf-adapter", "peft")
     for artifact in artifacts:
         path = paths.resolve(artifact["path"])
         digest = hashing.sha256_tree(path) if path.is_dir() else hashing.sha256_file(path)
@@ -101,6 +110,31 @@ def test_quantize_writes_checked_artifacts_with_lineage(fused_project):
     table = details["perplexity"]["by_type"]
     assert set(table) == {"f32", "Q4_K_M", "Q8_0"} and table["f32"]["change_vs_float"] == 0
     assert abs(table["Q8_0"]["ratio_vs_float"] - 1) < 0.05
+    check = details["adapter"]["gguf"]["check"]
+    assert check["matching"] == check["prompts"] == 2 and all(r["match"] for r in check["results"])
+    assert 0 <= check["max_logit_difference"] <= check["tolerance"]
+    assert details["adapter"]["peft"]["round_trip"] == "equal"
+
+
+def test_adapter_gguf_that_does_not_answer_like_the_fused_gguf_stops_the_stage(fused_project, caplog, monkeypatch):
+    from lm import adapter_export
+
+    monkeypatch.setattr(adapter_export.LoraAdapter, "alpha", property(lambda self: 50 * self.scale * self.rank))
+    assert (
+        quantize.main(
+            [*SMALL, "quantize.gguf_types=[]", "quantize.gguf_float=float32", "quantize.adapter_exports=[gguf]"]
+        )
+        == 2
+    )
+    assert "the adapter GGUF on the base GGUF does not answer like the fused GGUF: check prompt 0" in caplog.text
+    assert not quantized_dir().exists()
+    artifacts = contracts.read_json(paths.RUNS_DIR / "main" / "artifacts.json", "artifacts")["artifacts"]
+    assert {a["stage"] for a in artifacts} == {"model", "train", "fuse"}
+
+
+def test_no_adapter_exports_when_none_are_asked_for(fused_project):
+    assert quantize.main([*SMALL, "quantize.gguf_types=[]", "quantize.adapter_exports=[]"]) == 0
+    assert sorted(p.name for p in quantized_dir().iterdir()) == ["main-f16.gguf", "mlx-affine-4bit-g64"]
 
 
 def test_mlx_quantized_model_loads_and_is_quantized(fused_project):

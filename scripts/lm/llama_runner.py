@@ -23,10 +23,25 @@ from llama_cpp import Llama, _internals
 logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
 
 
-def open_llama(gguf_path: Path, n_ctx: int):
+def open_llama(gguf_path: Path, n_ctx: int, lora_path: Path | None = None):
+    """A llama.cpp model for one sequence at a time; with `lora_path`, a LoRA adapter GGUF applied at scale 1
+    (llama.cpp scales it by the adapter's alpha / rank)."""
     return Llama(
-        model_path=str(gguf_path), n_ctx=n_ctx, n_batch=512, n_threads=runtime.cpu_threads(), verbose=False, seed=0
+        model_path=str(gguf_path),
+        n_ctx=n_ctx,
+        n_batch=512,
+        n_threads=runtime.cpu_threads(),
+        verbose=False,
+        seed=0,
+        lora_path=str(lora_path) if lora_path else None,
     )
+
+
+def last_logits(llm, prompt: list[int]) -> np.ndarray:
+    """The logits after the whole of `prompt` (the first greedy step's), as float32."""
+    llm.reset()
+    llm.eval(prompt)  # without logits_all, llama-cpp-python keeps no logits itself: read the context's
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).astype(np.float32)
 
 
 def greedy(llm, prompt: list[int], max_tokens: int, stop_ids: set[int]) -> list[int]:

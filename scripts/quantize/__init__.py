@@ -10,6 +10,10 @@ stage, once eval has decided which artifact ships.
 Export check: the fused MLX model and the float GGUF run in llama.cpp must produce the same greedy
 tokens for test prompts (the first differing position is reported otherwise); each quantized GGUF's
 perplexity on the test split is recorded against the float GGUF's.
+
+The adapter route (quantize.adapter_exports, quantize/adapter.py): the LoRA adapter as a GGUF, with the
+base model as a float GGUF and its quantizations, checked in llama.cpp against the fused float GGUF;
+and as a PEFT folder, checked by reading it back.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 from mlx_lm.utils import quantize_model, save
 
 from lm import hf_to_gguf, llama_runner, tokens
+from quantize import adapter
 
 log = logging.getLogger("quantize")
 
@@ -99,14 +104,22 @@ def run(cfg) -> Path:
         for quant in mlx_quants:
             with timed(timings, quant.folder):
                 write_mlx_quantized(fused_dir, tmp / quant.folder, quant)
+        ggufs = {}
         if float_tag:
             ggufs = write_ggufs(fused_dir, tmp, experiment, qcfg, contract, float_tag, timings)
             details["export_check"] = export_check(fused_dir, ggufs[float_tag], contract, qcfg)
             details["perplexity"] = perplexity_table(ggufs, float_tag, fused_dir, contract, qcfg)
+        if qcfg.adapter_exports:
+            with timed(timings, "adapter"):
+                details["adapter"] = adapter.export(
+                    read_artifacts(experiment), tmp, experiment, qcfg, contract, cfg.model.source, ggufs.get(float_tag)
+                )
     details["seconds"] = timings
 
     artifacts_out = stage.staged(paths.artifacts_file(experiment))
-    artifacts = update_artifacts(artifacts_out, experiment, staged_dir, out_dir, mlx_quants, float_tag, cfg)
+    artifacts = update_artifacts(
+        artifacts_out, experiment, staged_dir, out_dir, mlx_quants, float_tag, cfg, details.get("adapter", {})
+    )
     outputs = [stage.entry("quantized", out_dir), stage.entry("artifacts", paths.artifacts_file(experiment))]
     inputs = [file_entry("fused", fused_dir), file_entry("data_contract", paths.DATA_CONTRACT)]
     stage.finish(run_dir / "quantize.manifest.json", inputs, outputs, details)
@@ -307,13 +320,16 @@ def perplexity_table(ggufs: dict[str, Path], float_tag: str, fused_dir: Path, co
     return {"records": len(items), "by_type": table}
 
 
+def read_artifacts(experiment: str) -> list[dict]:
+    return contracts.read_json(paths.artifacts_file(experiment), "artifacts")["artifacts"]
+
+
 def update_artifacts(
-    out: Path, experiment: str, out_dir: Path, final_dir: Path, mlx_quants, float_tag: str, cfg
+    out: Path, experiment: str, out_dir: Path, final_dir: Path, mlx_quants, float_tag: str, cfg, adapter_details: dict
 ) -> list[dict]:
     """artifacts.json with this stage's entries replaced, keeping fuse's (base → adapter → fused), written
     to `out`. The files are read in `out_dir` and recorded at their final place, `final_dir`."""
-    existing = contracts.read_json(paths.artifacts_file(experiment), "artifacts")["artifacts"]
-    entries = [a for a in existing if a["stage"] != "quantize"]
+    entries = [a for a in read_artifacts(experiment) if a["stage"] != "quantize"]
     slice_ = {"quantize": config.section(cfg, "quantize")}
     fused_id = f"{experiment}/fused"
 
@@ -342,5 +358,13 @@ def update_artifacts(
         float_id = add("gguf", f"gguf-{float_tag}", float_file, fused_id)
         for type_name in cfg.quantize.gguf_types:
             add("gguf", f"gguf-{type_name}", out_dir / gguf_file_name(experiment, type_name), float_id)
+    adapter_id = f"{experiment}/adapter"
+    if "peft" in adapter_details:
+        add("peft", "peft-lora", out_dir / adapter.peft_folder_name(experiment), adapter_id)
+    if "check" in adapter_details.get("gguf", {}):
+        base_float_id = add("gguf-base", f"gguf-{float_tag}", out_dir / adapter.base_gguf_name(float_tag), "base")
+        for type_name in cfg.quantize.gguf_types:
+            add("gguf-base", f"gguf-{type_name}", out_dir / adapter.base_gguf_name(type_name), base_float_id)
+        add("gguf-adapter", "gguf-lora-f32", out_dir / adapter.adapter_gguf_name(experiment), adapter_id)
     contracts.write_json(out, {"experiment": experiment, "artifacts": entries}, "artifacts")
     return entries
