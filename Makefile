@@ -44,7 +44,7 @@ export CMAKE_ARGS
 # <stage>_TARGETS (the manifests `make <stage>` builds) and prerequisites, <stage>_DEPS for a shared
 # stage and <stage>_DEPS_<experiment> for the others: the code it runs (its script or folder and every
 # project module they import), its config slices, the files it reads and the manifests before it.
-NO_CONFIG_GOALS := help setup lock clean distclean doctor test lint format settings experiments verify thaw bench bench-setup
+NO_CONFIG_GOALS := help setup lock clean distclean doctor test lint format settings experiments verify thaw bench bench-setup chat serve
 ifneq ($(filter-out $(NO_CONFIG_GOALS),$(or $(MAKECMDGOALS),$(.DEFAULT_GOAL))),)
 include $(STATE)/config.mk
 endif
@@ -83,6 +83,14 @@ lock: | $(SETUP_STAMP)
 ## Check the machine: platform, device, versions, which BLAS is loaded and how fast a matmul runs
 doctor: | $(SETUP_STAMP)
 	$(RUN_STAGE) doctor $(STAGE_ARGS)
+
+## Talk to the model an experiment ships (ARTIFACT=id for another; prompts on stdin: one answer per line)
+chat: | $(SETUP_STAMP)
+	@$(RUN_STAGE) chat $(STAGE_ARGS) $(if $(EXP),experiment.name=$(EXP)) $(if $(ARTIFACT),chat.artifact=$(ARTIFACT))
+
+## Serve the model an experiment ships over an OpenAI-compatible API (PORT=8080, HOST=127.0.0.1, ARTIFACT=id)
+serve: | $(SETUP_STAMP)
+	@$(RUN_STAGE) serve $(STAGE_ARGS) $(if $(EXP),experiment.name=$(EXP)) $(if $(ARTIFACT),serve.artifact=$(ARTIFACT)) $(if $(PORT),serve.port=$(PORT)) $(if $(HOST),serve.host=$(HOST))
 
 ## List every setting: its default, the values it allows and what it does (SECTION=train for one section)
 settings: | $(SETUP_STAMP)
@@ -233,4 +241,4 @@ clean:
 distclean: clean
 	rm -rf $(VENV) .cache
 
-.PHONY: help setup lock doctor settings bench bench-setup all experiments model prepare search train fuse quantize eval package freeze repro verify thaw summary lint format test clean distclean
+.PHONY: help setup lock doctor settings bench bench-setup chat serve all experiments model prepare search train fuse quantize eval package freeze repro verify thaw summary lint format test clean distclean

@@ -112,6 +112,10 @@ def collect(cfg, record: dict, policy: dict, recorded: dict) -> dict[str, bundle
         add(package_dir)
         if package["details"]["gguf"]:  # the Modelfile's FROM and the image's layer are this GGUF
             add(paths.resolve(package["details"]["gguf"]["path"]))
+        route = package["details"].get("ollama_adapter")
+        if route:  # Modelfile.adapter's FROM and ADAPTER, relative to the package folder
+            for name in (route["from"], route["adapter"]):
+                add((package_dir / name).resolve())
     if cfg.freeze.include_data:
         for split in paths.SPLITS:
             add(paths.split_file(split))
@@ -163,6 +167,13 @@ def package_lines(experiment: str, package: dict) -> list[str]:
         lines += [
             f"Ollama: `ollama create {experiment} -f {folder}/Modelfile` then `ollama run {experiment}` (its FROM, "
             f"`{package['ollama']['from']}`, is relative to it; template, stops and sampling as eval scored them).",
+            "",
+        ]
+    if package.get("ollama_adapter"):
+        route = package["ollama_adapter"]
+        lines += [
+            f"Ollama, the adapter route: `ollama create {experiment}-lora -f {folder}/{route['file']}` (FROM the base "
+            f"model `{route['from']}`, ADAPTER the LoRA adapter `{route['adapter']}`).",
             "",
         ]
     if package.get("docker"):

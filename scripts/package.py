@@ -2,8 +2,10 @@
 
 Reads config section `package`, eval_out/<experiment>/generation_policy.json (generation_policy),
 runs/<experiment>/artifacts.json (artifacts), data/data_contract.json (the chat template) and the fused
-model's tokenizer (its eos token). Writes runs/<experiment>/package/ — an Ollama Modelfile and a Docker
-Model Runner OCI image-layout tarball — and runs/<experiment>/package.manifest.json last.
+model's tokenizer (its eos token). Writes runs/<experiment>/package/ — an Ollama Modelfile, a second one
+for the adapter route (Modelfile.adapter: FROM the base GGUF, ADAPTER the LoRA adapter GGUF, when
+quantize made them) and a Docker Model Runner OCI image-layout tarball — and
+runs/<experiment>/package.manifest.json last.
 
 What is packed follows the decision, never precedes it: the GGUF the policy ships; when it ships an
 MLX model (which neither Ollama nor Docker Model Runner runs), the smallest GGUF that qualified under
@@ -33,6 +35,7 @@ from lm import docker, gguf_header, llama_runner, ollama
 
 log = logging.getLogger("package")
 ANSWER_TOKENS = 64
+ADAPTER_MODELFILE = "Modelfile.adapter"
 
 
 def build_parser():
@@ -61,7 +64,7 @@ def run(cfg) -> Path:
     details: dict = {"gguf": None, "why": why}
     with contracts.atomic_dir(stage.staged(out_dir)) as tmp:
         if gguf is not None:
-            details.update(write_package(tmp, gguf, policy, contract, fused_dir, experiment, cfg.package))
+            details.update(write_package(tmp, gguf, policy, contract, fused_dir, experiment, cfg.package, artifacts))
     inputs = [
         file_entry("generation_policy", policy_file),
         file_entry("artifacts", paths.artifacts_file(experiment)),
@@ -109,7 +112,9 @@ def packed_gguf(policy: dict, artifacts: list[dict]) -> tuple[dict | None, str]:
     )
 
 
-def write_package(out_dir: Path, gguf: dict, policy: dict, contract: dict, fused_dir: Path, experiment: str, pcfg):
+def write_package(
+    out_dir: Path, gguf: dict, policy: dict, contract: dict, fused_dir: Path, experiment: str, pcfg, artifacts
+):
     gguf_path = paths.resolve(gguf["path"])
     if problem := changed_output({**gguf, "kind": "file"}):
         raise PipelineError(
@@ -131,10 +136,36 @@ def write_package(out_dir: Path, gguf: dict, policy: dict, contract: dict, fused
         contracts.write_bytes_atomic(out_dir / "Modelfile", text.encode("utf-8"))
         shown = {k: v for k, v in modelfile.items() if k != "spec"}
         details["ollama"] = {"file": "Modelfile", "from": _relative(gguf_path, experiment), **shown}
+        route = adapter_route(gguf, artifacts)
+        if route is not None:
+            base, adapter = (_relative(paths.resolve(a["path"]), experiment) for a in route)
+            text = ollama.modelfile_text(
+                base,
+                modelfile["spec"],
+                stops=modelfile["stops"],
+                num_ctx=modelfile["num_ctx"],
+                system=modelfile["system"],
+                parameters=modelfile["parameters"],
+                adapter_file=adapter,
+                name=ADAPTER_MODELFILE,
+            )
+            contracts.write_bytes_atomic(out_dir / ADAPTER_MODELFILE, text.encode("utf-8"))
+            details["ollama_adapter"] = {"file": ADAPTER_MODELFILE, "from": base, "adapter": adapter}
     if pcfg.docker.enabled:
         details["docker"] = write_docker_image(out_dir, gguf_path, contract, experiment, pcfg.docker)
     details["answer"] = packed_answer(gguf_path, modelfile, contract)
     return details
+
+
+def adapter_route(gguf: dict, artifacts: list[dict]) -> tuple[dict, dict] | None:
+    """(base GGUF, adapter GGUF) for a Modelfile of the adapter route: the base model in the packed GGUF's
+    format (Q4_K_M for Q4_K_M), else its float GGUF; None when quantize made no adapter GGUF."""
+    adapter = next((a for a in artifacts if a["kind"] == "gguf-adapter"), None)
+    bases = [a for a in artifacts if a["kind"] == "gguf-base"]
+    if adapter is None or not bases:
+        return None
+    same_format = [a for a in bases if a["format"] == gguf["format"]]
+    return (same_format or [a for a in bases if a["parent"] == "base"] or bases)[0], adapter
 
 
 def _relative(gguf_path: Path, experiment: str) -> str:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
+import signal
+import socket
 import subprocess
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import model as model_stage
@@ -27,11 +34,12 @@ def write_override(root: Path, text: str) -> Path:
     return path
 
 
-def make(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run make in a project copy, its output captured."""
+def make(root: Path, *args: str, check: bool = True, stdin: str = "") -> subprocess.CompletedProcess:
+    """Run make in a project copy, its output captured (`stdin`: what it reads)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))}
     env.pop("PIPELINE_ROOT", None)
-    result = subprocess.run(["make", "--no-print-directory", *args], cwd=root, env=env, capture_output=True, text=True)
+    command = ["make", "--no-print-directory", *args]
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, input=stdin)
     if check and result.returncode != 0:
         raise AssertionError(f"make {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -64,3 +72,49 @@ def snapshot(root: Path) -> dict[str, str]:
             continue
         out[str(rel)] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server(root, *args: str, env: dict | None = None):
+    """`make serve` running in its own process group; stopped with SIGINT (Ctrl-C) on exit."""
+    command = ["make", "--no-print-directory", "serve", *args]
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))} | (env or {})
+    environment.pop("PIPELINE_ROOT", None)
+    process = subprocess.Popen(
+        command, cwd=root, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGINT)
+        output = process.communicate(timeout=60)[0].decode()
+        process.output = output
+
+
+def wait_ready(port: int, process, headers=None, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read().decode()
+        try:
+            request("GET", port, "/v1/models", headers=headers)
+            return
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.5)
+    raise AssertionError("the server did not answer in time")
+
+
+def request(method: str, port: int, path: str, body: dict | None = None, headers=None):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    for key, value in (headers or {}).items():
+        req.add_header(key, value)
+    with urllib.request.urlopen(req, timeout=60) as response:
+        return response.read().decode()

@@ -140,3 +140,25 @@ def test_dora_and_full_fine_tuning_have_no_lora_files(random_adapter, tmp_path):
         config = json.loads((folder / "adapter_config.json").read_text()) | {"fine_tune_type": kind}
         (folder / "adapter_config.json").write_text(json.dumps(config))
         assert f"a {kind} adapter has no GGUF or PEFT LoRA form" in adapter_export.unsupported_reason(folder)
+
+
+def test_an_adapter_that_does_not_fit_the_base_gguf_is_one_clear_line(
+    tiny_model_dir, random_adapter, base_gguf, tmp_path
+):
+    fits = write_adapter_gguf(random_adapter, tiny_model_dir, tmp_path / "fits.gguf")
+    adapter_export.check_pair(base_gguf, fits)
+    adapter = adapter_export.read_mlx_adapter(random_adapter)
+    module = next(m for m in adapter.factors if m.endswith("o_proj"))
+    a, b = adapter.factors[module]
+    other = {**adapter.factors, module: (np.zeros((a.shape[0] + 4, RANK), np.float32), b)}  # another base's width
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    mismatched = tmp_path / "other-base-lora.gguf"
+    adapter_export.write_gguf_adapter(
+        adapter_export.LoraAdapter(RANK, SCALE, 0.0, other), mismatched, config, "llama", "x"
+    )
+    with pytest.raises(
+        PipelineError, match=r"does not fit the base GGUF base-f32.gguf: blk\.\d+\.attn_output\.weight is"
+    ):
+        adapter_export.check_pair(base_gguf, mismatched)
+    with pytest.raises(PipelineError, match="it is not a LoRA adapter GGUF"):
+        adapter_export.check_pair(base_gguf, base_gguf)

@@ -45,6 +45,7 @@ EXPECTED_ENUM_KEYS = {
     "train.lr_schedule",
     "train.resume",
     "quantize.on_mismatch",
+    "quantize.adapter_exports",
     "quantize.mlx",
     "quantize.group_size",
     "eval.artifacts",

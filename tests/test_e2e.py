@@ -10,7 +10,7 @@ from pipeline.hashing import sha256_file, sha256_tree
 
 import pytest
 
-from helpers import make
+from helpers import free_port, make, request, server, wait_ready
 from lm import docker as docker_export
 
 
@@ -45,6 +45,10 @@ def test_make_all_on_the_default_model_then_nothing_to_do(project):
         "mlx-quantized",
         "gguf",
         "gguf",
+        "peft",
+        "gguf-base",
+        "gguf-base",
+        "gguf-adapter",
     ]
     for artifact in artifacts:
         path = project / artifact["path"]
@@ -53,6 +57,9 @@ def test_make_all_on_the_default_model_then_nothing_to_do(project):
     quantize = contracts.read_json(project / "runs" / "main" / "quantize.manifest.json", "run_manifest")["details"]
     assert quantize["export_check"]["matching"] == quantize["export_check"]["prompts"] > 0, quantize["export_check"]
     assert quantize["perplexity"]["by_type"]["Q4_K_M"]["ratio_vs_float"] < 1.2
+    adapter_check = quantize["adapter"]["gguf"]["check"]  # base GGUF + adapter GGUF vs the fused float GGUF
+    assert adapter_check["matching"] == adapter_check["prompts"] > 0, adapter_check
+    assert adapter_check["max_logit_difference"] < adapter_check["tolerance"], adapter_check  # README: 0.03
     assert fuse_manifest["wall_seconds"] + quantize["seconds"]["gguf-f16"] + quantize["seconds"]["gguf-Q4_K_M"] < 60
 
     eval_manifest = contracts.read_json(project / "eval_out" / "main" / "eval.manifest.json", "run_manifest")
@@ -66,6 +73,9 @@ def test_make_all_on_the_default_model_then_nothing_to_do(project):
     # README, measured here: call F1 79.5 and schema-valid 90.0 (base 0 and 0); a margin for other CPUs' sums
     assert fused[task]["value"] >= 75 and fused["schema_valid"]["value"] >= 85, fused
     assert fused[task]["value"] - by_kind["base"]["metrics"][task]["value"] >= 60, (task, by_kind)
+    # the adapter route (base GGUF + adapter GGUF in llama.cpp) answers as the fused model: at most one record apart
+    with_adapter = next(a for a in metrics["artifacts"] if a["kind"] == "gguf-adapter")["per_record"][task]
+    assert sum(a != b for a, b in zip(with_adapter, by_kind["fused"]["per_record"][task])) <= 1
     verdict = metrics["verdict"]
     assert verdict["answer"] == "Yes" and verdict["records"] == 40 and verdict["low"] > 0, verdict
     policy = contracts.read_json(project / "eval_out" / "main" / "generation_policy.json", "generation_policy")
@@ -77,9 +87,26 @@ def test_make_all_on_the_default_model_then_nothing_to_do(project):
         and f"FROM ../quantized/{shipped}\n" in (project / "runs" / "main" / "package" / "Modelfile").read_text()
     )
     assert '"name"' in package["answer"]["answer"], package["answer"]
+    route = (project / "runs" / "main" / "package" / "Modelfile.adapter").read_text()
+    assert "FROM ../quantized/base-" in route and "ADAPTER ../quantized/main-lora.gguf\n" in route
     image = project / "runs" / "main" / "package" / shipped.replace(".gguf", ".docker.tar")
     assert docker_export.validate_oci_layout(image) == []
     report = (project / "eval_out" / "main" / "report.md").read_text()
     assert "Did fine-tuning help? Yes." in report and (project / "eval_out" / "main" / "task_metric.png").is_file()
     second = make(project, "all")
     assert "Nothing to be done for 'all'" in second.stdout
+    served_tool_call(project)
+
+
+def served_tool_call(project) -> None:
+    """make serve: the shipped model, asked a test prompt over the OpenAI API, makes the expected tool call."""
+    record = json.loads((project / "data" / "test.jsonl").read_text().splitlines()[0])
+    messages = [m for m in record["messages"] if m["role"] != "assistant"]
+    expected = json.loads(record["messages"][-1]["content"])
+    port = free_port()
+    with server(project, f"PORT={port}") as process:
+        wait_ready(port, process)
+        body = {"messages": messages, "temperature": 0, "max_tokens": 64}
+        answer = json.loads(request("POST", port, "/v1/chat/completions", body))["choices"][0]["message"]["content"]
+    assert json.loads(answer) == expected, answer
+    assert "server stopped" in process.output and "Traceback" not in process.output, process.output

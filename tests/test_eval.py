@@ -57,7 +57,7 @@ def test_eval_scores_every_artifact_and_writes_the_report(quantized_project):
     metrics = contracts.read_json(out_dir() / "metrics.json", "eval_metrics")
     policy = contracts.read_json(out_dir() / "generation_policy.json", "generation_policy")
     kinds = [a["kind"] for a in metrics["artifacts"]]
-    assert kinds == ["base", "adapter", "fused", "mlx-quantized", "gguf", "gguf"]
+    assert kinds == ["base", "adapter", "fused", "mlx-quantized", "gguf", "gguf", "gguf-adapter"]
     assert all(a["status"] == "ok" for a in metrics["artifacts"]), metrics["artifacts"]
     by_kind = {a["kind"]: a for a in metrics["artifacts"]}
     # base + adapter and fused are the same function; the float GGUF runs it in llama.cpp
@@ -94,6 +94,20 @@ def test_eval_scores_every_artifact_and_writes_the_report(quantized_project):
     assert policy["generation"]["stop_tokens"] == ["<|im_end|>"] and policy["generation"]["max_tokens"] == 12
     manifest = contracts.read_json(out_dir() / "eval.manifest.json", "run_manifest")
     assert {o["role"] for o in manifest["outputs"]} >= {"metrics", "generation_policy", "report", "final_generations"}
+
+
+def test_adapter_gguf_on_the_base_gguf_answers_like_the_fused_float_gguf(quantized_project):
+    artifacts = "eval.artifacts=[fused,gguf,gguf-adapter]"
+    assert eval_stage.main([*EVAL, artifacts, "eval.proven=answers"]) == 0
+    metrics = contracts.read_json(out_dir() / "metrics.json", "eval_metrics")
+    by_id = {a["id"]: a for a in metrics["artifacts"]}
+    float_gguf, with_adapter = by_id["main/main-f16.gguf"], by_id["main/main-lora.gguf"]
+    assert with_adapter["status"] == "ok" and with_adapter["engine"] == "llama.cpp"
+    assert with_adapter["loss"] == pytest.approx(float_gguf["loss"], abs=1e-3)
+    assert with_adapter["metrics"]["call_f1"] == float_gguf["metrics"]["call_f1"]
+    rows = [orjson.loads(line) for line in (out_dir() / "final_generations.jsonl").read_text().splitlines()]
+    assert all(row["outputs"]["main/main-lora.gguf"] == row["outputs"]["main/main-f16.gguf"] for row in rows)
+    assert "| main/main-lora.gguf |" in (out_dir() / "report.md").read_text()
 
 
 def test_fewer_answered_records_than_loss_records(quantized_project):
@@ -181,13 +195,13 @@ def test_broken_artifact_and_failing_plugin_do_not_stop_the_rest(quantized_proje
     # eval.workers=1: scored in this process, where the monkeypatch is
     assert eval_stage.main([*EVAL, "eval.workers=1", "eval.plugins=[my_metrics:boom, my_metrics:nonempty]"]) == 2
     line = error_line(caplog)
-    assert "main/mlx-affine-4bit-g64 (RuntimeError: cannot load this one)" in line and "1 of 6 artifacts" in line
+    assert "main/mlx-affine-4bit-g64 (RuntimeError: cannot load this one)" in line and "1 of 7 artifacts" in line
     assert not (out_dir() / "eval.manifest.json").exists()
     metrics = contracts.read_json(out_dir() / "metrics.json", "eval_metrics")
     by_kind = {a["kind"]: a for a in metrics["artifacts"]}
     assert by_kind["mlx-quantized"]["status"] == "failed"
     assert by_kind["mlx-quantized"]["error"] == "RuntimeError: cannot load this one"
-    assert [a["status"] for a in metrics["artifacts"]].count("ok") == 5
+    assert [a["status"] for a in metrics["artifacts"]].count("ok") == 6
     fused = by_kind["fused"]["metrics"]
     assert fused["my_metrics:boom"] == {"value": None, "status": "failed", "error": "RuntimeError: plugin bug"}
     assert fused["my_metrics:nonempty"]["status"] == "ok" and fused["normalized_match"]["status"] == "ok"
@@ -427,7 +441,7 @@ def test_a_failed_artifact_fails_eval_and_the_next_run_scores_only_it(made_copy)
     errors = [line for line in console.splitlines() if "[eval] error:" in line]
     assert len(errors) == 1, console
     assert f"{gguf['id']} (ValueError: Failed to load model from file: {gguf['path']})" in errors[0]
-    assert "1 of 4 artifacts could not be scored" in errors[0] and " -- fix: " in errors[0]
+    assert "1 of 5 artifacts could not be scored" in errors[0] and " -- fix: " in errors[0]
     # not done: no manifest, so Make runs eval again; what it found is there for people to read
     assert not manifest.exists() and make(root, "-q", "eval", check=False).returncode != 0
     metrics = contracts.read_json(root / "eval_out/main/metrics.json", "eval_metrics")

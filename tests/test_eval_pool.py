@@ -76,7 +76,7 @@ def test_scoring_side_by_side_gives_the_scores_of_one_after_the_other(quantized_
     for workers in (1, 2):
         caplog.clear()
         assert eval_stage.main([*EVAL, f"eval.workers={workers}"]) == 0
-        assert ("scoring 6 artifacts, 2 at once" in caplog.text) == (workers == 2)
+        assert ("scoring 7 artifacts, 2 at once" in caplog.text) == (workers == 2)
         metrics = contracts.read_json(out_dir() / "metrics.json", "eval_metrics")
         assert all(a["status"] == "ok" and not a["cached"] for a in metrics["artifacts"]), metrics["artifacts"]
         runs[workers] = {
@@ -86,7 +86,7 @@ def test_scoring_side_by_side_gives_the_scores_of_one_after_the_other(quantized_
         for cache in (paths.STATE_DIR / "eval").rglob("*.json"):
             cache.unlink()  # scored anew by the next run
     one, two = runs[1]["artifacts"], runs[2]["artifacts"]
-    assert list(one) == list(two) and len(one) == 6 and runs[1]["generations"] == runs[2]["generations"]
+    assert list(one) == list(two) and len(one) == 7 and runs[1]["generations"] == runs[2]["generations"]
     for aid, alone in one.items():
         side_by_side = two[aid]
         assert side_by_side["metrics"] == alone["metrics"], aid  # the same answers, so the same task metrics

@@ -51,12 +51,12 @@ from omegaconf import OmegaConf
 from eval import metrics as eval_metrics
 from eval import pool, scores, verdict
 from eval import report as eval_report
-from lm import cpu_activations, fast_exp, llama_runner, tokens
+from lm import cpu_activations, fast_exp, llama_runner, served, tokens
 from lm.llama_runner import shared_prefix_length
 
 log = logging.getLogger("eval")
 
-SCORED_KINDS = ("base", "adapter", "fused", "mlx-quantized", "gguf")
+SCORED_KINDS = ("base", "adapter", "fused", "mlx-quantized", "gguf", "gguf-adapter")
 # How a model fails to load or run (a damaged file, a llama.cpp error, out of memory): recorded against
 # the artifact, and the stage fails after scoring the rest. Any other exception is a bug in eval: it
 # propagates with its traceback.
@@ -380,6 +380,9 @@ def score_artifact(artifact, artifacts, prompts, loss_items, tokenizer, ecfg, ca
     try:
         if artifact["kind"] == "gguf":
             result.update(score_gguf(paths.resolve(artifact["path"]), prompts, loss_items, tokenizer, ecfg, caps))
+        elif artifact["kind"] == "gguf-adapter":
+            base, adapter = served.adapter_route(artifact, artifacts)
+            result.update(score_gguf(base, prompts, loss_items, tokenizer, ecfg, caps, lora_path=adapter))
         else:
             result.update(score_mlx(artifact, artifacts, prompts, loss_items, tokenizer, ecfg, caps))
         result.update(status="ok", cached=False)
@@ -601,10 +604,12 @@ def mlx_generate(model, tokenizer, prompts, ecfg, prompt_caches=None, caps=None)
     return [list(map(int, ids)) for ids in response.token_ids]
 
 
-def score_gguf(path: Path, prompts, loss_items, tokenizer, ecfg, caps: list[int]) -> dict:
+def score_gguf(path: Path, prompts, loss_items, tokenizer, ecfg, caps: list[int], lora_path: Path | None = None):
+    """Loss and answers of a GGUF in llama.cpp (with `lora_path`, a LoRA adapter GGUF applied to it)."""
     per_item = {}
     if loss_items:
-        per_item = dict(zip(loss_items, llama_runner.perplexity(path, list(loss_items.values()))["per_item"]))
+        nll = llama_runner.perplexity(path, list(loss_items.values()), lora_path)["per_item"]
+        per_item = dict(zip(loss_items, nll))
     stop_ids, answered = set(tokenizer.eos_token_ids), prompts[: len(caps)]
     start = time.monotonic()
     if not answered:
@@ -614,10 +619,10 @@ def score_gguf(path: Path, prompts, loss_items, tokenizer, ecfg, caps: list[int]
         for first in range(0, len(answered), ecfg.batch_size):
             chunk = answered[first : first + ecfg.batch_size]
             most = max(caps[first : first + len(chunk)])
-            generated += llama_runner.greedy_batch(path, chunk, most, stop_ids)
+            generated += llama_runner.greedy_batch(path, chunk, most, stop_ids, lora_path)
         generated = [ids[:cap] for ids, cap in zip(generated, caps)]  # greedy: the first `cap` tokens stand
     else:
-        llm = llama_runner.open_llama(path, n_ctx=max(map(len, answered)) + ecfg.max_tokens + 8)
+        llm = llama_runner.open_llama(path, max(map(len, answered)) + ecfg.max_tokens + 8, lora_path)
         generated = [
             llama_runner.sample(llm, p, cap, stop_ids, ecfg.temperature, ecfg.top_p, ecfg.seed)
             for p, cap in zip(answered, caps)

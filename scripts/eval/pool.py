@@ -34,7 +34,7 @@ def length_rank(artifact: dict, answers: bool) -> int:
     models that answer, then the artifacts scored on loss only."""
     if not answers:
         return 2
-    return 0 if artifact["kind"] == "gguf" else 1
+    return 0 if artifact["kind"] in ("gguf", "gguf-adapter") else 1
 
 
 def plan(setting: int | str, artifacts: list[dict]) -> tuple[int, int]:

@@ -175,3 +175,41 @@ def base_model_name(model_source: str) -> str:
 def _layer(module: str) -> int:
     match = re.search(r"\.layers\.(\d+)\.", module)
     return int(match[1]) if match else -1
+
+
+def check_pair(base_gguf: Path, adapter_gguf: Path) -> None:
+    """The adapter GGUF fits the base GGUF (same architecture, every factor's base tensor there with the
+    shapes llama.cpp checks): one clear line otherwise, before llama.cpp reads them."""
+    problem = _pair_problem(gguf.GGUFReader(str(base_gguf)), gguf.GGUFReader(str(adapter_gguf)))
+    if problem:
+        raise PipelineError(
+            f"the adapter GGUF does not fit the base GGUF {base_gguf.name}: {problem}",
+            where=paths.display(adapter_gguf),
+            fix="use the adapter with the base GGUF quantize wrote beside it (an adapter of another base model "
+            "needs that model)",
+        )
+
+
+def _pair_problem(base, adapter) -> str | None:
+    if _field(adapter, "general.type") != "adapter" or _field(adapter, "adapter.type") != "lora":
+        return "it is not a LoRA adapter GGUF"
+    arch, base_arch = _field(adapter, "general.architecture"), _field(base, "general.architecture")
+    if arch != base_arch:
+        return f"it is for {arch}, the base GGUF is {base_arch}"
+    shapes = {t.name: tuple(int(n) for n in t.shape) for t in base.tensors}  # GGUF order: ne0 (columns) first
+    factors = {t.name: tuple(int(n) for n in t.shape) for t in adapter.tensors}
+    for name in sorted(n for n in factors if n.endswith(".lora_a")):
+        target = name.removesuffix(".lora_a")
+        a_shape, b_shape = factors[name], factors.get(f"{target}.lora_b")
+        if target not in shapes:
+            return f"the base GGUF has no tensor {target}"
+        if b_shape is None:
+            return f"{target} has no lora_b factor"
+        if a_shape[0] != shapes[target][0] or b_shape[1] != shapes[target][1]:
+            return f"{target} is {shapes[target]} in the base GGUF, the adapter's factors {a_shape} and {b_shape}"
+    return None
+
+
+def _field(reader, key: str):
+    field = reader.fields.get(key)
+    return None if field is None else field.contents()

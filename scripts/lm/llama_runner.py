@@ -82,6 +82,27 @@ def load_model(gguf_path: Path) -> _internals.LlamaModel:
     return _internals.LlamaModel(path_model=str(gguf_path), params=params, verbose=False)
 
 
+@contextlib.contextmanager
+def opened(gguf_path: Path, lora_path: Path | None = None):
+    """(model, LoRA adapter or None): the GGUF loaded, with the adapter GGUF loaded onto it when given
+    (Sequences applies it to its context at scale 1; llama.cpp scales by the adapter's alpha / rank)."""
+    model, adapter = load_model(gguf_path), None
+    try:
+        if lora_path is not None:
+            adapter = llama_cpp.llama_adapter_lora_init(model.model, str(lora_path).encode("utf-8"))
+            if not adapter:
+                raise PipelineError(
+                    f"llama.cpp cannot load the LoRA adapter onto {Path(gguf_path).name}",
+                    where=str(lora_path),
+                    fix="pair the adapter GGUF with the base GGUF quantize wrote beside it",
+                )
+        yield model, adapter
+    finally:
+        if adapter:
+            llama_cpp.llama_adapter_lora_free(adapter)
+        model.close()
+
+
 def metadata(model: _internals.LlamaModel, key: str) -> str | None:
     buffer = ctypes.create_string_buffer(256)
     if llama_cpp.llama_model_meta_val_str(model.model, key.encode(), buffer, len(buffer)) < 0:
@@ -127,7 +148,9 @@ def shared_prompt_prefix(prompts: list[list[int]]) -> int:
     return max(0, min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1))
 
 
-def greedy_batch(gguf_path: Path, prompts: list[list[int]], max_tokens: int, stop_ids: set[int]) -> list[list[int]]:
+def greedy_batch(
+    gguf_path: Path, prompts: list[list[int]], max_tokens: int, stop_ids: set[int], lora_path: Path | None = None
+) -> list[list[int]]:
     """Greedy answers to many prompts, decoded together: one llama_decode per step for every unfinished
     prompt, as llama.cpp's batched example does (one prompt at a time, each step reads all weights
     for a single token). The prompts' common prefix is evaluated once. Prompts that do not fit one
@@ -141,13 +164,14 @@ def greedy_batch(gguf_path: Path, prompts: list[list[int]], max_tokens: int, sto
     shared = shared_prompt_prefix(prompts)
     tails = [prompt[shared:] for prompt in prompts]
     needs = [len(tail) + max_tokens for tail in tails]
-    with contextlib.closing(load_model(gguf_path)) as model:
+    with opened(gguf_path, lora_path) as (model, adapter):
         check_answers_fit(model, gguf_path, prompts, max_tokens)
         groups = groups_within(needs, max(context_tokens(model), shared + max(needs)) - shared, max_sequences())
         n_ctx = shared + max(sum(needs[i] for i in group) for group in groups)
         n_batch = max(sum(len(tails[i]) for i in group) for group in groups)
         answers = []
-        with Sequences(model, gguf_path, prompts[0][:shared], max(map(len, groups)), n_ctx, n_batch) as run:
+        prefix = prompts[0][:shared]
+        with Sequences(model, gguf_path, prefix, max(map(len, groups)), n_ctx, n_batch, adapter) as run:
             for group in groups:
                 answers += greedy_group(run, [tails[i] for i in group], shared, max_tokens, stop_ids)
         return answers
@@ -188,8 +212,11 @@ class Sequences:
     n_ctx must hold the prefix once plus every token of sequences 1..n_seq; n_batch, the most tokens one
     decode may carry."""
 
-    def __init__(self, model, gguf_path: Path, prefix: list[int], n_seq: int, n_ctx: int, n_batch: int = 512):
+    def __init__(
+        self, model, gguf_path: Path, prefix: list[int], n_seq: int, n_ctx: int, n_batch: int = 512, adapter=None
+    ):
         self.model, self.gguf_path, self.prefix, self.n_seq = model, gguf_path, [int(t) for t in prefix], n_seq
+        self.adapter = adapter
         self.n_ctx, self.n_batch = n_ctx + SPARE_CELLS, max(512, len(self.prefix), n_batch, n_seq)
 
     def __enter__(self):
@@ -198,6 +225,15 @@ class Sequences:
         params.n_seq_max, params.kv_unified = self.n_seq + 1, True
         params.n_threads = params.n_threads_batch = runtime.cpu_threads()
         self.ctx = _internals.LlamaContext(model=self.model, params=params, verbose=False)
+        if self.adapter:
+            adapters, scales = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self.adapter), (ctypes.c_float * 1)(1.0)
+            if llama_cpp.llama_set_adapters_lora(self.ctx.ctx, adapters, 1, scales) != 0:
+                self.ctx.close()
+                raise PipelineError(
+                    "llama.cpp cannot apply the LoRA adapter to a context",
+                    where=str(self.gguf_path),
+                    fix="pair the adapter GGUF with the base GGUF quantize wrote beside it",
+                )
         # llama.cpp pads n_ctx and caps n_batch at the n_ctx asked for: keep what it chose.
         self.n_ctx, self.n_batch = llama_cpp.llama_n_ctx(self.ctx.ctx), llama_cpp.llama_n_batch(self.ctx.ctx)
         self.batch = _internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=False)
@@ -286,7 +322,9 @@ def masked_nll(gguf_path: Path, items: list[tuple[np.ndarray, np.ndarray]]) -> t
     return sum(nll for nll, _ in per_item), sum(count for _, count in per_item)
 
 
-def item_nll(gguf_path: Path, items: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[float, int]]:
+def item_nll(
+    gguf_path: Path, items: list[tuple[np.ndarray, np.ndarray]], lora_path: Path | None = None
+) -> list[tuple[float, int]]:
     """Each item's summed negative log-likelihood of its masked target tokens, and how many there were.
 
     The target of position i is token i+1 and counts when mask[i+1] is set, as in training. The
@@ -298,9 +336,10 @@ def item_nll(gguf_path: Path, items: list[tuple[np.ndarray, np.ndarray]]) -> lis
     groups = groups_within(tails, max(NLL_BATCH_TOKENS, max(tails)), max_sequences())
     n_batch = max(sum(tails[i] for i in group) for group in groups)
     per_item: list[tuple[float, int]] = [(0.0, 0)] * len(items)
-    with contextlib.closing(load_model(gguf_path)) as model:
+    with opened(gguf_path, lora_path) as (model, adapter):
         check_items_fit(model, gguf_path, items)
-        with Sequences(model, gguf_path, items[0][0][:prefix], max(map(len, groups)), prefix + n_batch, n_batch) as run:
+        n_seq, n_ctx = max(map(len, groups)), prefix + n_batch
+        with Sequences(model, gguf_path, items[0][0][:prefix], n_seq, n_ctx, n_batch, adapter) as run:
             for group in groups:
                 for index, scored in zip(group, group_nll(run, [items[i] for i in group], prefix)):
                     per_item[index] = scored
@@ -338,8 +377,8 @@ def group_nll(run: Sequences, group: list[tuple[np.ndarray, np.ndarray]], prefix
     return out
 
 
-def perplexity(gguf_path: Path, items: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+def perplexity(gguf_path: Path, items: list[tuple[np.ndarray, np.ndarray]], lora_path: Path | None = None) -> dict:
     """Token-weighted loss and perplexity over the items, and each item's [summed NLL, scored tokens]."""
-    per_item = item_nll(gguf_path, items)
+    per_item = item_nll(gguf_path, items, lora_path)
     nll, count = sum(n for n, _ in per_item), sum(c for _, c in per_item)
     return {"loss": nll / count, "perplexity": math.exp(nll / count), "tokens": count, "per_item": per_item}

@@ -20,7 +20,10 @@ from pipeline.errors import ConfigError
 import yaml
 
 PASSWORDS_FILE = "config/passwords.yml"
-ENVIRONMENT = {"hf_token": ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}  # name in passwords.yml: variables
+ENVIRONMENT = {  # name in passwords.yml: variables
+    "hf_token": ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"),
+    "serve_api_key": ("SERVE_API_KEY",),
+}
 SECRET_NAME = re.compile(r"(^|_)(token|password|passwd|secret|api_?key|access_?key|credentials?)($|_)", re.I)
 SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{30,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{30,}|AKIA[0-9A-Z]{16})$")
 MASK = "***"

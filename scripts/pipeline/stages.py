@@ -152,7 +152,11 @@ _STAGES = (
         ("runs/experiments.csv", "eval_out/summary.md", "eval_out/summary.html", "eval_out/summary/"),
     ),
 )
-STAGES = {stage.name: stage for stage in _STAGES}
+_TOOLS = (  # read what the stages made, write nothing
+    Stage("chat", "chat session", ("chat",), True, ("eval",), None, ()),
+    Stage("serve", "model server", ("serve",), True, ("eval",), None, ()),
+)
+STAGES = {stage.name: stage for stage in _STAGES + _TOOLS}
 PIPELINE = (
     "model",
     "prepare",
