@@ -110,6 +110,14 @@ def test_adapter_gguf_on_the_base_gguf_answers_like_the_fused_float_gguf(quantiz
     assert "| main/main-lora.gguf |" in (out_dir() / "report.md").read_text()
 
 
+def test_adapter_gguf_answers_every_answered_record_and_its_loss_covers_the_proven_records(quantized_project):
+    assert eval_stage.main([*EVAL, "eval.artifacts=[base,fused,gguf-adapter]", "eval.proven_records=3"]) == 0
+    metrics = contracts.read_json(out_dir() / "metrics.json", "eval_metrics")
+    with_adapter = next(a for a in metrics["artifacts"] if a["kind"] == "gguf-adapter")
+    assert len(with_adapter["per_record"]["loss"]) == 3 and len(with_adapter["per_record"]["call_f1"]) == 6
+    assert "Loss over the first 3 test records for `main/main-lora.gguf`" in (out_dir() / "report.md").read_text()
+
+
 def test_fewer_answered_records_than_loss_records(quantized_project):
     assert eval_stage.main([*EVAL, "eval.answer_records=2", "eval.artifacts=[base,fused]"]) == 0
     metrics = contracts.read_json(out_dir() / "metrics.json", "eval_metrics")

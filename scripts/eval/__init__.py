@@ -170,12 +170,16 @@ def score_selected(cfg, artifacts, selected, test: TestSet, proven: dict, common
     with ItemProgress(len(selected), "eval", log) as progress:
         for index, artifact in enumerate(selected):
             twin = artifact["id"] in proven
-            twin_records = twin_record_count(cfg.eval.proven_records, len(test.records)) if twin else None
-            keys[index] = scores.artifact_key(artifact, artifacts, common_key) | {"proven_twin": twin_records}
+            subset = twin or (artifact["kind"] == "gguf-adapter" and adapter_route_proven(cfg, experiment))
+            loss_records = twin_record_count(cfg.eval.proven_records, len(test.records)) if subset else None
+            keys[index] = scores.artifact_key(artifact, artifacts, common_key) | {
+                "proven_twin": loss_records if twin else None,
+                "loss_records": loss_records,
+            }
             cached = cached_result(experiment, artifact, keys[index])
             if cached is None:
                 items = (
-                    {j: item for j, item in test.loss_items.items() if j < twin_records} if twin else test.loss_items
+                    {j: item for j, item in test.loss_items.items() if j < loss_records} if subset else test.loss_items
                 )
                 jobs[index] = (artifact, artifacts, test.prompts, items, eval_section, [] if twin else test.caps)
                 continue
@@ -285,6 +289,17 @@ def proven_equal(artifacts: list[dict], selected: list[dict], experiment: str) -
                     "check prompts"
                 )
     return {aid: why for aid, why in proven.items() if aid in {a["id"] for a in selected}}
+
+
+def adapter_route_proven(cfg, experiment: str) -> bool:
+    """Whether the adapter GGUF's loss may be measured on the first eval.proven_records only: quantize proved
+    it equal to the fused float GGUF (greedy tokens and logits on every check prompt), the fused float GGUF
+    is the fused model's twin, and eval.proven is loss-only. It still answers every answered record:
+    its answers are what the adapter route (Ollama's ADAPTER) gives."""
+    if cfg.eval.proven != "loss-only":
+        return False
+    check = stages.read_manifest("quantize", experiment)["details"].get("adapter", {}).get("gguf", {}).get("check")
+    return bool(check and check["prompts"] and check["matching"] == check["prompts"])
 
 
 def finish_result(result: dict, proven: dict, test: TestSet) -> dict:

@@ -226,6 +226,16 @@ def what_was_generated(metrics: dict) -> list[str]:
             + ", ".join(f"`{a['id']}` ({a.get('loss_only_reason', 'loss only')})" for a in loss_only)
             + " (eval.proven=answers scores them in full)."
         )
+    most = max((_loss_records(a) for a in metrics["artifacts"] if a["status"] == "ok"), default=0)
+    partial = [a for a in metrics["artifacts"] if a["status"] == "ok" and a.get("generation")]
+    partial = [a for a in partial if _loss_records(a) < most]
+    if partial:
+        lines.append(
+            "Loss over the first "
+            + ", ".join(f"{_loss_records(a)} test records for `{a['id']}`" for a in partial)
+            + " (quantize proved the adapter GGUF on the base GGUF answers like the fused float GGUF; "
+            "eval.proven=answers measures it on all)."
+        )
     return lines
 
 
