@@ -15,6 +15,7 @@ served on loopback only).
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import logging
 import os
@@ -31,6 +32,7 @@ from lm import chat_template, gguf_header
 from lm.served import GGUF_KINDS, adapter_route, chosen_artifact
 
 log = logging.getLogger("serve")
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 SAMPLE_CONVERSATIONS = [
     [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there!"}],
     [
@@ -126,7 +128,7 @@ def gguf_command(artifact, artifacts, contract, scfg, api_key) -> tuple[list[str
     context = min(scfg.context_tokens, int(gguf_header.read_header(model)["context_length"] or scfg.context_tokens))
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", scfg.host]
     command += ["--port", str(scfg.port), "--n_ctx", str(context), "--n_threads", str(runtime.cpu_threads())]
-    command += ["--chat_format", "chat_template.default", "--model_alias", artifact["id"]]
+    command += ["--chat_format", "chat_template.default", "--model_alias", artifact["id"], "--verbose", "False"]
     if lora:
         command += ["--lora_path", str(lora)]
     return command, ({"API_KEY": api_key} if api_key else {})
@@ -183,7 +185,7 @@ def serve(command: list[str], env: dict) -> int:
     one SIGINT (a graceful shutdown). The server has a session of its own, so Ctrl-C at the terminal
     reaches it once, from here."""
     environment = {**os.environ, **env, "PYTHONPATH": str(paths.ROOT / "scripts")}
-    process = subprocess.Popen(command, env=environment, start_new_session=True)
+    process = subprocess.Popen(command, env=environment, preexec_fn=_own_session_ended_with_parent)
 
     def stop(signum, frame):
         if process.poll() is None:
@@ -205,6 +207,14 @@ def serve(command: list[str], env: dict) -> int:
             process.wait()
     log.info("server stopped")
     return 0 if code in (0, -signal.SIGINT, -signal.SIGTERM) else 1
+
+
+def _own_session_ended_with_parent() -> None:
+    """In the server's process before it starts: a session of its own, and (Linux) SIGTERM when this
+    process dies, however it dies, so that no server outlives `make serve`."""
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _url_host(host: str) -> str:

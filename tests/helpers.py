@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -86,22 +87,28 @@ def server(root, *args: str, env: dict | None = None):
     command = ["make", "--no-print-directory", "serve", *args]
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))} | (env or {})
     environment.pop("PIPELINE_ROOT", None)
-    process = subprocess.Popen(
-        command, cwd=root, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    log = tempfile.TemporaryFile()  # not a pipe: a server that logs more than a pipe holds would block
+    process = subprocess.Popen(command, cwd=root, env=environment, stdout=log, stderr=log, start_new_session=True)
     try:
         yield process
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGINT)
-        output = process.communicate(timeout=60)[0].decode()
-        process.output = output
+        try:
+            process.wait(timeout=60)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)  # the server dies with serve (PR_SET_PDEATHSIG)
+                process.wait()
+            log.seek(0)
+            process.output = log.read().decode(errors="replace")
+            log.close()
 
 
 def wait_ready(port: int, process, headers=None, seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        assert process.poll() is None, process.stdout.read().decode()
+        assert process.poll() is None, "make serve ended before it answered"
         try:
             request("GET", port, "/v1/models", headers=headers)
             return

@@ -28,7 +28,7 @@ def first_test_chat(root) -> tuple[list[dict], str]:
 def test_serve_answers_as_eval_did_streaming_and_not_and_stops_cleanly(finished_copy):
     port = free_port()
     messages, expected = first_test_chat(finished_copy)
-    body = {"model": ARTIFACT, "messages": messages, "temperature": 0, "max_tokens": 8}
+    body = {"model": ARTIFACT, "messages": messages, "temperature": 0, "max_tokens": 8, "repeat_penalty": 1.0}
     with server(finished_copy, f"PORT={port}", f"ARTIFACT={ARTIFACT}") as process:
         wait_ready(port, process)
         models = json.loads(request("GET", port, "/v1/models"))
