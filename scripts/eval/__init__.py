@@ -100,7 +100,7 @@ def run(cfg) -> Path:
     else:
         loss_items = loss_items_for(records, contract, tokenizer)
         common_key = scores.common_key(config.section(cfg, "eval"), contract)
-        proven = proven_equal(artifacts, selected, experiment) if ecfg.proven == "loss-only" else {}
+        proven = proven_equal(artifacts, selected, experiment, task_metric) if ecfg.proven == "loss-only" else {}
         test = TestSet(prompts, references, records, loss_items, caps, task_metric, tool_schemas, plugins)
         results = score_selected(cfg, artifacts, selected, test, proven, common_key, tracebacks)
         answers = {r["id"]: r.pop("answers") for r in results if r.get("answers") is not None}
@@ -263,12 +263,14 @@ def twin_record_count(proven_records: int, records: int) -> int:
     return records if proven_records == -1 else min(records, proven_records)
 
 
-def proven_equal(artifacts: list[dict], selected: list[dict], experiment: str) -> dict[str, str]:
+def proven_equal(artifacts: list[dict], selected: list[dict], experiment: str, task_metric: str) -> dict[str, str]:
     """{artifact id: why} for the artifacts a check already proved equal to the fused model, when it is
     scored too: base + adapter (fuse compares their logits and stops on a difference) and the float
     GGUF (quantize's export check found the same greedy tokens on every check prompt). Such a twin
     generates nothing, and its loss is measured on the first eval.proven_records test records only
-    (8 by default): enough to catch a twin that is not one, at a fraction of the cost."""
+    (8 by default): enough to catch a twin that is not one, at a fraction of the cost. When loss decides
+    (answers are only shown), so is the adapter GGUF on the base GGUF, which quantize proved equal to the
+    float GGUF; otherwise it answers, as the adapter route gives (adapter_route_proven)."""
     by_id = {a["id"]: a for a in artifacts}
     fused = next((a for a in selected if a["kind"] == "fused"), None)
     if fused is None:
@@ -288,6 +290,14 @@ def proven_equal(artifacts: list[dict], selected: list[dict], experiment: str) -
                     f"quantize's export check found the fused model's greedy tokens on all {check['prompts']} "
                     "check prompts"
                 )
+    if task_metric == "loss" and any(a["kind"] == "gguf-adapter" for a in selected):
+        check = passed_adapter_check(experiment)
+        if check:
+            for a in selected:
+                if a["kind"] == "gguf-adapter":
+                    proven[a["id"]] = (
+                        f"quantize found the fused float GGUF's greedy tokens on all {check['prompts']} check prompts"
+                    )
     return {aid: why for aid, why in proven.items() if aid in {a["id"] for a in selected}}
 
 
@@ -296,10 +306,13 @@ def adapter_route_proven(cfg, experiment: str) -> bool:
     it equal to the fused float GGUF (greedy tokens and logits on every check prompt), the fused float GGUF
     is the fused model's twin, and eval.proven is loss-only. It still answers every answered record:
     its answers are what the adapter route (Ollama's ADAPTER) gives."""
-    if cfg.eval.proven != "loss-only":
-        return False
+    return cfg.eval.proven == "loss-only" and passed_adapter_check(experiment) is not None
+
+
+def passed_adapter_check(experiment: str) -> dict | None:
+    """quantize's adapter check (base GGUF + adapter GGUF against the fused float GGUF), if every prompt matched."""
     check = stages.read_manifest("quantize", experiment)["details"].get("adapter", {}).get("gguf", {}).get("check")
-    return bool(check and check["prompts"] and check["matching"] == check["prompts"])
+    return check if check and check["prompts"] and check["matching"] == check["prompts"] else None
 
 
 def finish_result(result: dict, proven: dict, test: TestSet) -> dict:
