@@ -20,7 +20,7 @@ import sys
 from collections.abc import Iterator
 
 import pipeline  # noqa: F401  (loads the fast BLAS before MLX)
-from pipeline import cli, contracts, paths, splits, stages
+from pipeline import cli, contracts, paths, splits
 
 import mlx.core as mx
 from mlx_lm import load, stream_generate
@@ -29,7 +29,7 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 from mlx_lm.utils import dequantize_model
 
 from lm import gguf_header, llama_runner, tokens
-from lm.served import GGUF_KINDS, adapter_route, chosen_artifact
+from lm.served import GGUF_KINDS, adapter_route, what_to_run
 
 log = logging.getLogger("chat")
 COMMANDS = "/reset, /system <text>, /quit"
@@ -47,11 +47,7 @@ def main(argv=None) -> int:
 
 def run(cfg) -> None:
     experiment, ccfg = cfg.experiment.name, cfg.chat
-    stages.read_manifest("eval", experiment)
-    policy = contracts.read_json(paths.eval_dir(experiment) / "generation_policy.json", "generation_policy")
-    artifacts = contracts.read_json(paths.artifacts_file(experiment), "artifacts")["artifacts"]
-    contract = contracts.read_json(paths.DATA_CONTRACT, "data_contract")
-    artifact = chosen_artifact(ccfg.artifact, policy, artifacts, experiment, "chat")
+    policy, artifacts, contract, artifact = what_to_run(ccfg.artifact, experiment, "chat")
     tokenizer = load_tokenizer(paths.resolve(_by_kind(artifacts, "fused", "base")["path"]))
     system = system_prompt(ccfg.system, contract)
     interactive = sys.stdin.isatty()

@@ -25,11 +25,11 @@ import subprocess
 import sys
 
 import pipeline  # noqa: F401  (loads the fast BLAS before MLX)
-from pipeline import cli, contracts, credentials, paths, runtime, stages
+from pipeline import cli, credentials, paths, runtime
 from pipeline.errors import PipelineError
 
 from lm import chat_template, gguf_header
-from lm.served import GGUF_KINDS, adapter_route, chosen_artifact
+from lm.served import GGUF_KINDS, adapter_route, what_to_run
 
 log = logging.getLogger("serve")
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -56,11 +56,7 @@ def main(argv=None) -> int:
 
 def run(cfg) -> int:
     experiment, scfg = cfg.experiment.name, cfg.serve
-    stages.read_manifest("eval", experiment)
-    policy = contracts.read_json(paths.eval_dir(experiment) / "generation_policy.json", "generation_policy")
-    artifacts = contracts.read_json(paths.artifacts_file(experiment), "artifacts")["artifacts"]
-    contract = contracts.read_json(paths.DATA_CONTRACT, "data_contract")
-    artifact = chosen_artifact(scfg.artifact, policy, artifacts, experiment, "serve")
+    policy, artifacts, contract, artifact = what_to_run(scfg.artifact, experiment, "serve")
     api_key = check_bind(scfg.host, artifact)
     check_port_free(scfg.host, scfg.port)
     if artifact["kind"] in GGUF_KINDS:

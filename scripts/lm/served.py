@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import paths, stages
+from pipeline import contracts, paths, stages
 from pipeline.errors import PipelineError
 
 from lm import adapter_export
@@ -13,6 +13,15 @@ from lm import adapter_export
 GGUF_KINDS = ("gguf", "gguf-adapter")
 MLX_KINDS = ("base", "adapter", "fused", "mlx-quantized")
 ACTIONS = {"chat": "chat with", "serve": "serve"}
+
+
+def what_to_run(choice: str, experiment: str, tool: str) -> tuple[dict, list[dict], dict, dict]:
+    """(generation policy, artifacts, data contract, the artifact `choice` names) of an evaluated experiment."""
+    stages.read_manifest("eval", experiment)
+    policy = contracts.read_json(paths.eval_dir(experiment) / "generation_policy.json", "generation_policy")
+    artifacts = contracts.read_json(paths.artifacts_file(experiment), "artifacts")["artifacts"]
+    contract = contracts.read_json(paths.DATA_CONTRACT, "data_contract")
+    return policy, artifacts, contract, chosen_artifact(choice, policy, artifacts, experiment, tool)
 
 
 def chosen_artifact(choice: str, policy: dict, artifacts: list[dict], experiment: str, tool: str) -> dict:
