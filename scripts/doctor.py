@@ -13,7 +13,8 @@ import sys
 import time
 
 import pipeline  # noqa: F401  (loads the fast BLAS before MLX)
-from pipeline import cli, runtime
+from pipeline import cli, distributed, runtime
+from pipeline.errors import PipelineError
 
 import mlx.core as mx
 from rich.console import Console
@@ -47,6 +48,15 @@ def run(cfg) -> dict:
         ("BLAS libraries loaded", ", ".join(runtime.loaded_blas_libraries()) or "none found in /proc/self/maps"),
         (f"float32 matmul {cfg.doctor.matmul_size}^3", f"{gflops:.1f} GFLOP/s on {runtime.device_name()}"),
     ]
+    hosts_ok = True
+    if distributed.configured(cfg):
+        try:
+            found = distributed.probe(cfg.distributed)
+            rows += distributed_rows(found)
+            hosts_ok = found["all_sum_correct"]
+        except PipelineError as exc:
+            rows.append(("distributed", f"FAILED: {exc.line()}"))
+            hosts_ok = False
     print_table(rows)
     slow = runtime.device_name() == "cpu" and gflops < cfg.doctor.min_gflops
     if slow or not blas["optimized"]:
@@ -60,7 +70,26 @@ def run(cfg) -> dict:
         )
     else:
         print(f"\nOK: {blas['name']} BLAS, {gflops:.0f} GFLOP/s.")
-    return {"ok": not slow, "gflops": gflops, "blas": blas["name"]}
+    if not hosts_ok:
+        print("\nThe hosts of `distributed` cannot train together: see the distributed row above.", file=sys.stderr)
+    return {"ok": not slow and hosts_ok, "gflops": gflops, "blas": blas["name"]}
+
+
+def distributed_rows(found: dict) -> list[tuple[str, str]]:
+    """The hosts check's rows: who joined, and how fast an all_sum went."""
+    speed = found["all_sum_mib"] / 1024 / found["all_sum_seconds"]
+    return [
+        (
+            "distributed ranks",
+            f"{found['world_size']} joined over {found['backend']} in {found['seconds_to_run']:.1f} s: "
+            + ", ".join(found["hostnames"]),
+        ),
+        (
+            "distributed all_sum",
+            f"{found['all_sum_mib']} MiB in {found['all_sum_seconds']:.3f} s ({speed:.2f} GiB/s), "
+            + ("correct" if found["all_sum_correct"] else "WRONG SUM"),
+        ),
+    ]
 
 
 def matmul_gflops(n: int, repeats: int) -> float:

@@ -43,6 +43,7 @@ EXPECTED_ENUM_KEYS = {
     "train.fine_tune_type",
     "train.optimizer",
     "train.lr_schedule",
+    "distributed.backend",
     "train.resume",
     "quantize.on_mismatch",
     "quantize.adapter_exports",

@@ -7,6 +7,9 @@ optimizer state, RNG state and data position: a resumed run ends with the same b
 (schema metrics, one line per report), loss.png, a row of runs/experiments.csv (experiment_row) and,
 last, train.manifest.json (run_manifest).
 
+With config section `distributed` set, this process launches the run's ranks with mlx.launch
+(train.launch) and each rank runs `train` (below) on its share of every batch; rank 0 writes the files.
+
 Built on mlx-lm's pieces (model loading, linear_to_lora_layers, build_schedule, its optimizers) with
 its own loop, because mlx-lm's `train` cannot restore optimizer state or data order, stop early,
 or train every assistant turn of a chat.
@@ -21,7 +24,7 @@ from functools import partial
 from pathlib import Path
 
 import pipeline  # noqa: F401  (loads the fast BLAS before MLX)
-from pipeline import cli, config, contracts, paths, runtime, stages
+from pipeline import cli, config, contracts, distributed, paths, runtime, stages
 from pipeline import log as plog
 from pipeline.errors import PipelineError
 from pipeline.manifest import StageRun, file_entry, output_path
@@ -40,6 +43,7 @@ from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers
 
 from lm import fast_exp
 from train import data as train_data
+from train import ranks
 from train import state as train_state
 
 matplotlib.use("Agg")
@@ -59,14 +63,42 @@ def resumable_checkpoints(run_dir: Path) -> Path:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return cli.run_stage("train", args, run)
+    return cli.run_stage("train", args, lambda cfg: run(cfg, rank_arguments(args)))
 
 
-def run(cfg) -> dict:
+def rank_arguments(args) -> list[str]:
+    """The command line every rank of a distributed run gets: this one's."""
+    return [
+        *args.overrides,
+        *(["--override", args.override] if args.override else []),
+        *(["-v"] if args.verbose else []),
+    ]
+
+
+def run(cfg, rank_args: list[str] | tuple = ()) -> dict:
+    """Train in this process, or with `distributed` set, launch the ranks that do."""
+    if distributed.configured(cfg) and not distributed.launched():
+        return ranks.launch_ranks(cfg, list(rank_args), resumable_checkpoints(paths.run_dir(cfg.experiment.name)))
+    group = distributed.join(cfg.distributed) if distributed.configured(cfg) else distributed.Group()
+    try:
+        return train(cfg, group)
+    except RuntimeError as exc:
+        lost = distributed.transport_error(exc, group)
+        if lost is None:
+            raise
+        raise lost from exc
+    finally:
+        group.stop_watchdog()
+
+
+def train(cfg, group: distributed.Group) -> dict:
+    """The training run; in a distributed one, this rank's part of it (rank 0 writes every file)."""
     tcfg = cfg.train
     experiment = cfg.experiment.name
     run_dir = paths.run_dir(experiment)
-    stage = StageRun("train", {"train": config.section(cfg, "train")}, experiment=experiment)
+    stage = (
+        StageRun("train", {"train": config.section(cfg, "train")}, experiment=experiment) if group.rank == 0 else None
+    )
     model_manifest = stages.read_manifest("model")
     stages.read_manifest("prepare")
     contract = contracts.read_json(paths.DATA_CONTRACT, "data_contract")
@@ -74,6 +106,7 @@ def run(cfg) -> dict:
     model_dir = output_path(model_manifest, "model")
     iters = total_iterations(tcfg, catalog)
     check_dataset_size(catalog, contracts.read_json(paths.DATA_REPORT, "data_report"), tcfg)
+    ranks.check_batch_split(tcfg.batch_size, group.size)
 
     model, tokenizer = load_base(model_dir, tcfg)
     memory_guard(model, tcfg, contract, catalog)
@@ -91,17 +124,33 @@ def run(cfg) -> dict:
     # the adapter, metrics, loss curve and checkpoints of the last finished run stay as they are till then.
     start_sha256 = file_entry("start_adapter", start_from)["sha256"] if start_from is not None else None
     fingerprint = train_state.fingerprint(
-        model_manifest, catalog, adapter_config, config.section(cfg, "train"), start_sha256
+        model_manifest, catalog, adapter_config, config.section(cfg, "train"), start_sha256, group.size
     )
-    checkpoints = train_state.Checkpoints(stage.staged(run_dir / "checkpoints", keep=True), fingerprint)
-    state = checkpoints.restore(model, optimizer, mode=tcfg.resume)
-    metrics = train_state.MetricsLog(stage.staged(run_dir / "metrics.jsonl", keep=True), keep_until=state.step)
+    ranks.check_same_everywhere(group, fingerprint, catalog)
+    checkpoints, metrics, state = None, None, train_state.LoopState()
+    if stage is not None:  # rank 0
+        checkpoints = train_state.Checkpoints(stage.staged(run_dir / "checkpoints", keep=True), fingerprint)
+        state = checkpoints.restore(model, optimizer, mode=tcfg.resume)
+        metrics = train_state.MetricsLog(stage.staged(run_dir / "metrics.jsonl", keep=True), keep_until=state.step)
+    state = ranks.share_start(group, checkpoints, model, optimizer, state)
 
     loop = TrainingLoop(
-        model, optimizer, tcfg, train_set, valid_set, iters, checkpoints, metrics, state, contract["max_seq_length"]
+        model,
+        optimizer,
+        tcfg,
+        train_set,
+        valid_set,
+        iters,
+        checkpoints,
+        metrics,
+        state,
+        contract["max_seq_length"],
+        group,
     )
     with fast_exp.fast_activations(model):  # SiLU and the attention softmax with a vectorized exp on CPU
         loop.run()
+    if group.rank != 0:
+        return loop.summary()
 
     write_adapter(stage.staged(run_dir / "adapter"), model, adapter_config, checkpoints, state, tcfg)
     plot_losses(metrics.path, stage.staged(run_dir / "loss.png"), experiment)
@@ -124,6 +173,7 @@ def run(cfg) -> dict:
         "adapter_config": adapter_config,
         "blas": runtime.blas_summary()["name"],
         "fingerprint": fingerprint,
+        **({"distributed": ranks.run_record(cfg.distributed, group)} if group.size > 1 else {}),
     }
     stage.finish(run_dir / "train.manifest.json", inputs, outputs, details)
     log.info(
@@ -284,12 +334,26 @@ def memory_guard(model, tcfg, contract: dict, catalog: dict) -> None:
 
 
 class TrainingLoop:
+    """The steps, validation, reports and checkpoints of a run. In a distributed run every rank runs it on
+    its share of each batch; `checkpoints` and `metrics` are None but on rank 0, which alone writes."""
+
     def __init__(
-        self, model, optimizer, tcfg, train_set, valid_set, iters, checkpoints, metrics, state, max_seq_length
+        self,
+        model,
+        optimizer,
+        tcfg,
+        train_set,
+        valid_set,
+        iters,
+        checkpoints,
+        metrics,
+        state,
+        max_seq_length,
+        group: distributed.Group,
     ):
         self.model, self.optimizer, self.tcfg, self.max_seq_length = model, optimizer, tcfg, max_seq_length
         self.train_set, self.valid_set, self.iters = train_set, valid_set, iters
-        self.checkpoints, self.metrics, self.state = checkpoints, metrics, state
+        self.checkpoints, self.metrics, self.state, self.group = checkpoints, metrics, state, group
         self.batches = train_data.BatchOrder(train_set, tcfg.batch_size, tcfg.seed)
         self.started = time.monotonic()
         self.last_train_loss = float("nan")
@@ -306,14 +370,15 @@ class TrainingLoop:
                     if self.evaluate(step - 1):
                         break
                 tic = time.perf_counter()
-                batch = self.batches.batch_for(self.model, step - 1, self.max_seq_length)
+                batch = self.batches.batch_for(self.model, step - 1, self.max_seq_length, ranks.share(self.group))
                 loss, ntoks, grad = step_fn(batch, grad, step % accum == 0)
                 mx.eval(self.model.state, self.optimizer.state, loss, ntoks, grad)
+                self.group.alive()
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):
                     raise PipelineError(
                         f"the training loss became {loss_value} at step {step}",
-                        where=f"runs/{self.checkpoints.folder.parent.name}",
+                        where="train.learning_rate",
                         fix=f"lower train.learning_rate (now {self.tcfg.learning_rate}); the last good "
                         f"checkpoint (step {self.state.step}) is kept",
                     )
@@ -330,7 +395,12 @@ class TrainingLoop:
                     self.report(step, self.state.window_loss / self.state.window_steps, tokens / window_seconds, bar)
                     self.state.window_loss, self.state.window_steps = 0.0, 0
                     tokens, window_seconds = 0, 0.0
-                if step % accum == 0 and (step % self.tcfg.save_every == 0) and step < self.iters:
+                if (
+                    step % accum == 0
+                    and (step % self.tcfg.save_every == 0)
+                    and step < self.iters
+                    and self.checkpoints is not None
+                ):
                     self.checkpoints.save(self.model, self.optimizer, self.state)
             else:
                 if self.valid_set and not self.state.stopped_early:
@@ -341,6 +411,8 @@ class TrainingLoop:
         accum = int(self.tcfg.grad_accumulation_steps)
         if self.tcfg.grad_checkpoint:
             grad_checkpoint(model.layers[0])
+        if self.group.size > 1:
+            return ranks.compiled_step(model, optimizer, accum, self.group)
         value_and_grad = nn.value_and_grad(model, train_data.loss_for(model))
         state = [model.state, optimizer.state, mx.random.state]
 
@@ -370,19 +442,26 @@ class TrainingLoop:
         """Validation loss at `step`; True when early stopping says stop."""
         tic = time.perf_counter()
         val_loss = train_data.validation_loss(
-            self.model, self.valid_set, self.tcfg.batch_size, self.tcfg.val_batches, self.max_seq_length
+            self.model,
+            self.valid_set,
+            self.tcfg.batch_size,
+            self.tcfg.val_batches,
+            self.max_seq_length,
+            ranks.share(self.group),
+            self.group,
         )
         self.model.train()
         self.state.last_eval_step = step
-        self.metrics.write(
-            {"type": "val", "step": step, "val_loss": val_loss, "seconds": round(time.perf_counter() - tic, 3)}
-        )
+        if self.metrics is not None:
+            self.metrics.write(
+                {"type": "val", "step": step, "val_loss": val_loss, "seconds": round(time.perf_counter() - tic, 3)}
+            )
         log.info("step %d  val_loss %.4f", step, val_loss)
         self.state.val_losses.append(val_loss)
         patience, min_delta = int(self.tcfg.early_stopping.patience), float(self.tcfg.early_stopping.min_delta)
         if self.state.best_val_loss is None or val_loss < self.state.best_val_loss - min_delta:
             self.state.best_val_loss, self.state.best_step, self.state.evals_without_gain = val_loss, step, 0
-            if step > 0:
+            if step > 0 and self.checkpoints is not None:
                 self.checkpoints.save_best(self.model, step)
             return False
         self.state.evals_without_gain += 1
@@ -407,6 +486,8 @@ class TrainingLoop:
         )
         peak = mx.get_peak_memory() / 1e9
         self.last_train_loss = train_loss
+        if self.metrics is None:
+            return
         line = {
             "type": "train",
             "step": step,

@@ -91,9 +91,11 @@ class BatchOrder:
     def batch(self, step: int, max_seq_length: int):
         return pad([self.items[i] for i in self.indices(step)], max_seq_length)
 
-    def batch_for(self, model, step: int, max_seq_length: int) -> tuple:
-        """The batch of `step` as the arrays loss_for(model) takes."""
-        return batch_arrays(model, [self.items[i] for i in self.indices(step)], max_seq_length)
+    def batch_for(self, model, step: int, max_seq_length: int, share=None) -> tuple:
+        """The batch of `step` as the arrays loss_for(model) takes; with `share` (a distributed run), the
+        part of it share(indices) gives this rank."""
+        indices = self.indices(step) if share is None else share(self.indices(step))
+        return batch_arrays(model, [self.items[i] for i in indices], max_seq_length)
 
 
 def pad(items, max_seq_length: int):
@@ -113,8 +115,11 @@ def pad_numpy(items, max_seq_length: int) -> tuple[np.ndarray, np.ndarray, np.nd
     return tokens[:, :-1], tokens[:, 1:], masks[:, 1:]
 
 
-def validation_loss(model, items, batch_size: int, val_batches: int, max_seq_length: int) -> float:
-    """Token-weighted mean loss over the first `val_batches` batches in fixed order (-1: all)."""
+def validation_loss(
+    model, items, batch_size: int, val_batches: int, max_seq_length: int, share=None, group=None
+) -> float:
+    """Token-weighted mean loss over the first `val_batches` batches in fixed order (-1: all). In a
+    distributed run each rank scores share(batch) of every batch and `group` sums the ranks' totals."""
     model.eval()
     order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
     batches = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
@@ -122,7 +127,12 @@ def validation_loss(model, items, batch_size: int, val_batches: int, max_seq_len
         batches = batches[:val_batches]
     total, count = mx.array(0.0), mx.array(0.0)
     for batch in batches:
-        loss, ntoks = loss_for(model)(model, *batch_arrays(model, [items[i] for i in batch], max_seq_length))
+        part = batch if share is None else share(batch)
+        loss, ntoks = loss_for(model)(model, *batch_arrays(model, [items[i] for i in part], max_seq_length))
         total, count = total + loss * ntoks, count + ntoks
         mx.eval(total, count)
+        if group is not None:
+            group.alive()
+    if group is not None and group.size > 1:
+        total, count = group.all_sum(total), group.all_sum(count)
     return (total / count).item()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 
 from pipeline import contracts, hashing, paths
@@ -39,10 +40,16 @@ class LoopState:
 
 
 def fingerprint(
-    model_manifest: dict, catalog: dict, adapter_config: dict, train_config: dict, start_sha256: str | None = None
+    model_manifest: dict,
+    catalog: dict,
+    adapter_config: dict,
+    train_config: dict,
+    start_sha256: str | None = None,
+    world_size: int = 1,
 ) -> dict:
-    """What a checkpoint must match to be resumed: the model, the data, the adapter shape, the settings
-    and the adapter it started from (train.init_from)."""
+    """What a checkpoint must match to be resumed: the model, the data, the adapter shape, the settings,
+    the adapter it started from (train.init_from) and the number of ranks (a run on another number sums
+    its gradients in another order)."""
     settings = {k: v for k, v in train_config.items() if k not in ("resume", "steps_per_report")}
     return {
         "model": output_entry(model_manifest, "model")["sha256"],
@@ -50,6 +57,7 @@ def fingerprint(
         "adapter": hashing.sha256_json(adapter_config),
         "settings": hashing.sha256_json(settings),
         **({"start_adapter": start_sha256} if start_sha256 else {}),
+        **({"world_size": world_size} if world_size > 1 else {}),
     }
 
 
@@ -57,6 +65,7 @@ class Checkpoints:
     def __init__(self, folder: Path, fingerprint: dict):
         self.folder, self.fingerprint = folder, fingerprint
         self.latest = folder / "latest.json"
+        self.resumed_from: Path | None = None  # the checkpoint folder restore() loaded
 
     def best_weights(self) -> Path:
         return self.folder / "best" / "adapters.safetensors"
@@ -82,7 +91,11 @@ class Checkpoints:
                 "settings it was made with",
             )
         if saved["fingerprint"] != self.fingerprint:
-            changed = [k for k in self.fingerprint if saved["fingerprint"][k] != self.fingerprint[k]]
+            keys = dict.fromkeys([*self.fingerprint, *saved["fingerprint"]])
+            changed = [k for k in keys if saved["fingerprint"].get(k) != self.fingerprint.get(k)]
+            if "world_size" in changed:
+                before, now = saved["fingerprint"].get("world_size", 1), self.fingerprint.get("world_size", 1)
+                changed[changed.index("world_size")] = f"the number of ranks: {before} then, {now} now"
             if mode == "require":
                 raise PipelineError(
                     f"the checkpoint does not match this run ({', '.join(changed)} changed)",
@@ -115,15 +128,10 @@ class Checkpoints:
         folder = self.folder / saved["path"]
         self._verify(folder, saved.get("files", {}))
         try:
-            model.load_weights(list(mx.load(str(folder / "adapters.safetensors")).items()), strict=False)
-            arrays = mx.load(str(folder / "optimizer.safetensors"))
-            hi, lo = (int(v) for v in arrays.pop("__rng__").tolist())
-            optimizer.state = tree_unflatten(list(arrays.items()))
-            state = LoopState(**orjson.loads((folder / "state.json").read_bytes()))
+            state = load_folder(folder, model, optimizer)
         except (RuntimeError, ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
             raise self._damaged(folder, f"cannot be read ({str(exc).splitlines()[0]})") from None
-        mx.random.seed((hi << 32) | lo)  # a seed of hi<<32|lo recreates the key [hi, lo]
-        mx.eval(model.parameters(), optimizer.state)
+        self.resumed_from = folder
         log.info("resuming from step %d (%s)", state.step, paths.display(folder))
         return state
 
@@ -161,6 +169,36 @@ class Checkpoints:
         with contracts.atomic_dir(self.folder / "best") as tmp:
             mx.save_safetensors(str(tmp / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
             (tmp / "best.json").write_bytes(orjson.dumps({"step": step}))
+
+
+def load_folder(folder: Path, model, optimizer) -> LoopState:
+    """Weights, optimizer state and RNG from a checkpoint folder into `model` and `optimizer`; its loop state."""
+    model.load_weights(list(mx.load(str(folder / "adapters.safetensors")).items()), strict=False)
+    arrays = mx.load(str(folder / "optimizer.safetensors"))
+    hi, lo = (int(v) for v in arrays.pop("__rng__").tolist())
+    optimizer.state = tree_unflatten(list(arrays.items()))
+    state = LoopState(**orjson.loads((folder / "state.json").read_bytes()))
+    mx.random.seed((hi << 32) | lo)  # a seed of hi<<32|lo recreates the key [hi, lo]
+    mx.eval(model.parameters(), optimizer.state)
+    return state
+
+
+def pack(folder: Path) -> bytes:
+    """A checkpoint folder's files as one byte string (a JSON header line of names and sizes, then the files)."""
+    contents = {name: (folder / name).read_bytes() for name in CHECKPOINT_FILES}
+    header = orjson.dumps({name: len(data) for name, data in contents.items()})
+    return header + b"\n" + b"".join(contents.values())
+
+
+def load_packed(packed: bytes, model, optimizer) -> LoopState:
+    """load_folder for a checkpoint given as pack()'s bytes."""
+    header, _, body = packed.partition(b"\n")
+    with tempfile.TemporaryDirectory(prefix="checkpoint-") as tmp:
+        offset = 0
+        for name, size in orjson.loads(header).items():
+            (Path(tmp) / name).write_bytes(body[offset : offset + size])
+            offset += size
+        return load_folder(Path(tmp), model, optimizer)
 
 
 class MetricsLog:
