@@ -145,6 +145,14 @@ def test_a_rank_killed_mid_run_ends_the_run_and_two_ranks_resume_it(in_pair):
     assert 10 <= killed_at < ITERS, "the run was not interrupted mid-way"
     assert not (paths.RUNS_DIR / "killed" / "train.manifest.json").exists()
 
+    one_process = [a for a in args if not a.startswith("distributed.")]
+    refused = subprocess.run(
+        [sys.executable, "-m", "train", *one_process, "train.resume=require"], env=env, capture_output=True, text=True
+    )
+    assert refused.returncode == 2  # the checkpoint was made by two ranks
+    assert "the number of ranks: 2 then, 1 now" in refused.stderr
+    assert json.loads(latest.read_text())["step"] == killed_at
+
     assert train.main(args) == 0
     resumed, uninterrupted = adapter("killed"), adapter("pair")
     assert all(np.array_equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
@@ -267,3 +275,26 @@ def test_the_first_cause_is_reported_not_its_echoes(project):
     )
     echo_only = distributed.Outcome(False, [(0, "exited with code 2")], [lost], False)
     assert distributed.LOST_PEER in ranks.failure(echo_only, dcfg, entries, project, "main").line()
+
+
+@pytest.mark.slow
+def test_doctor_joins_the_hosts_and_times_an_all_sum(project, capsys):
+    import doctor
+
+    settings = [*two_ranks(free_port()), "doctor.matmul_repeats=1", "doctor.min_gflops=0"]
+    assert doctor.main(settings) == 0
+    table = capsys.readouterr().out
+    assert "distributed ranks" in table and "2 joined over ring" in table
+    assert "64 MiB in" in table and "correct" in table
+
+
+def test_doctor_says_which_host_cannot_join(project, capsys):
+    import doctor
+
+    settings = ["distributed.hosts=[127.0.0.1,192.0.2.7]", f"distributed.port={free_port()}"]
+    settings += ["distributed.timeout_seconds=10", "doctor.matmul_repeats=1", "doctor.min_gflops=0"]
+    assert doctor.main(settings) == 1
+    out = capsys.readouterr()
+    table = " ".join(out.out.replace("│", " ").split())  # the table wraps long cells
+    assert "FAILED: distributed: the hosts could not run together: rank" in table
+    assert "cannot train together" in out.err
