@@ -15,7 +15,6 @@ served on loopback only).
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import logging
 import os
@@ -32,7 +31,6 @@ from lm import chat_template, gguf_header
 from lm.served import GGUF_KINDS, adapter_route, what_to_run
 
 log = logging.getLogger("serve")
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 SAMPLE_CONVERSATIONS = [
     [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there!"}],
     [
@@ -209,8 +207,7 @@ def _own_session_ended_with_parent() -> None:
     """In the server's process before it starts: a session of its own, and (Linux) SIGTERM when this
     process dies, however it dies, so that no server outlives `make serve`."""
     os.setsid()
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    runtime.end_with_parent(signal.SIGTERM)
 
 
 def _url_host(host: str) -> str:

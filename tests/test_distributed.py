@@ -190,6 +190,27 @@ def test_a_hung_rank_ends_the_run_within_the_timeout_and_nothing_is_left(in_pair
     assert processes_of(pair) == [], "a process of the run outlived it"
 
 
+@pytest.mark.slow
+def test_killing_make_train_ends_every_rank(in_pair):
+    pair = in_pair
+    args = [*FAST, "train.iters=2000", *two_ranks(free_port()), "experiment.name=orphans"]
+    env = {**os.environ, "PIPELINE_ROOT": str(pair), "PYTHONPATH": str(REPO / "scripts"), "CI": "1"}
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "train", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    latest = train.resumable_checkpoints(paths.RUNS_DIR / "orphans") / "latest.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not latest.is_file():
+        time.sleep(0.02)
+    assert rank_pid(pair, 0) and rank_pid(pair, 1), "the ranks are not running"
+    supervisor.kill()
+    supervisor.wait()
+    deadline = time.monotonic() + 10
+    while processes_of(pair) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes_of(pair) == [], "a rank outlived the killed `make train`"
+
+
 RANK_WITH_OTHER_DATA = """
 import logging, sys
 import pipeline

@@ -187,7 +187,12 @@ def _supervise(cmd: list[str]) -> Outcome:
     # stdin: a pipe left open and empty. mlx.launch forwards its stdin to the ranks in a select() loop,
     # which spins a core at end-of-file (/dev/null) and sleeps on a pipe with nothing in it.
     process = subprocess.Popen(
-        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        cmd,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=_ended_with_this_process,
     )
     failed_at, pending = None, b""
     try:
@@ -214,6 +219,12 @@ def _supervise(cmd: list[str]) -> Outcome:
         process.stdin.close()
     outcome.ok = not outcome.failures and process.returncode == 0
     return outcome
+
+
+def _ended_with_this_process() -> None:
+    """In mlx.launch's process before it starts: killed if the process supervising it dies (kill -9 of
+    `make train`); its local ranks follow it (join)."""
+    runtime.end_with_parent(signal.SIGKILL)
 
 
 def _note_line(line: str, outcome: Outcome) -> None:
@@ -333,6 +344,7 @@ def join(dcfg) -> Group:
     import mlx.core as mx
 
     timeout = float(dcfg.timeout_seconds)
+    runtime.end_with_parent(signal.SIGKILL)  # mlx.launch (or, on another host, the ssh session) gone: so is this rank
     faulthandler.dump_traceback_later(timeout, exit=True, file=sys.stderr)
     group = Group(mx.distributed.init(strict=True, backend=init_backend(dcfg.backend)), timeout, socket.gethostname())
     _prefix_log_lines(f"rank {group.rank}")
@@ -407,6 +419,7 @@ def _probe_rank(argv: list[str]) -> int:
     parser.add_argument("--timeout", type=float, required=True)
     parser.add_argument("--result", required=True)
     args = parser.parse_args(argv)
+    runtime.end_with_parent(signal.SIGKILL)
     faulthandler.dump_traceback_later(args.timeout, exit=True, file=sys.stderr)
     group = mx.distributed.init(strict=True, backend=init_backend(args.backend))
     name = np.frombuffer(socket.gethostname().encode()[:64].ljust(64, b"\0"), np.uint8)

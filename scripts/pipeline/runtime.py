@@ -23,6 +23,18 @@ from pathlib import Path
 log = logging.getLogger("runtime")
 
 _preloaded: Path | None = None
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def end_with_parent(signal_number: int) -> None:
+    """Linux: this process gets `signal_number` when the thread that started it ends, however it ends
+    (other systems: nothing). A parent already gone (this process adopted by init) ends it at once."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal_number)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal_number)
 
 
 def _site_packages() -> Path:
