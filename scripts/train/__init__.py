@@ -127,26 +127,11 @@ def train(cfg, group: distributed.Group) -> dict:
         model_manifest, catalog, adapter_config, config.section(cfg, "train"), start_sha256, group.size
     )
     ranks.check_same_everywhere(group, fingerprint, catalog)
-    checkpoints, metrics, state = None, None, train_state.LoopState()
-    if stage is not None:  # rank 0
-        checkpoints = train_state.Checkpoints(stage.staged(run_dir / "checkpoints", keep=True), fingerprint)
-        state = checkpoints.restore(model, optimizer, mode=tcfg.resume)
-        metrics = train_state.MetricsLog(stage.staged(run_dir / "metrics.jsonl", keep=True), keep_until=state.step)
+    checkpoints, metrics, state = start_state(stage, run_dir, fingerprint, model, optimizer, tcfg.resume)
     state = ranks.share_start(group, checkpoints, model, optimizer, state)
 
-    loop = TrainingLoop(
-        model,
-        optimizer,
-        tcfg,
-        train_set,
-        valid_set,
-        iters,
-        checkpoints,
-        metrics,
-        state,
-        contract["max_seq_length"],
-        group,
-    )
+    splits = train_data.Splits(train_set, valid_set, contract["max_seq_length"])
+    loop = TrainingLoop(model, optimizer, tcfg, splits, iters, (checkpoints, metrics), state, group)
     with fast_exp.fast_activations(model):  # SiLU and the attention softmax with a vectorized exp on CPU
         loop.run()
     if group.rank != 0:
@@ -188,6 +173,17 @@ def train(cfg, group: distributed.Group) -> dict:
 
 
 # --- setup -------------------------------------------------------------------------------------
+
+
+def start_state(stage: StageRun | None, run_dir: Path, fingerprint: dict, model, optimizer, resume: str) -> tuple:
+    """(checkpoints, metrics log, loop state): on rank 0 (the one with a StageRun) restored from a matching
+    checkpoint or fresh; on the other ranks (None, None, a fresh state), which rank 0's then replaces."""
+    if stage is None:
+        return None, None, train_state.LoopState()
+    checkpoints = train_state.Checkpoints(stage.staged(run_dir / "checkpoints", keep=True), fingerprint)
+    state = checkpoints.restore(model, optimizer, mode=resume)
+    metrics = train_state.MetricsLog(stage.staged(run_dir / "metrics.jsonl", keep=True), keep_until=state.step)
+    return checkpoints, metrics, state
 
 
 def total_iterations(tcfg, catalog: dict) -> int:
@@ -337,24 +333,12 @@ class TrainingLoop:
     """The steps, validation, reports and checkpoints of a run. In a distributed run every rank runs it on
     its share of each batch; `checkpoints` and `metrics` are None but on rank 0, which alone writes."""
 
-    def __init__(
-        self,
-        model,
-        optimizer,
-        tcfg,
-        train_set,
-        valid_set,
-        iters,
-        checkpoints,
-        metrics,
-        state,
-        max_seq_length,
-        group: distributed.Group,
-    ):
-        self.model, self.optimizer, self.tcfg, self.max_seq_length = model, optimizer, tcfg, max_seq_length
-        self.train_set, self.valid_set, self.iters = train_set, valid_set, iters
-        self.checkpoints, self.metrics, self.state, self.group = checkpoints, metrics, state, group
-        self.batches = train_data.BatchOrder(train_set, tcfg.batch_size, tcfg.seed)
+    def __init__(self, model, optimizer, tcfg, splits, iters: int, written: tuple, state, group: distributed.Group):
+        self.model, self.optimizer, self.tcfg, self.iters = model, optimizer, tcfg, iters
+        self.train_set, self.valid_set, self.max_seq_length = splits.train, splits.valid, splits.max_seq_length
+        self.checkpoints, self.metrics = written  # (Checkpoints, MetricsLog), or (None, None) but on rank 0
+        self.state, self.group = state, group
+        self.batches = train_data.BatchOrder(self.train_set, tcfg.batch_size, tcfg.seed)
         self.started = time.monotonic()
         self.last_train_loss = float("nan")
 

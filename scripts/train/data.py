@@ -10,6 +10,8 @@ same loss up to float rounding (tested).
 
 from __future__ import annotations
 
+import dataclasses
+
 from pipeline import splits
 from pipeline.errors import PipelineError
 
@@ -18,6 +20,15 @@ import mlx.nn as nn
 import numpy as np
 
 from lm import heads, tokens
+
+
+@dataclasses.dataclass
+class Splits:
+    """The train and validation items (token ids, loss mask) and the length they are cut at."""
+
+    train: list[tuple[np.ndarray, np.ndarray]]
+    valid: list[tuple[np.ndarray, np.ndarray]]
+    max_seq_length: int
 
 
 def load_split(split: str, contract: dict, tokenizer, mask_prompt: bool) -> list[tuple[np.ndarray, np.ndarray]]:
