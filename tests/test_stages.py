@@ -74,7 +74,7 @@ def test_every_config_section_is_read_by_exactly_one_stage():
 
 
 def test_experiment_sections_are_those_of_the_per_experiment_stages():
-    assert stages.experiment_sections() == {"train", "fuse", "quantize", "eval", "package", "freeze"}
+    assert stages.experiment_sections() == {"train", "distributed", "fuse", "quantize", "eval", "package", "freeze"}
 
 
 def test_make_include_lists_code_slices_and_upstream_manifests(project):
