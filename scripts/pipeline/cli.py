@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline import config, contracts, credentials, paths, stages
+from pipeline import config, contracts, credentials, distributed, paths, stages
 from pipeline.errors import PipelineError
 from pipeline.log import setup_logging
 
@@ -50,8 +50,9 @@ def run_stage(name: str, args: argparse.Namespace, run: Callable[[DictConfig], o
         if failed_upstream := upstream_failure(name, cfg):
             log.error("skipped: %s", failed_upstream)
             return 2
-        resolved = {s: config.section(cfg, s) for s in stages.get(name).logged_sections()}
-        log.info("resolved config:\n%s", config.dump_yaml(resolved))
+        if not distributed.launched():  # a rank's config is the one its launcher logged
+            resolved = {s: config.section(cfg, s) for s in stages.get(name).logged_sections()}
+            log.info("resolved config:\n%s", config.dump_yaml(resolved))
         run(cfg)
     except PipelineError as exc:
         log.debug("cause of the error below:", exc_info=exc)
