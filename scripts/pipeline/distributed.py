@@ -369,11 +369,10 @@ def _prefix_log_lines(prefix: str) -> None:
 
 
 def code_digest() -> str:
-    """One digest of the project's Python code and the installed versions that run it."""
-    files = {
-        str(p.relative_to(paths.ROOT)): hashing.sha256_file(p) for p in sorted((paths.ROOT / "scripts").rglob("*.py"))
-    }
-    return hashing.sha256_json({"files": files, "versions": runtime.versions()})
+    """One digest of the project's code (run_record's, the one repro checks) and the installed versions."""
+    from pipeline import run_record  # not at the top: run_record reads the stage registry
+
+    return hashing.sha256_json({"code": run_record.code_digest(), "versions": run_record.package_versions()})
 
 
 # --- the hosts check (make doctor) ---------------------------------------------------------------
