@@ -16,6 +16,8 @@ import numpy as np
 import orjson
 import pytest
 from mlx_lm import load
+from mlx_lm.generate import batch_generate
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import dequantize_model
 from omegaconf import OmegaConf
 
@@ -372,15 +374,16 @@ def test_generation_from_the_loss_pass_prompt_caches_gives_the_same_answers(quan
     )
     keep = {k: len(prompts[j]) for k, j in enumerate(items)}
     _, caches = eval_stage.mlx_nll(model, list(items.values()), 2, keep)
-    assert sorted(caches) == sorted(keep)
-    for k, j in enumerate(
-        items
-    ):  # each kept cache is its own prompt's: the last token then gives the full prompt's logits
-        assert caches[k][0].offset == len(prompts[j]) - 1
-        from_cache = model(mx.array([prompts[j][-1:]]), cache=caches[k])[0, -1]
+    assert sorted(caches.rows) == sorted(keep) and caches.prefix_length > 5  # the system prompt, held once
+    for k, j in enumerate(items):  # each kept row is its own prompt's: with the prefix, it gives the prompt's logits
+        cache = make_prompt_cache(model)
+        for layer, (prefix_kv, own_kv) in zip(cache, zip(caches.prefix, caches.rows[k])):
+            keys, values = (mx.concatenate([p, o], axis=2) for p, o in zip(prefix_kv, own_kv))
+            layer.state = (keys, values, keys.shape[2])
+        assert cache[0].offset == len(prompts[j]) - 1
+        from_cache = model(mx.array([prompts[j][-1:]]), cache=cache)[0, -1]
         np.testing.assert_allclose(np.array(from_cache), np.array(model(mx.array([prompts[j]]))[0, -1]), atol=1e-4)
-    _, caches = eval_stage.mlx_nll(model, list(items.values()), 2, keep)
-    fresh = eval_stage.mlx_generate(model, tokenizer, prompts, ecfg)
+    fresh = batch_generate(model, tokenizer, prompts, max_tokens=10, return_token_ids=True).token_ids  # mlx-lm's own
     artifact = next(
         a
         for a in contracts.read_json(paths.RUNS_DIR / "main" / "artifacts.json", "artifacts")["artifacts"]

@@ -19,7 +19,6 @@ artifacts that failed or changed.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import functools
 import gc
@@ -51,7 +50,7 @@ from omegaconf import OmegaConf
 from eval import metrics as eval_metrics
 from eval import pool, scores, verdict
 from eval import report as eval_report
-from lm import cpu_activations, fast_exp, llama_runner, served, tokens
+from lm import cpu_activations, fast_exp, llama_runner, served, shared_prefix, tokens
 from lm.llama_runner import shared_prefix_length
 
 log = logging.getLogger("eval")
@@ -483,22 +482,35 @@ def score_mlx(artifact, artifacts, prompts, loss_items, tokenizer, ecfg, caps: l
             }
             nll, caches = mlx_nll(model, [loss_items[j] for j in scored], ecfg.loss_batch_size, keep)
             per_item.update(zip(scored, nll))
-            prompt_caches = {scored[k]: cache for k, cache in caches.items()}
+            rows = {scored[k]: layers for k, layers in caches.rows.items()}
             start = time.monotonic()
             if answered:
+                cached = caches if all(j in rows for j in answered) else None
                 generated += mlx_generate(
                     model,
                     tokenizer,
                     [prompts[j] for j in answered],
                     ecfg,
-                    [prompt_caches.get(j) for j in answered],
+                    cached and PromptCaches(cached.prefix_length, cached.prefix, [rows[j] for j in answered]),
                     [caps[j] for j in answered],
                 )
             seconds += time.monotonic() - start
-            del caches, prompt_caches
+            del caches, rows
     del model
     mx.clear_cache()
     return {"engine": "mlx", **loss_fields(per_item), **answers_and_speed(generated, tokenizer, seconds, caps)}
+
+
+@dataclasses.dataclass
+class PromptCaches:
+    """What a loss pass leaves for generation: the prefix every item shared (its length and each layer's
+    keys and values, batch 1; None when there is none) and, per kept item, each layer's keys and values
+    of its prompt after the prefix but the last token (`rows`: {item index: layers}, or a list in the
+    order of the prompts)."""
+
+    prefix_length: int
+    prefix: list[tuple] | None
+    rows: dict[int, list[tuple]] | list[list[tuple]]
 
 
 def _starts_with(ids, prompt: list[int]) -> bool:
@@ -512,7 +524,7 @@ def mlx_loss(model, items, batch_size: int) -> float:
     return sum(nll for nll, _ in per_item) / count if count else float("nan")
 
 
-def mlx_nll(model, items, batch_size: int, keep: dict[int, int] | None = None) -> tuple[list, dict[int, list]]:
+def mlx_nll(model, items, batch_size: int, keep: dict[int, int] | None = None) -> tuple[list, PromptCaches]:
     """Each item's (summed loss over its trained tokens, their count), and for each item index in
     `keep` ({index: prompt length}) the KV cache of its prompt but the last token, ready for generation.
 
@@ -521,10 +533,10 @@ def mlx_nll(model, items, batch_size: int, keep: dict[int, int] | None = None) -
     is slow, that is most of the cost.
     """
     if not items:
-        return [], {}
+        return [], PromptCaches(0, None, {})
     prefix = shared_prefix_length(items)
     prefix_cache = _prefix_cache(model, items[0][0][:prefix]) if prefix else None
-    keep = keep if keep and all(type(c) is KVCache for c in make_prompt_cache(model)) else {}
+    keep = keep if keep and shared_prefix.supported(model) else {}
     order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
     per_item, kept = [(0.0, 0)] * len(items), {}
     for start in range(0, len(order), batch_size):
@@ -550,8 +562,9 @@ def mlx_nll(model, items, batch_size: int, keep: dict[int, int] | None = None) -
         for row, index in enumerate(indices):
             per_item[index] = (float(sums[row]), int(counts[row]))
             if index in keep:
-                kept[index] = _row_cache(cache, row, keep[index] - 1)
-    return per_item, kept
+                kept[index] = _own_part(cache, row, prefix, keep[index] - 1)
+    shared = [c.keys_and_values() for c in prefix_cache] if prefix_cache and kept else None
+    return per_item, PromptCaches(prefix if shared else 0, shared, kept)
 
 
 def _logsumexp(logits) -> np.ndarray:
@@ -560,20 +573,16 @@ def _logsumexp(logits) -> np.ndarray:
     return np.array(mx.logsumexp(logits, axis=-1), np.float64)
 
 
-def _row_cache(cache, row: int, length: int) -> list:
-    """One row's first `length` positions of a batch KV cache, as a batch-1 cache of its own."""
-    copies = []
+def _own_part(cache, row: int, start: int, end: int) -> list[tuple]:
+    """Each layer's keys and values of one row of a batch KV cache, positions start .. end - 1 (batch 1)."""
+    layers = []
     for layer in cache:
         keys, values = layer.keys_and_values()
-        copy_ = KVCache()
-        copy_.state = (
-            mx.contiguous(keys[row : row + 1, :, :length]),
-            mx.contiguous(values[row : row + 1, :, :length]),
-            length,
+        layers.append(
+            (mx.contiguous(keys[row : row + 1, :, start:end]), mx.contiguous(values[row : row + 1, :, start:end]))
         )
-        copies.append(copy_)
-    mx.eval([c.keys_and_values() for c in copies])
-    return copies
+    mx.eval(layers)
+    return layers
 
 
 def _prefix_cache(model, prefix_ids):
@@ -600,30 +609,28 @@ def _output_layer(model, hidden):
     return model.lm_head(hidden)
 
 
-def mlx_generate(model, tokenizer, prompts, ecfg, prompt_caches=None, caps=None) -> list[list[int]]:
-    """Batched answers. Given every prompt's KV cache (all but its last token), only the last token is
-    fed; otherwise the prompts' common prefix (the system prompt) is computed once and shared."""
-    shared = len(os.path.commonprefix(prompts)) - 1 if len(prompts) > 1 else 0
-    caches = None
-    if prompt_caches and all(c is not None for c in prompt_caches):
-        caches = prompt_caches
-        prompts = [p[-1:] for p in prompts]
-        shared = 0
-    elif shared >= 8:
-        cache = make_prompt_cache(model)
-        model(mx.array([prompts[0][:shared]]), cache=cache)
-        mx.eval([c.keys_and_values() for c in cache])
-        caches = [copy.deepcopy(cache) for _ in prompts]
-    else:
-        shared = 0
+def mlx_generate(model, tokenizer, prompts, ecfg, cached: PromptCaches | None = None, caps=None) -> list[list[int]]:
+    """Batched answers. With the prompts' caches from a loss pass (`cached`, rows in prompt order), only
+    each prompt's last token is fed. Where the model allows (lm.shared_prefix), the prompts' shared prefix
+    (the system prompt) is held once and not per row; otherwise mlx-lm's batch_generate answers."""
+    caps = caps if caps is not None else [ecfg.max_tokens] * len(prompts)
     mx.random.seed(ecfg.seed)
     sampler = make_sampler(temp=ecfg.temperature, top_p=ecfg.top_p)
+    if shared_prefix.supported(model):
+        return shared_prefix.generate(
+            model,
+            prompts,
+            caps,
+            set(tokenizer.eos_token_ids),
+            None if ecfg.temperature == 0 else lambda logits: sampler(logits - mx.logsumexp(logits, -1, keepdims=True)),
+            shared=cached and (cached.prefix_length, cached.prefix),
+            own=cached and cached.rows,
+        )
     response = batch_generate(
         model,
         tokenizer,
-        [p[shared:] for p in prompts],
-        prompt_caches=caches,
-        max_tokens=caps if caps is not None else ecfg.max_tokens,
+        prompts,
+        max_tokens=caps,
         sampler=sampler,
         completion_batch_size=ecfg.batch_size,
         prefill_batch_size=ecfg.batch_size,

@@ -5,9 +5,10 @@ everything but the matmuls on one thread. Measured here, two MLX artifacts side 
 the threads, answer 1.75x and score loss 1.2x as fast as one after the other; the whole default eval
 gains less (105 -> 99 s), since each process loads its model and llama.cpp is slower on one thread
 than on two. Scoring each GGUF alone on both threads after the MLX artifacts was tried: on Alpaca it
-left a worker idle for 84 s of the MLX part and took 318 s against 279 s side by side. Each job runs
-in a fresh Python process (pipeline.isolate), so a crash in native code (llama.cpp, MLX) fails that
-artifact alone, with its cause.
+left a worker idle for 84 s of the MLX part and took 318 s against 279 s side by side. Each worker is
+a Python process of its own (pipeline.isolate.Worker) that scores one job after another, importing MLX
+once; a crash in native code (llama.cpp, MLX) fails that artifact alone, with its cause, and a new
+process takes that worker's next job.
 
 `eval.workers: auto` is 2 on a CPU with at least 2 threads to give (PIPELINE_THREADS, or every core)
 and memory for two models at once; 1 on a GPU, where one model already keeps the device busy. With one
@@ -17,6 +18,7 @@ worker the artifacts are scored in the stage's own process, one after the other.
 from __future__ import annotations
 
 import concurrent.futures
+import queue
 from collections.abc import Callable, Iterator
 
 from pipeline import isolate, paths, runtime
@@ -66,8 +68,8 @@ def fits_in_memory(artifacts: list[dict], workers: int) -> bool:
 
 def run(jobs: list[tuple], score: Callable, workers: int, threads: int) -> Iterator[tuple[int, dict | BaseException]]:
     """(job index, score(*job) or the exception it raised) for every job, as each finishes. With more
-    than one worker, or fewer threads than this process has, each job runs in a child process with
-    `threads` BLAS and llama.cpp threads."""
+    than one worker, or fewer threads than this process has, each worker is a child process
+    (isolate.Worker) with `threads` BLAS and llama.cpp threads, scoring one job after another."""
     if workers == 1 and threads == runtime.cpu_threads():
         for index, job in enumerate(jobs):
             try:
@@ -76,10 +78,14 @@ def run(jobs: list[tuple], score: Callable, workers: int, threads: int) -> Itera
                 yield index, exc
         return
     env = {"OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads), "PIPELINE_THREADS": str(threads)}
-    with concurrent.futures.ThreadPoolExecutor(workers) as executor:
-        futures = {
-            executor.submit(
-                isolate.call,
+    idle = queue.SimpleQueue()
+    for _ in range(workers):
+        idle.put(isolate.Worker(env))
+
+    def scored_by_a_worker(job: tuple):
+        worker = idle.get()
+        try:
+            return worker.call(
                 _in_child,
                 str(paths.ROOT),
                 score,
@@ -87,15 +93,21 @@ def run(jobs: list[tuple], score: Callable, workers: int, threads: int) -> Itera
                 name=f"scoring {job[0]['id']}",
                 where=job[0]["path"],
                 fix="run `make eval` again (it scores only what failed); SET=eval.workers=1 scores in one process",
-                env=env,
-            ): index
-            for index, job in enumerate(jobs)
-        }
-        for future in concurrent.futures.as_completed(futures):
-            try:
-                yield futures[future], future.result()
-            except Exception as exc:
-                yield futures[future], exc
+            )
+        finally:
+            idle.put(worker)
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(workers) as executor:
+            futures = {executor.submit(scored_by_a_worker, job): index for index, job in enumerate(jobs)}
+            for future in concurrent.futures.as_completed(futures):
+                try:
+                    yield futures[future], future.result()
+                except Exception as exc:
+                    yield futures[future], exc
+    finally:
+        while not idle.empty():
+            idle.get().close()
 
 
 def _in_child(root: str, score: Callable, job: tuple):

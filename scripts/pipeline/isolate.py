@@ -7,6 +7,10 @@ PipelineError as the same one line, any other exception as itself when it can be
 IsolatedError), with the child's traceback as its cause. A child killed by a signal (SIGSEGV, SIGBUS,
 ...) becomes a PipelineError naming `name` and the signal.
 
+`Worker` is such a child kept for one call after another, so that a series of calls pays the
+interpreter's start and the imports (~2 s with MLX) once. A crash ends that call as `call` would, and
+the worker's next call starts a new child.
+
 A subprocess rather than multiprocessing: spawn would re-import the parent's __main__ (the stage with
 mlx-lm and the hub client, or pytest) in the child, and fork is unsafe once MLX has started threads.
 Arguments and the result travel as pickles in a temporary folder; the function must be importable.
@@ -14,6 +18,7 @@ Arguments and the result travel as pickles in a temporary folder; the function m
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
@@ -39,20 +44,76 @@ class ChildTraceback(Exception):
 def call(function, *args, name: str, where: str, fix: str, env: dict[str, str] | None = None):
     """function(*args) in a child process (with `env` added to its environment); its result, or what it
     raised, or a PipelineError if it crashed."""
-    with tempfile.TemporaryDirectory(prefix="pipeline-isolate-") as folder:
-        request, reply = Path(folder) / "request.pickle", Path(folder) / "reply.pickle"
-        request.write_bytes(pickle.dumps((list(sys.path), pickle.dumps((function, args)))))
-        child = subprocess.run(
-            [sys.executable, "-m", "pipeline.isolate", str(request), str(reply)],
-            env=_child_environment() | (env or {}),
-            stdin=subprocess.DEVNULL,
-            check=False,
+    with Worker(env) as worker:
+        return worker.call(function, *args, name=name, where=where, fix=fix)
+
+
+class Worker:
+    """A child process that runs calls one after another, each as `call` would run it."""
+
+    def __init__(self, env: dict[str, str] | None = None):
+        self.env, self.child, self.done = env, None, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def call(self, function, *args, name: str, where: str, fix: str):
+        if self.child is None:
+            self._start()
+        with tempfile.TemporaryDirectory(prefix="pipeline-isolate-") as folder:
+            request, reply = Path(folder) / "request.pickle", Path(folder) / "reply.pickle"
+            request.write_bytes(pickle.dumps((list(sys.path), pickle.dumps((function, args)))))
+            try:
+                self.child.stdin.write(f"{request}\n{reply}\n".encode())
+                self.child.stdin.flush()
+                finished = self.done.readline()
+            except BrokenPipeError:
+                finished = b""
+            if not finished:  # the child ended during the call
+                code = self._reap()
+                if code < 0:
+                    raise PipelineError(f"{name} crashed ({_signal_name(-code)})", where=where, fix=fix)
+                raise IsolatedError(f"{name} exited with status {code} and no result")
+            return _unpack(pickle.loads(reply.read_bytes()))
+
+    def close(self) -> None:
+        if self.child is not None:
+            self.child.stdin.close()
+            self._reap()
+
+    def _start(self) -> None:
+        done_read, done_write = os.pipe()
+        self.child = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.isolate", "--serve", str(done_write)],
+            env=_child_environment() | (self.env or {}),
+            stdin=subprocess.PIPE,
+            pass_fds=(done_write,),
         )
-        if child.returncode < 0:
-            raise PipelineError(f"{name} crashed ({_signal_name(-child.returncode)})", where=where, fix=fix)
-        if not reply.is_file():
-            raise IsolatedError(f"{name} exited with status {child.returncode} and no result")
-        return _unpack(pickle.loads(reply.read_bytes()))
+        os.close(done_write)
+        self.done = os.fdopen(done_read, "rb")
+
+    def _reap(self) -> int:
+        with contextlib.suppress(BrokenPipeError):
+            self.child.stdin.close()
+        code = self.child.wait()
+        self.done.close()
+        self.child = self.done = None
+        return code
+
+
+def _serve(done_fd: int) -> None:
+    """A Worker's child: run each request named on the control pipe (stdin), then say so on `done_fd`.
+    The calls themselves see /dev/null as stdin, as `call`'s child does."""
+    control = os.fdopen(os.dup(0), "r")
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    with os.fdopen(done_fd, "wb") as done:
+        while (request := control.readline()) and (reply := control.readline()):
+            _run_request(Path(request.strip()), Path(reply.strip()))
+            done.write(b"done\n")
+            done.flush()
 
 
 def _child_environment() -> dict[str, str]:
@@ -114,4 +175,4 @@ def _describe(exc: BaseException) -> dict:
 
 
 if __name__ == "__main__":
-    _run_request(Path(sys.argv[1]), Path(sys.argv[2]))
+    _serve(int(sys.argv[2]))
