@@ -163,6 +163,23 @@ def test_isolated_call_raises_what_the_child_raised(tmp_path):
         isolate.call(os._exit, 3, name="exit", where="test", fix="-")
 
 
+def test_a_worker_runs_calls_in_one_process_and_a_new_one_after_a_crash():
+    with isolate.Worker({"PIPELINE_TEST_MARK": "worker"}) as worker:
+        first = worker.call(os.getpid, name="getpid", where="test", fix="-")
+        assert worker.call(os.getpid, name="getpid", where="test", fix="-") == first != os.getpid()
+        assert worker.call(os.getenv, "PIPELINE_TEST_MARK", name="env", where="test", fix="-") == "worker"
+        with pytest.raises(PipelineError, match=r"the tool crashed \(SIGSEGV\)"):
+            worker.call(signal.raise_signal, signal.SIGSEGV, name="the tool", where="some.file", fix="-")
+        with pytest.raises(ValueError, match="invalid literal"):  # an exception leaves the process as it is
+            worker.call(int, "x", name="int", where="test", fix="-")
+        second = worker.call(os.getpid, name="getpid", where="test", fix="-")
+        assert second not in (first, os.getpid())
+        with pytest.raises(EOFError):  # a call reads /dev/null, not the worker's control pipe
+            worker.call(input, name="stdin", where="test", fix="-")
+        assert worker.call(os.getpid, name="getpid", where="test", fix="-") == second
+    assert worker.child is None  # closed: no process left
+
+
 def leftover_of_a_killed_conversion(cache, gguf_name="tiny"):
     """What contracts.atomic_dir leaves in the cache folder when the process converting is killed (kill -9)."""
     leftover = cache / f".{gguf_name}-float32-0123456789abcdef-v1.k9x2_abc.tmp"
