@@ -28,6 +28,7 @@ import train
 from helpers import REPO, error_line, make, trained, write_override
 from lm import fast_exp, heads, tokens
 from train import data as train_data
+from train import prefix
 
 FAST = [
     "train.iters=12",
@@ -84,11 +85,12 @@ def test_batch_order_is_a_function_of_the_step():
     assert [train_data.BatchOrder(items, 4, seed=4).indices(s) for s in range(12)] != first
 
 
-def _lora_model(tiny_model_dir):
-    """The tiny model with adapters whose B is not zero, so that A's gradients are not zero either."""
+def _lora_model(tiny_model_dir, layers: int = 2):
+    """The tiny model with adapters on its last `layers` layers, whose B is not zero, so that A's gradients
+    are not zero either."""
     model, _ = load(str(tiny_model_dir))
     model.freeze()
-    linear_to_lora_layers(model, 2, {"rank": 4, "scale": 10.0, "dropout": 0.0})
+    linear_to_lora_layers(model, layers, {"rank": 4, "scale": 10.0, "dropout": 0.0})
     rng = np.random.default_rng(0)
     model.update(
         tree_map(lambda p: mx.array(rng.normal(0, 0.02, p.shape).astype(np.float32)), model.trainable_parameters())
@@ -123,19 +125,43 @@ def test_the_loss_at_trained_positions_is_the_full_loss_with_the_same_gradients(
         np.testing.assert_allclose(np.array(flat_fast[name]), np.array(grad), atol=1e-6, rtol=1e-4, err_msg=name)
 
 
+def _prefixed_items(vocab: int, shared: int = 24) -> list:
+    """_batch_items behind one shared prefix (a system prompt) whose tokens are not trained."""
+    prefix = np.random.default_rng(2).integers(3, vocab, shared).astype(np.int32)
+    return [
+        (np.concatenate([prefix, ids]), np.concatenate([np.zeros(shared, np.float32), m]))
+        for ids, m in _batch_items(vocab)
+    ]
+
+
 def test_the_optimized_training_step_matches_the_plain_one(tiny_model_dir):
-    """Trained positions only and the fast exp (lm.fast_exp) together, against the full loss with MLX's own
-    SiLU and softmax: the same loss and gradients within float tolerance."""
-    model = _lora_model(tiny_model_dir)
-    items = _batch_items(model.args.vocab_size)
-    (plain, _), plain_grad = nn.value_and_grad(model, train_data.masked_loss)(model, *train_data.pad(items, 64))
+    """Trained positions only, the fast exp (lm.fast_exp) and the shared prefix run once through the frozen
+    layer (train.prefix) together, against the full loss with MLX's own SiLU and softmax: the same loss
+    and gradients within float tolerance."""
+    model = _lora_model(tiny_model_dir, layers=1)
+    items = _prefixed_items(model.args.vocab_size)
+    (plain, _), plain_grad = nn.value_and_grad(model, train_data.masked_loss)(model, *train_data.pad(items, 96))
+    body = prefix.body(model, items)
+    assert body is not None and prefix.frozen_layers(model) == 1 and prefix.shared_length(items) == 24
     with fast_exp.fast_activations(model):
-        loss_and_grad = nn.value_and_grad(model, train_data.trained_loss)
-        (fast, _), fast_grad = loss_and_grad(model, *train_data.batch_arrays(model, items, 64))
+        loss_and_grad = nn.value_and_grad(model, train_data.loss_for(model, body))
+        (fast, _), fast_grad = loss_and_grad(model, *train_data.batch_arrays(model, items, 96))
     assert abs(fast.item() - plain.item()) < 1e-5
+    assert len(dict(tree_flatten(plain_grad))) == 2 * 7  # A and B of the 7 modules of the adapted layer
     for name, grad in dict(tree_flatten(plain_grad)).items():
+        assert np.abs(np.array(grad)).max() > 0, name
         got = np.array(dict(tree_flatten(fast_grad))[name])
         np.testing.assert_allclose(got, np.array(grad), atol=1e-5, rtol=1e-3, err_msg=name)
+
+
+def test_the_prefix_path_applies_only_where_it_can(tiny_model_dir):
+    items = _prefixed_items(600)
+    assert prefix.body(_lora_model(tiny_model_dir, layers=2), items) is None  # no frozen layer below the adapters
+    model = _lora_model(tiny_model_dir, layers=1)
+    assert prefix.body(model, _batch_items(600)) is None  # nothing shared
+    assert prefix.body(model, _prefixed_items(600, shared=8)) is None  # too short to pay
+    model.model_type = "not-a-split-type"
+    assert prefix.body(model, items) is None
 
 
 def test_a_model_not_known_to_split_gets_every_positions_logits(tiny_model_dir):

@@ -75,9 +75,10 @@ def _softmax_vjp(primals, cotangent, output):
 
 def sdpa(queries, keys, values, cache, scale: float, mask, sinks=None, *, fallback):
     """mlx_lm.models.base.scaled_dot_product_attention with the softmax above, for float32 on CPU with
-    no cache or sinks (training); anything else goes to `fallback` unchanged."""
+    no sinks and no quantized cache (training; the keys may start with a cached prefix, train.prefix);
+    anything else goes to `fallback` unchanged."""
     if (
-        cache is not None
+        hasattr(cache, "bits")
         or sinks is not None
         or queries.dtype != mx.float32
         or mx.default_device() != mx.cpu

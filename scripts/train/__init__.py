@@ -43,7 +43,7 @@ from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers
 
 from lm import fast_exp
 from train import data as train_data
-from train import ranks
+from train import prefix, ranks
 from train import state as train_state
 
 matplotlib.use("Agg")
@@ -339,6 +339,8 @@ class TrainingLoop:
         self.checkpoints, self.metrics = written  # (Checkpoints, MetricsLog), or (None, None) but on rank 0
         self.state, self.group = state, group
         self.batches = train_data.BatchOrder(self.train_set, tcfg.batch_size, tcfg.seed)
+        # The shared system prompt through the frozen layers once (train.prefix); None: the plain body.
+        self.body = prefix.body(model, self.train_set + self.valid_set)
         self.started = time.monotonic()
         self.last_train_loss = float("nan")
 
@@ -396,8 +398,8 @@ class TrainingLoop:
         if self.tcfg.grad_checkpoint:
             grad_checkpoint(model.layers[0])
         if self.group.size > 1:
-            return ranks.compiled_step(model, optimizer, accum, self.group)
-        value_and_grad = nn.value_and_grad(model, train_data.loss_for(model))
+            return ranks.compiled_step(model, optimizer, accum, self.group, self.body)
+        value_and_grad = nn.value_and_grad(model, train_data.loss_for(model, self.body))
         state = [model.state, optimizer.state, mx.random.state]
 
         @partial(mx.compile, inputs=state, outputs=state)
@@ -433,6 +435,7 @@ class TrainingLoop:
             self.max_seq_length,
             ranks.share(self.group),
             self.group,
+            self.body,
         )
         self.model.train()
         self.state.last_eval_step = step

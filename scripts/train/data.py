@@ -11,6 +11,7 @@ same loss up to float rounding (tested).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from pipeline import splits
 from pipeline.errors import PipelineError
@@ -50,19 +51,23 @@ def masked_loss(model, inputs, targets, mask):
     return ce.astype(mx.float32).sum() / ntoks, ntoks
 
 
-def trained_loss(model, inputs, positions, targets, weights):
-    """masked_loss, with the output layer and the cross-entropy at the trained positions only."""
-    body, head = heads.split(model)
-    hidden = body(inputs)
+def trained_loss(model, inputs, positions, targets, weights, body=None):
+    """masked_loss, with the output layer and the cross-entropy at the trained positions only; `body`
+    (train.prefix) in place of the model's own body."""
+    own_body, head = heads.split(model)
+    hidden = (body or own_body)(inputs)
     selected = hidden.reshape(-1, hidden.shape[-1])[positions]
     ce = nn.losses.cross_entropy(head(selected), targets) * weights
     ntoks = weights.sum()
     return ce.astype(mx.float32).sum() / ntoks, ntoks
 
 
-def loss_for(model):
-    """The loss function a batch of `batches(model, ...)` goes with."""
-    return trained_loss if heads.split(model) is not None else masked_loss
+def loss_for(model, body=None):
+    """The loss function a batch of `batch_arrays(model, ...)` goes with; with `body` (train.prefix.body),
+    the trained loss through it."""
+    if heads.split(model) is None:
+        return masked_loss
+    return trained_loss if body is None else functools.partial(trained_loss, body=body)
 
 
 def batch_arrays(model, items, max_seq_length: int) -> tuple:
@@ -127,10 +132,11 @@ def pad_numpy(items, max_seq_length: int) -> tuple[np.ndarray, np.ndarray, np.nd
 
 
 def validation_loss(
-    model, items, batch_size: int, val_batches: int, max_seq_length: int, share=None, group=None
+    model, items, batch_size: int, val_batches: int, max_seq_length: int, share=None, group=None, body=None
 ) -> float:
     """Token-weighted mean loss over the first `val_batches` batches in fixed order (-1: all). In a
-    distributed run each rank scores share(batch) of every batch and `group` sums the ranks' totals."""
+    distributed run each rank scores share(batch) of every batch and `group` sums the ranks' totals.
+    `body`: as in loss_for."""
     model.eval()
     order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
     batches = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
@@ -139,7 +145,7 @@ def validation_loss(
     total, count = mx.array(0.0), mx.array(0.0)
     for batch in batches:
         part = batch if share is None else share(batch)
-        loss, ntoks = loss_for(model)(model, *batch_arrays(model, [items[i] for i in part], max_seq_length))
+        loss, ntoks = loss_for(model, body)(model, *batch_arrays(model, [items[i] for i in part], max_seq_length))
         total, count = total + loss * ntoks, count + ntoks
         mx.eval(total, count)
         if group is not None:

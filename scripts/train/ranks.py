@@ -142,10 +142,10 @@ def share_start(group: distributed.Group, checkpoints, model, optimizer, state):
     return train_state.load_packed(packed, model, optimizer)
 
 
-def compiled_step(model, optimizer, accum: int, group: distributed.Group):
+def compiled_step(model, optimizer, accum: int, group: distributed.Group, body=None):
     """The training step of a distributed run (see the module doc): returns the global mean loss, the
     batch's trained tokens over every rank and the accumulated gradient."""
-    loss_fn = train_data.loss_for(model)
+    loss_fn = train_data.loss_for(model, body)
 
     def summed_loss(model, *batch):
         loss, ntoks = loss_fn(model, *batch)
