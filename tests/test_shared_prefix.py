@@ -19,8 +19,11 @@ def fallback_never(*args, **kwargs):
     raise AssertionError("a SharedPrefixCache went to the fallback")
 
 
-@pytest.mark.parametrize("length", [1, 5])  # one decoding step; a left-padded prefill
-def test_cascade_attention_equals_attention_over_each_whole_row(length):
+@pytest.mark.parametrize(
+    "length, dtype, tolerance",
+    [(1, mx.float32, 2e-5), (5, mx.float32, 2e-5), (1, mx.bfloat16, 3e-2)],  # a decoding step; a left-padded prefill
+)
+def test_cascade_attention_equals_attention_over_each_whole_row(length, dtype, tolerance):
     rng = np.random.default_rng(0)
     batch, heads, kv_heads, depth, prefix, own = 3, 6, 2, 16, 40, 9
     prefix_k, prefix_v = (mx.array(rng.standard_normal((1, kv_heads, prefix, depth), dtype=np.float32)) for _ in "kv")
@@ -32,7 +35,10 @@ def test_cascade_attention_equals_attention_over_each_whole_row(length):
     cache._idx = own - length  # as if own - length tokens were in, and this step's are the last `length`
     cache.keys, cache.values = own_k, own_v
     mask = cache.make_mask(length)
+    prefix_k, prefix_v, own_k, own_v, queries = (a.astype(dtype) for a in (prefix_k, prefix_v, own_k, own_v, queries))
+    cache.prefix_keys, cache.prefix_values = prefix_k, prefix_v
     got = shared_prefix.attention(queries, own_k, own_v, cache, 0.3, mask, fallback=fallback_never)
+    assert got.dtype == dtype
 
     whole_k = mx.concatenate([mx.repeat(prefix_k, batch, axis=0), own_k], axis=2)
     whole_v = mx.concatenate([mx.repeat(prefix_v, batch, axis=0), own_v], axis=2)
@@ -41,8 +47,12 @@ def test_cascade_attention_equals_attention_over_each_whole_row(length):
     expected = mx.fast.scaled_dot_product_attention(queries, whole_k, whole_v, scale=0.3, mask=whole_mask)
     for row, pad in enumerate(padding):
         real = slice(max(0, pad - (own - length)), length)  # queries at padded positions are not used
-        np.testing.assert_allclose(np.array(got[row, :, real]), np.array(expected[row, :, real]), atol=2e-5)
-    assert not np.isnan(np.array(got)).any()  # a padded query (no own key) still gives numbers
+        np.testing.assert_allclose(
+            np.array(got[row, :, real].astype(mx.float32)),
+            np.array(expected[row, :, real].astype(mx.float32)),
+            atol=tolerance,
+        )
+    assert not np.isnan(np.array(got.astype(mx.float32))).any()  # a padded query (no own key) still gives numbers
 
 
 def test_other_caches_go_to_the_fallback():

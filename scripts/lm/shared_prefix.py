@@ -119,16 +119,17 @@ def attention(queries, keys, values, cache, scale: float, mask, sinks=None, *, f
                 for p in _partial(scores, cache.prefix_values)
             )
         )
-    return _merged(parts).reshape(batch, heads, length, depth)
+    return _merged(parts).reshape(batch, heads, length, depth).astype(queries.dtype)
 
 
 def _partial(scores, values):
-    """(row max, sum of exp(score - max), exp(score - max) @ values) of one part of the keys; a row with
-    every key masked gives sum 0 and output 0."""
+    """(row max, sum of exp(score - max), exp(score - max) @ values) of one part of the keys, in float32
+    whatever the model's dtype; a row with every key masked gives sum 0 and output 0."""
+    scores = scores.astype(mx.float32)
     top = scores.max(axis=-1, keepdims=True)
     top = mx.where(top == -mx.inf, 0.0, top)
     weights = _exp(scores - top)
-    return top, weights.sum(axis=-1, keepdims=True), weights @ values
+    return top, weights.sum(axis=-1, keepdims=True), weights @ values.astype(mx.float32)
 
 
 def _merged(parts):
