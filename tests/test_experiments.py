@@ -136,6 +136,7 @@ def test_bad_experiments_are_one_clear_error(project, case):
             ["r8-lr5e-4-s1", "r8-lr5e-4-s2", "r8-lr2e-4-s1", "r8-lr2e-4-s2", "r16-lr2e-4-s1", "r16-lr2e-4-s2"],
         ),
         ("steps96.yaml", ["s0", "s1", "s2"]),
+        ("steps144.yaml", ["s0", "s1", "s2"]),
     ],
 )
 def test_the_sweeps_that_chose_the_defaults_are_valid(project, sweep, names):
