@@ -198,9 +198,11 @@ def test_same_seed_same_bytes_other_seed_other_bytes(prepared):
     assert adapter_bytes() != first
 
 
-def test_kill_9_then_resume_gives_the_same_adapter(prepared):
-    args = [*FAST, "train.iters=30", "train.save_every=5", "experiment.name=resumed"]
+@pytest.mark.parametrize("layers", [2, 1])  # 1: the shared system prompt runs once through the frozen layer
+def test_kill_9_then_resume_gives_the_same_adapter(prepared, layers, caplog):
+    args = [*FAST, "train.iters=30", "train.save_every=5", f"train.num_layers={layers}", "experiment.name=resumed"]
     assert train.main([a.replace("experiment.name=resumed", "experiment.name=straight") for a in args]) == 0
+    assert ("run once through the 1 frozen layers" in caplog.text) == (layers == 1)
     straight = adapter_bytes("straight")
 
     env = {**os.environ, "PIPELINE_ROOT": str(paths.ROOT), "PYTHONPATH": str(REPO / "scripts"), "CI": "1"}

@@ -341,6 +341,12 @@ class TrainingLoop:
         self.batches = train_data.BatchOrder(self.train_set, tcfg.batch_size, tcfg.seed)
         # The shared system prompt through the frozen layers once (train.prefix); None: the plain body.
         self.body = prefix.body(model, self.train_set + self.valid_set)
+        if self.body is not None:
+            log.info(
+                "the %d tokens every record starts with run once through the %d frozen layers",
+                prefix.shared_length(self.train_set + self.valid_set),
+                prefix.frozen_layers(model),
+            )
         self.started = time.monotonic()
         self.last_train_loss = float("nan")
 
