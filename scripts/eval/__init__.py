@@ -99,9 +99,9 @@ def run(cfg) -> Path:
     else:
         loss_items = loss_items_for(records, contract, tokenizer)
         common_key = scores.common_key(config.section(cfg, "eval"), contract)
-        proven = proven_equal(artifacts, selected, experiment, task_metric) if ecfg.proven == "loss-only" else {}
+        plans = scoring_plans(ecfg, artifacts, selected, experiment, task_metric, len(records))
         test = TestSet(prompts, references, records, loss_items, caps, task_metric, tool_schemas, plugins)
-        results = score_selected(cfg, artifacts, selected, test, proven, common_key, tracebacks)
+        results = score_selected(cfg, artifacts, selected, test, plans, common_key, tracebacks)
         answers = {r["id"]: r.pop("answers") for r in results if r.get("answers") is not None}
         add_deltas(results, task_metric)
 
@@ -159,7 +159,7 @@ class TestSet:
     plugins: dict
 
 
-def score_selected(cfg, artifacts, selected, test: TestSet, proven: dict, common_key: dict, tracebacks) -> list[dict]:
+def score_selected(cfg, artifacts, selected, test: TestSet, plans: dict, common_key: dict, tracebacks) -> list[dict]:
     """Every selected artifact's result, in order, with its task metrics: from the score cache, or scored
     now (eval.pool: several at once where the machine allows). The tracebacks of the artifacts that could
     not be scored go into `tracebacks`."""
@@ -168,21 +168,20 @@ def score_selected(cfg, artifacts, selected, test: TestSet, proven: dict, common
     jobs, keys = {}, {}  # by position in `selected`
     with ItemProgress(len(selected), "eval", log) as progress:
         for index, artifact in enumerate(selected):
-            twin = artifact["id"] in proven
-            subset = twin or (artifact["kind"] == "gguf-adapter" and adapter_route_proven(cfg, experiment))
-            loss_records = twin_record_count(cfg.eval.proven_records, len(test.records)) if subset else None
+            plan = plans.get(artifact["id"], Plan())
             keys[index] = scores.artifact_key(artifact, artifacts, common_key) | {
-                "proven_twin": loss_records if twin else None,
-                "loss_records": loss_records,
+                "proven_twin": None if plan.answers else plan.loss_records,
+                "loss_records": plan.loss_records,
             }
             cached = cached_result(experiment, artifact, keys[index])
             if cached is None:
-                items = (
-                    {j: item for j, item in test.loss_items.items() if j < loss_records} if subset else test.loss_items
-                )
-                jobs[index] = (artifact, artifacts, test.prompts, items, eval_section, [] if twin else test.caps)
+                items = test.loss_items
+                if plan.loss_records is not None:
+                    items = {j: item for j, item in items.items() if j < plan.loss_records}
+                caps = test.caps if plan.answers else []
+                jobs[index] = (artifact, artifacts, test.prompts, items, eval_section, caps)
                 continue
-            results[index] = finish_result(cached, proven, test)
+            results[index] = finish_result(cached, plan, test)
             progress.advance(summary_line(results[index], test.task_metric))
         order = sorted(jobs, key=lambda index: pool.length_rank(jobs[index][0], answers=bool(jobs[index][5])))
         workers, threads = pool.plan(cfg.eval.workers, [jobs[index][0] for index in order])
@@ -202,7 +201,7 @@ def score_selected(cfg, artifacts, selected, test: TestSet, proven: dict, common
                 scores.save(experiment, artifact["id"], keys[index], result)
             else:
                 tracebacks[artifact["id"]] = result.pop("traceback")
-            results[index] = finish_result(result, proven, test)
+            results[index] = finish_result(result, plans.get(artifact["id"], Plan()), test)
             progress.advance(summary_line(results[index], test.task_metric))
     return results
 
@@ -257,19 +256,44 @@ def answer_caps(references: list[str], tokenizer, max_tokens: int) -> list[int]:
     return [min(max_tokens, 2 * len(tokenizer.encode(r, add_special_tokens=False)) + 8) for r in references]
 
 
-def twin_record_count(proven_records: int, records: int) -> int:
-    """How many of the first test records a proven twin's loss is measured on (eval.proven_records)."""
-    return records if proven_records == -1 else min(records, proven_records)
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How one artifact is scored: with answers or not, its loss over every test record (None) or over
+    the first `loss_records`, and for one scored on loss only, why."""
+
+    answers: bool = True
+    loss_records: int | None = None
+    loss_only_reason: str | None = None
 
 
-def proven_equal(artifacts: list[dict], selected: list[dict], experiment: str, task_metric: str) -> dict[str, str]:
-    """{artifact id: why} for the artifacts a check already proved equal to the fused model, when it is
-    scored too: base + adapter (fuse compares their logits and stops on a difference) and the float
-    GGUF (quantize's export check found the same greedy tokens on every check prompt). Such a twin
-    generates nothing, and its loss is measured on the first eval.proven_records test records only
-    (8 by default): enough to catch a twin that is not one, at a fraction of the cost. When loss decides
-    (answers are only shown), so is the adapter GGUF on the base GGUF, which quantize proved equal to the
-    float GGUF; otherwise it answers, as the adapter route gives (adapter_route_proven)."""
+def scoring_plans(ecfg, artifacts, selected, experiment: str, task_metric: str, records: int) -> dict[str, Plan]:
+    """{artifact id: Plan} for the artifacts not scored in full (any other gets Plan()). Under
+    eval.proven: loss-only, an artifact a check already proved equal to the fused model, when it is
+    scored too, generates nothing and its loss covers the first eval.proven_records test records only
+    (8 by default: enough to catch a twin that is not one, at a fraction of the cost): base + adapter
+    (fuse compares their logits and stops on a difference) and the float GGUF (quantize's export check
+    found the fused model's greedy tokens on every check prompt). The adapter GGUF on the base GGUF,
+    which quantize proved equal to the float GGUF, is scored the same way when loss decides; otherwise
+    it answers every answered record, as the adapter route gives, with its loss on the first records."""
+    if ecfg.proven != "loss-only":
+        return {}
+    first = records if ecfg.proven_records == -1 else min(records, ecfg.proven_records)
+    plans = {aid: Plan(False, first, why) for aid, why in proven_twins(artifacts, selected, experiment).items()}
+    check = passed_adapter_check(experiment) if any(a["kind"] == "gguf-adapter" for a in selected) else None
+    for artifact in selected if check else []:
+        if artifact["kind"] != "gguf-adapter":
+            continue
+        if task_metric == "loss":
+            why = f"quantize found the fused float GGUF's greedy tokens on all {check['prompts']} check prompts"
+            plans[artifact["id"]] = Plan(False, first, why)
+        else:
+            plans[artifact["id"]] = Plan(True, first)
+    return plans
+
+
+def proven_twins(artifacts: list[dict], selected: list[dict], experiment: str) -> dict[str, str]:
+    """{artifact id: why} for the selected artifacts a check proved equal to the fused model, when it is
+    selected too: base + adapter and the float GGUF (scoring_plans)."""
     by_id = {a["id"]: a for a in artifacts}
     fused = next((a for a in selected if a["kind"] == "fused"), None)
     if fused is None:
@@ -289,23 +313,7 @@ def proven_equal(artifacts: list[dict], selected: list[dict], experiment: str, t
                     f"quantize's export check found the fused model's greedy tokens on all {check['prompts']} "
                     "check prompts"
                 )
-    if task_metric == "loss" and any(a["kind"] == "gguf-adapter" for a in selected):
-        check = passed_adapter_check(experiment)
-        if check:
-            for a in selected:
-                if a["kind"] == "gguf-adapter":
-                    proven[a["id"]] = (
-                        f"quantize found the fused float GGUF's greedy tokens on all {check['prompts']} check prompts"
-                    )
     return {aid: why for aid, why in proven.items() if aid in {a["id"] for a in selected}}
-
-
-def adapter_route_proven(cfg, experiment: str) -> bool:
-    """Whether the adapter GGUF's loss may be measured on the first eval.proven_records only: quantize proved
-    it equal to the fused float GGUF (greedy tokens and logits on every check prompt), the fused float GGUF
-    is the fused model's twin, and eval.proven is loss-only. It still answers every answered record:
-    its answers are what the adapter route (Ollama's ADAPTER) gives."""
-    return cfg.eval.proven == "loss-only" and passed_adapter_check(experiment) is not None
 
 
 def passed_adapter_check(experiment: str) -> dict | None:
@@ -314,13 +322,12 @@ def passed_adapter_check(experiment: str) -> dict | None:
     return check if check and check["prompts"] and check["matching"] == check["prompts"] else None
 
 
-def finish_result(result: dict, proven: dict, test: TestSet) -> dict:
-    """A scored (or failed) artifact's result with its task metrics and, for a proven twin, why it was
-    scored on loss only."""
+def finish_result(result: dict, plan: Plan, test: TestSet) -> dict:
+    """A scored (or failed) artifact's result with its task metrics and, for one scored on loss only, why."""
     if result["status"] == "ok":
         add_task_metrics(result, test.references, test.records, test.tool_schemas, test.plugins)
-        if result["id"] in proven:
-            result["loss_only_reason"] = proven[result["id"]]
+        if plan.loss_only_reason:
+            result["loss_only_reason"] = plan.loss_only_reason
     return result
 
 
